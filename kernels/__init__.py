@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``framepack_rt.kernels`` (see setup.py for why not top-level ``kernels``)."""

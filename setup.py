@@ -1,0 +1,44 @@
+"""framepack-rt: real-time FramePack video generation streamed over WebRTC.
+
+Import layout: the repository keeps ``framepack_rt/``, ``kernels/`` and ``stream/`` at the top level, but
+``kernels`` (a Hugging Face package that transformers probes for) and ``stream`` are common top-level names.
+So setup.py installs the two folders as sub-packages: ``kernels/`` -> ``framepack_rt.kernels`` and
+``stream/`` -> ``framepack_rt.stream``. Nothing named ``kernels`` or ``stream`` lands in site-packages.
+"""
+
+from setuptools import setup
+
+setup(
+    name="framepack-rt",
+    version="0.1.0",
+    description="Real-time FramePack (HunyuanVideo) next-section video generation, streamed over WebRTC",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["framepack_rt", "framepack_rt.kernels", "framepack_rt.stream"],
+    package_dir={
+        "framepack_rt": "framepack_rt",
+        "framepack_rt.kernels": "kernels",
+        "framepack_rt.stream": "stream",
+    },
+    package_data={"framepack_rt.stream": ["static/*"]},
+    install_requires=[
+        # A range that the local CPU wheel 2.13.0 satisfies: install torch==2.13.0 first (see README).
+        "torch>=2.4,<3",
+        "triton>=3.0",
+        "einops>=0.7",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "tokenizers>=0.19",
+        "aiortc>=1.9",
+        "av>=12",
+    ],
+    extras_require={
+        # diffusers: the HunyuanVideo VAE, and the parity oracle in tests.
+        "vae": ["diffusers>=0.34"],
+        "test": ["diffusers>=0.34", "pytest>=8", "hypothesis>=6"],
+        "flash": ["flash-attn>=2.6"],
+    },
+    entry_points={"console_scripts": ["framepack-rt=framepack_rt.cli:main"]},
+)

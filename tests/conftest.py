@@ -1,0 +1,66 @@
+"""Shared fixtures. Tests run on the CPU; nothing here touches CUDA."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import pytest
+import torch
+
+# Frame-index layouts of the two released samplers (window 9), as the model receives them.
+LAYOUTS = {
+    # F1 forward: start | 4x (1..16) | 2x (17, 18) | 1x (19) | noisy (20..28)
+    "f1": dict(
+        indices_latents=torch.arange(20, 29),
+        indices_latents_clean=torch.tensor([0, 19]),
+        indices_latents_history_2x=torch.tensor([17, 18]),
+        indices_latents_history_4x=torch.arange(1, 17),
+    ),
+    # Inverted anti-drifting, padding 2: start | blank (18) | noisy (19..27) | post (28) | 2x | 4x
+    "inverted": dict(
+        indices_latents=torch.arange(19, 28),
+        indices_latents_clean=torch.tensor([0, 28]),
+        indices_latents_history_2x=torch.tensor([29, 30]),
+        indices_latents_history_4x=torch.arange(31, 47),
+    ),
+}
+
+
+@pytest.fixture
+def make_inputs() -> Callable[..., dict]:
+    """Random forward() keyword arguments for a config, with per-sample text lengths."""
+
+    def build(config, text_lengths=(10,), layout="f1", height=8, width=12, seed=0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        batch, max_len = len(text_lengths), max(text_lengths)
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g).to(dtype)
+
+        mask = torch.zeros(batch, max_len, dtype=torch.long)
+        for i, n in enumerate(text_lengths):
+            mask[i, :n] = 1
+        return dict(
+            hidden_states=randn(batch, config.in_channels, 9, height, width),
+            timestep=torch.linspace(900.0, 300.0, batch),
+            encoder_hidden_states=randn(batch, max_len, config.text_embed_dim),
+            encoder_attention_mask=mask,
+            pooled_projections=randn(batch, config.pooled_projection_dim),
+            image_embeds=randn(batch, 7, config.image_proj_dim),
+            guidance=torch.full((batch,), 10_000.0),
+            latents_clean=randn(batch, config.in_channels, 2, height, width),
+            latents_history_2x=randn(batch, config.in_channels, 2, height, width),
+            latents_history_4x=randn(batch, config.in_channels, 16, height, width),
+            **LAYOUTS[layout],
+        )
+
+    return build
+
+
+@pytest.fixture
+def tiny_config():
+    from framepack_rt import FramePackConfig
+
+    # fp32 head off: the diffusers oracle computes its head in the model dtype.
+    return dataclasses.replace(FramePackConfig.preset("tiny"), fp32_output_head=False)
