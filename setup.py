@@ -29,15 +29,15 @@ setup(
         "einops>=0.7",
         "numpy>=1.24",
         "safetensors>=0.4",
-        "transformers>=4.45",
+        "transformers>=5.0",  # SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders
+        "diffusers>=0.34",  # AutoencoderKLHunyuanVideo: the VAE
         "tokenizers>=0.19",
         "aiortc>=1.9",
         "av>=12",
+        "pillow>=10",
     ],
     extras_require={
-        # diffusers: the HunyuanVideo VAE, and the parity oracle in tests.
-        "vae": ["diffusers>=0.34"],
-        "test": ["diffusers>=0.34", "pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["framepack-rt=framepack_rt.cli:main"]},
