@@ -18,6 +18,10 @@ import torch
 import torch.nn as nn
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
+
+
 def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
@@ -51,8 +55,8 @@ def plan_residency(model: nn.Module, budget_bytes: int) -> ResidencyPlan:
     largest = max(module_bytes(b) for b in blocks)
     if base + largest > budget_bytes:
         raise ValueError(
-            f"a memory budget of {budget_bytes / 2**30:.2f} GiB cannot hold the non-block weights "
-            f"({base / 2**30:.2f} GiB) plus one streamed block ({largest / 2**30:.2f} GiB); raise the budget"
+            f"a memory budget of {_size(budget_bytes)} cannot hold the non-block weights ({_size(base)}) "
+            f"plus one streamed block ({_size(largest)}); raise the budget"
         )
     resident, streamed, used = [], [], base
     for block in blocks:
