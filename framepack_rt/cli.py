@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--model", default="tiny", help="tiny | framepack-13b | PATH to a transformer folder")
     info.add_argument("--latent-size", type=_latent_size, default=(12, 12), help="latent HxW (image / 8)")
     info.set_defaults(run=cmd_info)
+
+    from framepack_rt import generate
+
+    gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
+    generate.add_arguments(gen, default_model="tiny")
+    gen.set_defaults(run=generate.run)
     return parser
 
 
