@@ -22,6 +22,8 @@ from typing import Iterable, Literal
 
 import torch
 
+from framepack_rt.cpu_conv import use_tap_convs
+
 SCALING_FACTOR = 0.476986
 
 # Latent -> RGB in [0, 1] for previews without the VAE: the HunyuanVideo factors FramePack's release uses in
@@ -65,6 +67,7 @@ class VideoVAE:
         model.use_framewise_decoding = True
         if spatial_tiling:  # low-VRAM: 256 px spatial tiles, as the release enables when VRAM is short
             model.enable_tiling()
+        use_tap_convs(model.decoder)  # CPU only at run time: conv2d taps beat slow_conv3d (cpu_conv.py)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu",

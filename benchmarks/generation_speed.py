@@ -1,0 +1,76 @@
+"""Generation speed of a pipeline in frames per second, and where the time goes.
+
+    python benchmarks/generation_speed.py                    # the built-in default, CPU, default steps
+    python benchmarks/generation_speed.py --steps 4 --sections 8 --json out.json
+
+Runs one warm-up section, then times N sections of an F1 stream: frames produced per wall-clock second
+(steady state), split into sampling (transformer) and VAE decode, with the transformer's ms per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import torch
+
+
+def run(model: str = "tiny", sections: int = 6, steps: int | None = None, teacache: float | None = None,
+        device: str = "cpu") -> dict:
+    from framepack_rt.pipeline import FramePackPipeline
+
+    pipe = FramePackPipeline.from_pretrained(model, device=device)
+    image = np.full((64, 64, 3), 30, np.uint8)
+    image[24:40, 8:24] = (220, 40, 40)
+    stream = pipe.stream(image, "a red ball moves right", steps=steps, teacache=teacache)
+    next(stream)  # warm-up: first-call allocations, and the first section's shorter output
+    rows = []
+    began = time.perf_counter()
+    for _ in range(sections):
+        s = next(stream)
+        rows.append(dict(section=s.index, frames=len(s.frames), sample_ms=s.sample_ms, decode_ms=s.decode_ms,
+                         ms_per_step=s.ms_per_step, steps_run=s.steps_run, steps_skipped=s.steps_skipped))
+    wall = time.perf_counter() - began
+    frames = sum(r["frames"] for r in rows)
+    sample, decode = sum(r["sample_ms"] for r in rows), sum(r["decode_ms"] for r in rows)
+    h, w = rows and stream._decoder._hw
+    return dict(
+        config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, teacache=teacache,
+                    device=device, frame_size=[h, w]),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        fps=frames / wall,
+        frames=frames,
+        wall_s=wall,
+        sample_share=sample / (wall * 1000),
+        decode_share=decode / (wall * 1000),
+        ms_per_step_p50=statistics.median(r["ms_per_step"] for r in rows),
+        rows=rows,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--sections", type=int, default=6)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--teacache", type=float)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    r = run(args.model, args.sections, args.steps, args.teacache, args.device)
+    c = r["config"]
+    print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, {c['device']} ({r['machine']})")
+    print(f"  {r['fps']:.1f} frames/s over {r['frames']} frames ({r['wall_s']:.2f} s)")
+    print(f"  sampling {r['sample_share']:.0%} of the time ({r['ms_per_step_p50']:.1f} ms per step), "
+          f"VAE decode {r['decode_share']:.0%}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
