@@ -33,11 +33,13 @@ setup(
         "diffusers>=0.34",  # AutoencoderKLHunyuanVideo: the VAE
         "tokenizers>=0.19",
         "aiortc>=1.9",
+        "aiohttp>=3.9",
         "av>=12",
         "pillow>=10",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # playwright: the Python package only; it drives Debian's /usr/bin/chromium (no `playwright install`).
+        "test": ["pytest>=8", "hypothesis>=6", "playwright>=1.40"],
         "flash": ["flash-attn>=2.6"],
     },
     entry_points={"console_scripts": ["framepack-rt=framepack_rt.cli:main"]},

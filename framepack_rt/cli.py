@@ -83,6 +83,21 @@ def _latent_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve live generation over WebRTC until Ctrl-C / SIGTERM: the page at the printed URL."""
+    import asyncio
+
+    from framepack_rt.stream.server import ServerSettings, serve
+
+    settings = ServerSettings(model=args.model, fps=args.fps, window=args.window, steps=args.steps,
+                              teacache=args.teacache, buffer_seconds=args.buffer)
+    try:
+        asyncio.run(serve(settings, args.host, args.port, announce=lambda line: print(line, flush=True)))
+    except (OSError, RuntimeError) as exc:  # port taken, pipeline missing: one line, not a traceback
+        raise UsageError(str(exc)) from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-rt", description="Real-time FramePack video generation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +111,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
     generate.add_arguments(gen, default_model="tiny")
     gen.set_defaults(run=generate.run)
+
+    from framepack_rt.stream import DEFAULT_MODEL
+
+    serve = sub.add_parser("serve", help="stream live generation to browsers over WebRTC")
+    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or PATH (default: {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8188, help="port (default: 8188; 0 picks a free one)")
+    serve.add_argument("--fps", type=float, default=30.0, help="playback frame rate (default: 30)")
+    serve.add_argument("--window", type=int, default=9, help="latent frames per section (default: 9)")
+    serve.add_argument("--steps", type=int, default=None, help="sampling steps per section (default: the model's)")
+    serve.add_argument("--teacache", type=float, default=None, metavar="THRESH",
+                       help="TeaCache threshold, e.g. 0.15 (default: off)")
+    serve.add_argument("--buffer", type=float, default=2.0, metavar="SECONDS",
+                       help="most generated video waiting to be played, bounding the delay (default: 2)")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -134,15 +134,14 @@ class VideoStream:
         with self._lock:
             self._in_flight = k
         try:
-            latents = next(self._gen)
+            section = self._decode(next(self._gen))
         except _Stopped:
             raise StopIteration from None
         finally:
+            # Section k counts as in flight until its frames are decoded: a prompt set meanwhile is for k + 1.
             with self._lock:
                 self._in_flight = None
-        section = self._decode(latents)
-        with self._lock:
-            self.sections_done = k + 1
+                self.sections_done = k + int(self._gen.sections_done > k)
         return section
 
     def _apply_prompt(self, k: int) -> None:

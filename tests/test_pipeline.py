@@ -49,6 +49,22 @@ def test_prompt_set_mid_section_applies_from_the_next(pipe, image):
     assert acks == [1] and prompts == ["a red ball moves right", "the ball stops"]
 
 
+def test_prompt_set_while_decoding_applies_from_the_next(pipe, image):
+    stream = pipe.stream(image, "a red ball moves right", steps=2)
+    decode = stream._decode
+    acks = []
+
+    def decode_and_set(latents):
+        acks.append(stream.set_prompt("the ball stops"))  # section 0 is sampled, not yet decoded
+        return decode(latents)
+
+    stream._decode = decode_and_set
+    first = next(stream)
+    stream._decode = decode
+    assert acks == [1] and first.prompt == "a red ball moves right"
+    assert next(stream).prompt == "the ball stops"
+
+
 @pytest.mark.parametrize("mode", ["f1", "inverted"])
 def test_finite_clip_frame_count(pipe, image, mode):
     # 2 s -> round(60 / 36) = 2 sections of 9 latents + the start latent = 19 latents -> 73 frames

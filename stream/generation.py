@@ -1,0 +1,198 @@
+"""Generation off the event loop: one :class:`DeviceWorker` thread per device runs every session's sections.
+
+The worker owns the device: sections of different sessions never run at the same time on it (a second
+thread would only make both slower and double the memory). It round-robins over the sessions that are
+*ready* (not paused, not finished, and with room in their bounded buffer for a whole section) and waits on a
+condition when none is; buffers wake it when the track takes frames out. So a generator faster than playback
+waits instead of filling memory, and a slow one is never waited on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from framepack_rt.stream import control
+from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer, rgb_to_yuv420
+from framepack_rt.stream.images import encode_jpeg_data_url
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[dict[str, Any]], None]  # thread-safe: hands a server message to the event loop
+
+
+class VideoStreamLike(Protocol):
+    """What :class:`Generation` needs from ``FramePackPipeline.stream(...)``."""
+
+    def __next__(self) -> Any: ...
+    def set_prompt(self, text: str) -> int: ...
+    def stop(self) -> None: ...
+
+
+class Generation:
+    """One session's generator, driven section by section by a :class:`DeviceWorker` (worker thread).
+
+    ``paused`` and ``done`` are plain attributes written on the event loop and read on the worker: a stale
+    read costs at most one extra readiness check, and the worker is woken after every change.
+    """
+
+    PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress messages a second per session (plus first/last step)
+    PREVIEW_INTERVAL_S = 0.25  # previews are JPEGs: a few a second are plenty
+
+    def __init__(self, buffer: FrameBuffer, post: Post) -> None:
+        self.buffer = buffer
+        self.post = post
+        self.stream: VideoStreamLike | None = None  # attached once the pipeline has built it
+        self.paused = False
+        self.done = False
+        self.error: str | None = None
+        self.sections = 0
+        self.frames = 0
+        self.last_section_ms = 0.0  # the pipeline's own sample + decode time of the last section
+        self.gen_fps = 0.0  # frames per second of wall time spent generating (EMA over sections)
+        self.section_frames = 1  # frames in the last section: the room a section needs in the buffer
+        self.busy = False  # a section of this session is being generated right now
+        self._last_progress = 0.0
+        self._last_preview = 0.0
+
+    def attach(self, stream: VideoStreamLike) -> None:
+        self.stream = stream
+
+    def ready(self) -> bool:
+        """Worth a section now: running, and the buffer has room for a whole one (so put() will not wait)."""
+        if self.stream is None or self.paused or self.done or self.buffer.closed:
+            return False
+        return self.buffer.free >= min(self.section_frames, self.buffer.capacity)
+
+    # -- worker thread ---------------------------------------------------------------------------------------
+    def run_section(self) -> None:
+        """Generate one section and push its frames (worker thread). Never raises: failures end the session."""
+        assert self.stream is not None
+        self.busy = True
+        try:
+            self._run_section(self.stream)
+        except StopIteration:
+            self._finish("finished", "the video reached its end")
+        except Exception as exc:  # noqa: BLE001 -- a failing model must end this session, never the worker
+            log.exception("generation failed")
+            self.error = f"generation failed: {type(exc).__name__}: {exc}"
+            self.post(control.error(self.error))
+            self._finish("error", self.error)
+        finally:
+            self.busy = False
+
+    def _run_section(self, stream: VideoStreamLike) -> None:
+        began = time.monotonic()
+        section = next(stream)
+        frames = np.asarray(section.frames)
+        count = len(frames)
+        for i, rgb in enumerate(frames):
+            item = BufferedFrame(rgb_to_yuv420(rgb), section.first_frame + i, section.index, time.monotonic(),
+                                 section.prompt)
+            if not self.buffer.put(item):  # closed: the session is going away
+                return
+        elapsed = max(time.monotonic() - began, 1e-6)
+        rate = count / elapsed
+        self.gen_fps = rate if self.sections == 0 else 0.7 * self.gen_fps + 0.3 * rate
+        self.sections += 1
+        self.frames += count
+        self.section_frames = max(count, 1)
+        self.last_section_ms = float(section.ms)
+        self.post(control.section(section.index, section.prompt, section.first_frame,
+                                  section.first_frame + count - 1, section.ms, section.steps_run,
+                                  section.steps_skipped, bool(section.is_last)))
+        if section.is_last:
+            self._finish("finished", "the video reached its end")
+
+    def on_step(self, progress: Any) -> None:
+        """The pipeline's per-step callback (worker thread): throttled progress and preview messages.
+
+        The pipeline counts steps from 0; messages carry steps *completed* (1..steps), what a bar shows.
+        Never raises: an exception here would abort the section inside the sampler.
+        """
+        try:
+            self._report_step(progress)
+        except (ValueError, TypeError, OSError) as exc:  # a malformed preview: lose it, keep generating
+            log.warning("step report failed: %s", exc)
+
+    def _report_step(self, progress: Any) -> None:
+        now = time.monotonic()
+        done, steps = progress.step + 1, progress.steps
+        last = done >= steps
+        if done == 1 or last or now - self._last_progress >= self.PROGRESS_INTERVAL_S:
+            self._last_progress = now
+            self.post(control.progress(progress.section, done, steps))
+        preview = getattr(progress, "preview", None)
+        if preview is not None and (last or now - self._last_preview >= self.PREVIEW_INTERVAL_S):
+            self._last_preview = now
+            rgb = np.asarray(preview, dtype=np.uint8)
+            self.post(control.preview(progress.section, done, steps, encode_jpeg_data_url(rgb),
+                                      rgb.shape[1], rgb.shape[0]))
+
+    def _finish(self, state: str, detail: str) -> None:
+        self.done = True
+        self.post(control.state(state, detail))
+
+
+class DeviceWorker:
+    """The generation thread of one device, shared round-robin by every session on that device."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
+        self._cond = threading.Condition()
+        self._jobs: list[Generation] = []
+        self._turn = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"framepack-generate-{device}", daemon=True)
+        self._thread.start()
+
+    def add(self, job: Generation) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify_all()
+
+    def remove(self, job: Generation) -> None:
+        with self._cond:
+            if job in self._jobs:
+                self._jobs.remove(job)
+
+    def wake(self) -> None:
+        """Something changed (frames taken, resumed, stream attached): look for ready work again."""
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Stop after the section in progress. True if the thread ended within ``timeout``."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _next_job(self) -> Generation | None:
+        n = len(self._jobs)
+        for i in range(n):
+            job = self._jobs[(self._turn + i) % n]
+            if job.ready():
+                self._turn = (self._turn + i + 1) % n
+                return job
+        return None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                job = None
+                while not self._closed and (job := self._next_job()) is None:
+                    # The timeout is a safety net only: every state change calls wake().
+                    self._cond.wait(0.5)
+                if self._closed:
+                    return
+            job.run_section()  # outside the lock: sections take long, wake() must not wait for them

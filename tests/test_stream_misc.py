@@ -1,0 +1,71 @@
+"""Small pieces of the stream server: start images, the loopback ICE fallback, server settings."""
+
+from __future__ import annotations
+
+import base64
+
+import aioice.ice
+import numpy as np
+import pytest
+
+from framepack_rt.stream.ice import ensure_host_candidates
+from framepack_rt.stream.images import (
+    decode_data_url,
+    default_scene,
+    encode_jpeg_data_url,
+    png_bytes,
+    resize_rgb,
+)
+from framepack_rt.stream.server import ServerSettings
+
+
+def test_default_scene_is_a_picture():
+    scene = default_scene(96, 128)
+    assert scene.shape == (96, 128, 3) and scene.dtype == np.uint8
+    assert scene.std() > 20  # sky, sun, hills and water, not a flat fill
+
+
+def test_data_url_round_trip_and_errors():
+    image = default_scene(40, 60)
+    url = "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
+    assert np.array_equal(decode_data_url(url), image)
+    assert encode_jpeg_data_url(image).startswith("data:image/jpeg;base64,")
+    with pytest.raises(ValueError, match="data URL"):
+        decode_data_url("http://example.com/cat.png")
+    with pytest.raises(ValueError, match="base64"):
+        decode_data_url("data:image/png;base64,@@@")
+    with pytest.raises(ValueError, match="could not be decoded"):
+        decode_data_url("data:image/png;base64," + base64.b64encode(b"not an image").decode())
+
+
+def test_resize_crops_to_the_target_aspect():
+    image = np.zeros((100, 200, 3), np.uint8)
+    image[:, 50:150] = 255  # a white centre square: a center crop to 1:1 keeps only it
+    out = resize_rgb(image, 32, 32)
+    assert out.shape == (32, 32, 3) and out.min() > 200
+
+
+def test_loopback_candidates_only_when_there_is_no_other_address(monkeypatch):
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["192.0.2.7"])
+    assert ensure_host_candidates() is False
+    assert aioice.ice.get_host_addresses(True, True) == ["192.0.2.7"]
+
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: [])
+    assert ensure_host_candidates() is True
+    assert aioice.ice.get_host_addresses(True, True) == ["127.0.0.1"]
+    assert ensure_host_candidates() is True  # idempotent: not wrapped twice
+    assert aioice.ice.get_host_addresses(False, True) == []
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(fps=0), "--fps"), (dict(fps=240), "--fps"), (dict(window=0), "--window"),
+    (dict(steps=0), "--steps"), (dict(buffer_seconds=0), "buffer"), (dict(mode="inverted"), "f1"),
+])
+def test_settings_reject_bad_values(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        ServerSettings(**kwargs)
+
+
+def test_buffer_frames_follow_fps():
+    assert ServerSettings(fps=30, buffer_seconds=2).buffer_frames == 60
+    assert ServerSettings(fps=10, buffer_seconds=0.01).buffer_frames == 1
