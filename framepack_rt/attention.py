@@ -8,7 +8,9 @@ Backends, picked per call:
   * ``flash_attn``: flash-attn's varlen kernel, when flash-attn is installed and the tensors are on CUDA;
   * ``triton``: the project's Triton kernel (``framepack_rt.kernels.packed_attention``) on CUDA;
   * ``sdpa``: exact torch ``scaled_dot_product_attention`` segment by segment (CPU, or anything else).
-``FRAMEPACK_ATTENTION=sdpa|triton|flash_attn`` forces one (an error says why when it cannot run).
+``FRAMEPACK_ATTENTION=sdpa|triton|flash_attn`` forces one (an error says why when it cannot run). Without it,
+the kernels' switch (``framepack_rt.kernels.use_kernels`` / ``FRAMEPACK_KERNELS``) forces ``triton`` on (any
+device: the CPU runs it under Triton's interpreter) or keeps it off.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from framepack_rt.kernels.dispatch import kernels_forced, wants_kernels
 
 BACKENDS = ("flash_attn", "triton", "sdpa")
 
@@ -46,11 +50,10 @@ def _triton_varlen() -> Callable | None:
 def available_backends(device: torch.device) -> list[str]:
     """Backends that can run on ``device``, best first."""
     names = []
-    if device.type == "cuda":
-        if _flash_attn_varlen() is not None:
-            names.append("flash_attn")
-        if _triton_varlen() is not None:
-            names.append("triton")
+    if device.type == "cuda" and _flash_attn_varlen() is not None:
+        names.append("flash_attn")
+    if (device.type == "cuda" or kernels_forced()) and _triton_varlen() is not None:
+        names.append("triton")
     names.append("sdpa")
     return names
 
@@ -66,6 +69,12 @@ def select_backend(q: torch.Tensor) -> str:
                 f"FRAMEPACK_ATTENTION={forced!r} cannot run on {q.device}: usable here are {usable}"
             )
         return forced
+    kernels = kernels_forced()
+    if kernels:
+        wants_kernels(q)  # raises with the reason when the kernel cannot run here
+        return "triton"
+    if kernels is False:
+        usable = [name for name in usable if name != "triton"]
     if q.dtype == torch.float32:
         return "sdpa"  # the fused kernels take fp16/bf16 only
     return usable[0]

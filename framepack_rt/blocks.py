@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from framepack_rt.attention import packed_attention
+from framepack_rt.kernels import dispatch as kd  # Triton kernels on CUDA, the torch lines elsewhere
 from framepack_rt.layers import FeedForward, RMSNorm, heads, layer_norm, modulate
 from framepack_rt.packing import JointPacking
-from framepack_rt.rope import apply_rope
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1 or B, Lv, head_dim) fp32
 
@@ -60,11 +60,11 @@ class DoubleStreamAttention(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, rope: RopeTables, packing: JointPacking
     ) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.num_heads
-        q = apply_rope(self.norm_q(heads(self.to_q(x), n)), *rope)
-        k = apply_rope(self.norm_k(heads(self.to_k(x), n)), *rope)
+        q = kd.norm_rope(heads(self.to_q(x), n), self.norm_q, rope)
+        k = kd.norm_rope(heads(self.to_k(x), n), self.norm_k, rope)
         v = heads(self.to_v(x), n)
-        cq = self.norm_added_q(heads(self.add_q_proj(c), n))
-        ck = self.norm_added_k(heads(self.add_k_proj(c), n))
+        cq = kd.norm_rope(heads(self.add_q_proj(c), n), self.norm_added_q)
+        ck = kd.norm_rope(heads(self.add_k_proj(c), n), self.norm_added_k)
         cv = heads(self.add_v_proj(c), n)
         out_x, out_c = joint_attention((q, cq), (k, ck), (v, cv), packing)
         return self.to_out[0](out_x), self.to_add_out(out_c)
@@ -93,11 +93,11 @@ class DoubleStreamBlock(nn.Module):
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
             packing.per_context_token(m) for m in self.norm1_context(temb)
         )
-        attn_x, attn_c = self.attn(modulate(x, shift, scale), modulate(c, c_shift, c_scale), rope, packing)
-        x = x + attn_x * gate
-        c = c + attn_c * c_gate
-        x = x + gate_mlp * self.ff(modulate(x, shift_mlp, scale_mlp))
-        c = c + c_gate_mlp * self.ff_context(modulate(c, c_shift_mlp, c_scale_mlp))
+        attn_x, attn_c = self.attn(kd.modulate(x, shift, scale), kd.modulate(c, c_shift, c_scale), rope, packing)
+        x, mx = kd.residual_gate_modulate(x, attn_x, gate, shift_mlp, scale_mlp)  # x + attn_x * gate, modulated
+        c, mc = kd.residual_gate_modulate(c, attn_c, c_gate, c_shift_mlp, c_scale_mlp)
+        x = x + gate_mlp * self.ff(mx)
+        c = c + c_gate_mlp * self.ff_context(mc)
         return x, c
 
 
@@ -108,9 +108,14 @@ class SingleStreamAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
 
-    def qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(
+        self, x: torch.Tensor, rope: RopeTables | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q and k normalized (and rotated when ``rope`` is given), v."""
         n = self.num_heads
-        return self.norm_q(heads(self.to_q(x), n)), self.norm_k(heads(self.to_k(x), n)), heads(self.to_v(x), n)
+        q = kd.norm_rope(heads(self.to_q(x), n), self.norm_q, rope)
+        k = kd.norm_rope(heads(self.to_k(x), n), self.norm_k, rope)
+        return q, k, heads(self.to_v(x), n)
 
 
 class SingleStreamBlock(nn.Module):
@@ -128,11 +133,10 @@ class SingleStreamBlock(nn.Module):
         self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope: RopeTables, packing: JointPacking
     ) -> tuple[torch.Tensor, torch.Tensor]:
         shift, scale, gate = self.norm(temb)
-        nx = modulate(x, shift[:, None], scale[:, None])
-        nc = modulate(c, packing.per_context_token(shift), packing.per_context_token(scale))
-        q, k, v = self.attn.qkv(nx)
+        nx = kd.modulate(x, shift[:, None], scale[:, None])
+        nc = kd.modulate(c, packing.per_context_token(shift), packing.per_context_token(scale))
+        q, k, v = self.attn.qkv(nx, rope)
         cq, ck, cv = self.attn.qkv(nc)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         attn_x, attn_c = joint_attention((q, cq), (k, ck), (v, cv), packing)
         mlp_x = F.gelu(self.proj_mlp(nx), approximate="tanh")
         mlp_c = F.gelu(self.proj_mlp(nc), approximate="tanh")

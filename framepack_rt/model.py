@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from framepack_rt.blocks import DoubleStreamBlock, SingleStreamBlock
 from framepack_rt.config import FramePackConfig
+from framepack_rt.kernels import dispatch as kernel_dispatch  # Triton kernels on CUDA, torch elsewhere
 from framepack_rt.layers import ConditionEmbedding, ImageProjection, TokenRefiner, layer_norm
 from framepack_rt.packing import JointPacking, Segments
 from framepack_rt.rope import replicate_pad_to_multiple, rope_table
@@ -206,9 +207,11 @@ class FramePackTransformer(nn.Module):
         batch, _, frames, height, width = hidden_states.shape
         if indices_latents is None:
             indices_latents = torch.arange(frames)
-        tokens = [patchify(self.x_embedder.proj, hidden_states)]
+        # (conv, latents) per scale, embedded together into one packed buffer by kernel_dispatch.patch_embed.
+        pieces = [(self.x_embedder.proj, hidden_states)]
         ropes = [self._rope(indices_latents, height, width, (1, 1, 1), batch)]
-        noisy_len = tokens[0].shape[1]
+        kt, kh, kw = self.x_embedder.proj.kernel_size
+        noisy_len = -(-frames // kt) * -(-height // kh) * -(-width // kw)  # patches of the padded grid
         pools = {"proj": (1, 1, 1), "proj_2x": (2, 2, 2), "proj_4x": (4, 4, 4)}
         for name in ("proj", "proj_2x", "proj_4x"):  # each is prepended: the oldest (4x) ends up first
             latents, indices = context[name]
@@ -221,12 +224,12 @@ class FramePackTransformer(nn.Module):
                     f"clean latents of shape {tuple(latents.shape)} do not match hidden_states "
                     f"{tuple(hidden_states.shape)} in batch or height/width"
                 )
-            tokens.insert(0, patchify(getattr(self.clean_x_embedder, name), latents))
+            pieces.insert(0, (getattr(self.clean_x_embedder, name), latents))
             ropes.insert(0, self._rope(indices, height, width, pools[name], batch))
         rope_batch = max(r[0].shape[0] for r in ropes)  # B when some indices differ per sample, else 1
         cos = torch.cat([r[0].expand(rope_batch, -1, -1) for r in ropes], dim=1)
         sin = torch.cat([r[1].expand(rope_batch, -1, -1) for r in ropes], dim=1)
-        video = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+        video = kernel_dispatch.patch_embed(pieces)
         return VideoTokens(video, (cos, sin), noisy_len)
 
     def embed_context(

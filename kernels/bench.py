@@ -1,0 +1,86 @@
+"""What the GPU benchmarks (benchmarks/bench_*.py, benchmarks/step_13b.py) share: the CUDA check, timing with
+CUDA events, the environment line and the JSON report. Nothing here runs at import."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+H100_BF16_DENSE_TFLOPS = 989.0  # H100 SXM dense bf16 peak
+
+
+def require_cuda(script: str) -> None:
+    """Exit with one line (no traceback) when there is no CUDA device."""
+    if not torch.cuda.is_available():
+        sys.exit(f"{script}: no CUDA device available (torch {torch.__version__}); this benchmark needs a GPU")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--warmup", type=int, default=10, help="untimed calls first (autotuning happens here)")
+    p.add_argument("--iters", type=int, default=50, help="timed calls")
+    p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
+                   help="write results as JSON (default path: benchmarks/results/<script>.json)")
+    return p
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "gpu": props.name,
+        "sm": f"{props.major}.{props.minor}",
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def print_environment(env: dict) -> None:
+    print(f"GPU {env['gpu']} (sm_{env['sm'].replace('.', '')}, {env['gpu_memory_gib']} GiB) | "
+          f"torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']}")
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> dict:
+    """Per-call milliseconds of ``fn`` from CUDA events, after ``warmup`` untimed calls: median, min, mean."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times)}
+
+
+def tflops(flops: float, ms: float) -> float:
+    return flops / (ms * 1e-3) / 1e12
+
+
+def gbps(nbytes: float, ms: float) -> float:
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def write_json(script_file: str, path: str | None, payload: dict) -> None:
+    """``--json`` given: write ``payload`` to PATH, or to results/<script>.json next to the script."""
+    if path is None:
+        return
+    script = Path(script_file).resolve()
+    target = Path(path) if path else script.parent / "results" / f"{script.stem}.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {target}")
