@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from framepack_rt.attention import packed_attention
 from framepack_rt.kernels import dispatch as kd  # Triton kernels on CUDA, the torch lines elsewhere
-from framepack_rt.layers import FeedForward, RMSNorm, heads, layer_norm, modulate
+from framepack_rt.layers import FeedForward, RMSNorm, heads, modulate
 from framepack_rt.packing import JointPacking
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1 or B, Lv, head_dim) fp32

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from framepack_rt.attention import available_backends, packed_attention, select_backend
 from framepack_rt.packing import JointPacking, cu_seqlens_of

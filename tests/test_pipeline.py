@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from framepack_rt.pipeline import FramePackPipeline
-from framepack_rt.vae import assemble
 
 
 @pytest.fixture(scope="module")
