@@ -36,6 +36,7 @@ setup(
         "aiohttp>=3.9",
         "av>=12",
         "pillow>=10",
+        "matplotlib>=3.5",  # framepack-rt bench draws its latency plot
     ],
     extras_require={
         # playwright: the Python package only; it drives Debian's /usr/bin/chromium (no `playwright install`).

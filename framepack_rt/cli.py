@@ -87,10 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve live generation over WebRTC until Ctrl-C / SIGTERM: the page at the printed URL."""
     import asyncio
 
+    from framepack_rt.stream import options
     from framepack_rt.stream.server import ServerSettings, serve
 
     settings = ServerSettings(model=args.model, fps=args.fps, window=args.window, steps=args.steps,
-                              teacache=args.teacache, buffer_seconds=args.buffer)
+                              teacache=args.teacache, buffer_seconds=args.buffer, stamp=args.stamp,
+                              **options.settings_kwargs(args))
     try:
         asyncio.run(serve(settings, args.host, args.port, announce=lambda line: print(line, flush=True)))
     except (OSError, RuntimeError) as exc:  # port taken, pipeline missing: one line, not a traceback
@@ -125,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="TeaCache threshold, e.g. 0.15 (default: off)")
     serve.add_argument("--buffer", type=float, default=2.0, metavar="SECONDS",
                        help="most generated video waiting to be played, bounding the delay (default: 2)")
+    serve.add_argument("--stamp", action="store_true",
+                       help="stamp frame numbers into the top rows, for `framepack-rt bench --url` glass-to-glass")
+    from framepack_rt.stream import options
+
+    options.add_arguments(serve)  # limits and --token
     serve.set_defaults(run=cmd_serve)
+
+    from framepack_rt import bench
+
+    bench_cmd = sub.add_parser("bench", help="measure streaming latency end to end (see benchmarks/latency.py)")
+    bench.add_arguments(bench_cmd)
+    bench_cmd.set_defaults(run=bench.run_cli)
     return parser
 
 

@@ -8,7 +8,8 @@
     await client.close()
 
 Every received frame is counted with its arrival time (``time.time()``, comparable with the server's
-``server_time`` stamps on the same machine) and RTP pts; decoded pixels are kept only if asked.
+``server_time`` stamps on the same machine; and ``time.monotonic()``) and RTP pts; decoded pixels are kept
+only if asked. With ``stamps=True`` the frame number a ``--stamp`` server wrote into the pixels is read too.
 """
 
 from __future__ import annotations
@@ -30,25 +31,38 @@ from aiortc.mediastreams import MediaStreamError
 
 from framepack_rt.stream import control
 from framepack_rt.stream.ice import ensure_host_candidates
+from framepack_rt.stream.stamp import read_stamp_luma, unwrap
 
 
 @dataclass(frozen=True)
 class FrameArrival:
-    """One received frame: when it arrived (time.time()), its pts (90 kHz) and size."""
+    """One received frame: when it arrived (time.time()), its pts (90 kHz) and size.
+
+    mono: the arrival on time.monotonic() (the clock a stamping server logs send times on); stamp: the frame
+    number read from the pixels (``stamps=True``), None if not read or the frame carries none.
+    """
 
     arrival: float
     pts: int
     width: int
     height: int
+    mono: float = 0.0
+    stamp: int | None = None
 
 
 class StreamClient:
     """Connects to a framepack-rt server as one viewer; collects frames and control messages."""
 
-    def __init__(self, base_url: str, keep_frames: bool | int = False) -> None:
-        """keep_frames: False (count only), True (keep every decoded frame) or N (keep the last N)."""
+    def __init__(self, base_url: str, keep_frames: bool | int = False, stamps: bool = False) -> None:
+        """keep_frames: False (count only), True (keep every decoded frame) or N (keep the last N).
+        stamps: read the frame number stamped into each frame (see stream/stamp.py)."""
         self.base_url = base_url.rstrip("/")
         self.keep_frames = keep_frames
+        self.stamps = stamps
+        self.offer_sent: float | None = None  # time.monotonic() when POST /offer went out
+        # The last frame number read: stamps carry it modulo 4096. Seed it (e.g. from the stamps endpoint)
+        # before joining a session more than 4096 frames old.
+        self.last_stamp: int | None = None
         self.session: str | None = None
         self.frames: list[FrameArrival] = []
         self.messages: list[dict[str, Any]] = []
@@ -91,6 +105,7 @@ class StreamClient:
             body["image"] = _image_data_url(image)
         if seed is not None:
             body["seed"] = seed
+        self.offer_sent = time.monotonic()
         answer = await self.post_json("/offer", body)
         self.session = answer["session"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
@@ -130,7 +145,13 @@ class StreamClient:
                 frame = await track.recv()
             except MediaStreamError:
                 return
-            self.frames.append(FrameArrival(time.time(), int(frame.pts or 0), frame.width, frame.height))
+            mono, stamp = time.monotonic(), None
+            if self.stamps:
+                code = read_stamp_luma(frame.to_ndarray(format="yuv420p")[:frame.height])
+                if code is not None:
+                    stamp = self.last_stamp = unwrap(code, self.last_stamp)
+            self.frames.append(FrameArrival(time.time(), int(frame.pts or 0), frame.width, frame.height,
+                                            mono, stamp))
             if self.keep_frames:
                 self._pixels.append(frame.to_ndarray(format="rgb24"))
                 if not isinstance(self.keep_frames, bool) and len(self._pixels) > self.keep_frames:

@@ -8,12 +8,16 @@ Client -> server::
 
 Server -> client (broadcast to every viewer of a session, except ``pong`` and ``error`` which answer the
 sender): ``ack``, ``section``, ``progress``, ``preview``, ``stats``, ``state``, ``prompt_live``, ``pong``,
-``error``. An invalid client message gets an ``error`` reply; the stream is never interrupted by one.
+``error``. An invalid client message gets an ``error`` reply; the stream is never interrupted by one. So do
+control messages (all but ``ping``) from a view-only viewer; and a viewer sending more than its rate limit
+gets one ``error`` a second while the excess is dropped unread (see session.py).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import unicodedata
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -55,21 +59,41 @@ ClientMessage = Union[PromptMessage, PauseMessage, ResumeMessage, StopMessage, P
 
 _SIMPLE = {"pause": PauseMessage, "resume": ResumeMessage, "stop": StopMessage}
 CLIENT_TYPES = ("prompt", "pause", "resume", "stop", "ping")
+MAX_ID_CHARS = 200
+MAX_SAFE_INT = 2**53 - 1  # ids go back to browsers: stay within what a JavaScript number holds exactly
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
 
 
-def parse_client_message(raw: str | bytes) -> ClientMessage:
-    """Parse one data-channel message; raises :class:`ControlError` saying what a valid message looks like."""
-    if isinstance(raw, bytes):
+def max_message_chars(max_prompt_chars: int = MAX_PROMPT_CHARS) -> int:
+    """The longest message worth parsing: room for a maximal prompt, also when its non-ASCII is escaped."""
+    return max(MAX_MESSAGE_CHARS, 3 * max_prompt_chars + 1024)
+
+
+def parse_client_message(raw: object, max_prompt_chars: int = MAX_PROMPT_CHARS) -> ClientMessage:
+    """Parse one data-channel message; raises :class:`ControlError` (only) saying what a valid one looks like.
+
+    Any input is safe: bytes that are not UTF-8, text that is not JSON, JSON nested deeper than Python
+    recurses or with numbers too long to convert, and values of the wrong type all become a ControlError.
+    """
+    limit = max_message_chars(max_prompt_chars)
+    if isinstance(raw, (bytes, bytearray, memoryview)):
+        if len(raw) > 4 * limit:  # checked before decoding: UTF-8 takes at most 4 bytes a character
+            raise ControlError(f"message too long ({len(raw)} bytes, at most {limit} characters)")
         try:
-            raw = raw.decode("utf-8")
+            raw = bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
             raise ControlError("control messages must be UTF-8 JSON text") from None
-    if len(raw) > MAX_MESSAGE_CHARS:
-        raise ControlError(f"message too long ({len(raw)} characters, at most {MAX_MESSAGE_CHARS})")
+    if not isinstance(raw, str):
+        raise ControlError("control messages must be UTF-8 JSON text")
+    if len(raw) > limit:
+        raise ControlError(f"message too long ({len(raw)} characters, at most {limit})")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise ControlError(f"not JSON ({exc.msg} at character {exc.pos}); send e.g. "
+                           '{"type": "prompt", "text": "a cat"}') from None
+    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting deeper than the stack
+        raise ControlError("not a usable JSON message (nested too deeply or a number too long); send e.g. "
                            '{"type": "prompt", "text": "a cat"}') from None
     if not isinstance(data, dict):
         raise ControlError("a control message must be a JSON object with a \"type\" field")
@@ -79,29 +103,65 @@ def parse_client_message(raw: str | bytes) -> ClientMessage:
     if kind in _SIMPLE:
         return _SIMPLE[kind]()
     if kind == "prompt":
-        return _parse_prompt(data)
+        return _parse_prompt(data, max_prompt_chars)
     if kind == "ping":
         t = data.get("t")
-        # bool is an int subclass; a ping stamped True is a client bug worth reporting.
-        if isinstance(t, bool) or not isinstance(t, (int, float)):
-            raise ControlError("ping needs a numeric \"t\" (the client's clock), e.g. {\"type\": \"ping\", \"t\": 12.5}")
+        # bool is an int subclass; a ping stamped True is a client bug worth reporting. NaN and infinities
+        # (which Python's json accepts) could not be sent back as JSON in the pong.
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            raise ControlError("ping needs a finite numeric \"t\" (the client's clock), e.g. "
+                               '{"type": "ping", "t": 12.5}')
         return PingMessage(float(t))
-    raise ControlError(f"unknown message type {kind!r}; expected one of {', '.join(CLIENT_TYPES)}")
+    raise ControlError(f"unknown message type {_shorten(kind)!r}; expected one of {', '.join(CLIENT_TYPES)}")
 
 
-def _parse_prompt(data: dict[str, Any]) -> PromptMessage:
-    text = data.get("text")
+def validate_prompt(text: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """A prompt from a client, stripped; ControlError (a ValueError) if it is not usable text.
+
+    Unpaired surrogates and control characters are refused here because they would fail later, inside
+    the text encoders on the device thread, and take the whole session down with them.
+    """
     if not isinstance(text, str):
-        raise ControlError("prompt needs a string \"text\", e.g. {\"type\": \"prompt\", \"text\": \"a cat\"}")
+        raise ControlError("the prompt must be a string, e.g. {\"type\": \"prompt\", \"text\": \"a cat\"}")
     text = text.strip()
     if not text:
         raise ControlError("prompt text is empty")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise ControlError(f"prompt too long ({len(text)} characters, at most {MAX_PROMPT_CHARS})")
+    if len(text) > max_chars:
+        raise ControlError(f"prompt too long ({len(text)} characters, at most {max_chars})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ControlError("prompt text is not valid Unicode (it holds unpaired surrogates)") from None
+    if any(unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS for c in text):
+        raise ControlError("prompt text holds control characters; send plain text")
+    return text
+
+
+def _parse_prompt(data: dict[str, Any], max_prompt_chars: int) -> PromptMessage:
+    if not isinstance(data.get("text"), str):
+        raise ControlError("prompt needs a string \"text\", e.g. {\"type\": \"prompt\", \"text\": \"a cat\"}")
+    text = validate_prompt(data["text"], max_prompt_chars)
     ident = data.get("id")
-    if ident is not None and (isinstance(ident, bool) or not isinstance(ident, (str, int))):
-        raise ControlError("prompt \"id\" must be a string or an integer")
+    valid_id = ident is None or (isinstance(ident, str) and len(ident) <= MAX_ID_CHARS) or (
+        isinstance(ident, int) and not isinstance(ident, bool) and abs(ident) <= MAX_SAFE_INT)
+    if not valid_id:
+        raise ControlError(f"prompt \"id\" must be a string (at most {MAX_ID_CHARS} characters) or an integer "
+                           "(at most 2**53 - 1)")
     return PromptMessage(text=text, id=ident)
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def client_message(msg: ClientMessage) -> dict[str, Any]:
+    """The JSON object a client sends for ``msg`` (the inverse of :func:`parse_client_message`)."""
+    if isinstance(msg, PromptMessage):
+        return {"type": "prompt", "text": msg.text, **({} if msg.id is None else {"id": msg.id})}
+    if isinstance(msg, PingMessage):
+        return {"type": "ping", "t": msg.t}
+    kind = {PauseMessage: "pause", ResumeMessage: "resume", StopMessage: "stop"}[type(msg)]
+    return {"type": kind}
 
 
 # -- server -> client ---------------------------------------------------------------------------------------

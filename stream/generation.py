@@ -10,6 +10,7 @@ waits instead of filling memory, and a slow one is never waited on.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any, Callable, Protocol
@@ -48,6 +49,7 @@ class Generation:
         self.post = post
         self.stream: VideoStreamLike | None = None  # attached once the pipeline has built it
         self.paused = False
+        self.watched = True  # False while the session has no viewers: nobody to generate for
         self.done = False
         self.error: str | None = None
         self.sections = 0
@@ -64,7 +66,7 @@ class Generation:
 
     def ready(self) -> bool:
         """Worth a section now: running, and the buffer has room for a whole one (so put() will not wait)."""
-        if self.stream is None or self.paused or self.done or self.buffer.closed:
+        if self.stream is None or self.paused or not self.watched or self.done or self.buffer.closed:
             return False
         return self.buffer.free >= min(self.section_frames, self.buffer.capacity)
 
@@ -79,7 +81,7 @@ class Generation:
             self._finish("finished", "the video reached its end")
         except Exception as exc:  # noqa: BLE001 -- a failing model must end this session, never the worker
             log.exception("generation failed")
-            self.error = f"generation failed: {type(exc).__name__}: {exc}"
+            self.error = failure_message(exc)
             self.post(control.error(self.error))
             self._finish("error", self.error)
         finally:
@@ -136,6 +138,18 @@ class Generation:
     def _finish(self, state: str, detail: str) -> None:
         self.done = True
         self.post(control.state(state, detail))
+
+
+def failure_message(exc: Exception) -> str:
+    """What the viewers of a session that failed are told; frees cached device memory after an OOM."""
+    torch = sys.modules.get("torch")  # only a loaded torch can have raised its own errors
+    if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # what this session's section held is garbage now: let the others have it
+        return ("generation failed: the device ran out of memory, so this session has ended. Start a new "
+                "session (a smaller start image helps); if it keeps happening, the server runs too many "
+                "sessions at once (--max-sessions)")
+    return f"generation failed: {type(exc).__name__}: {exc}; this session has ended, start a new one"
 
 
 class DeviceWorker:

@@ -4,24 +4,31 @@ Routes::
 
     GET  /                   the browser page (stream/static/index.html)
     GET  /static/...         its JS and CSS
-    POST /offer              {sdp, type, session?, prompt?, image? (data URL), seed?} -> {sdp, type, session}
+    POST /offer              {sdp, type, session?, key?, token?, prompt?, image? (data URL), seed?}
+                             -> {sdp, type, session, role, view_key (control role only)}
     GET  /api/sessions       [{id, prompt, sections_done, viewers, state, ...}]
     GET  /api/sessions/{id}  one session with its current stats
+    GET  /api/sessions/{id}/stamps?since=N  send times of stamped frames (with ``--stamp``; benchmarks)
     GET  /api/health         liveness, model, counts
     GET  /api/config         defaults the page shows (prompt, fps, steps)
     GET  /api/default-image  the built-in start image (PNG)
 
 Without ``session`` an offer starts a new generation session (from the image and prompt sent, or the built-in
 scene and prompt); with it, the offer joins that session as one more viewer of the same generator.
+
+Who may do what (the token, roles, join links): :mod:`.security`. Limits and their status codes:
+:mod:`.limits` -- 400 malformed input, 401 no valid token or key, 404 no such session or file, 413 too many
+bytes, 415 an offer not sent as application/json, 429 at a capacity (sessions, viewers; with Retry-After),
+503 while shutting down. Other 5xx answers are faults of the server, logged with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +36,26 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from framepack_rt.stream import DEFAULT_MODEL, control
+from framepack_rt.stream import DEFAULT_MODEL
 from framepack_rt.stream.buffer import rgb_to_yuv420
 from framepack_rt.stream.generation import DeviceWorker
 from framepack_rt.stream.ice import ensure_host_candidates
-from framepack_rt.stream.images import DEFAULT_PROMPT, decode_data_url, default_scene, png_bytes, resize_rgb
+from framepack_rt.stream.images import DEFAULT_PROMPT, default_scene, png_bytes, resize_rgb
+from framepack_rt.stream.limits import (
+    MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_SESSIONS, LimitExceeded, Reservations, SessionPolicy, TooLarge)
+from framepack_rt.stream.offers import MAX_SDP_CHARS, Offer, parse_json_body, parse_offer
+from framepack_rt.stream.security import (
+    CONTROL, Access, add_security_headers, check_token, json_errors, static_files)
 from framepack_rt.stream.session import Session
+from framepack_rt.stream.stamp import StampLog
+from framepack_rt.stream.uploads import decode_start_image
 
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
-MAX_REQUEST_BYTES = 20 * 1024 * 1024  # an offer with a start image as a data URL
+RETRY_AFTER_S = 10  # what a 429 tells clients to wait: sessions and viewers come and go on that scale
+_POLICY = SessionPolicy()  # the per-session defaults, in one place
+TOKEN_HINT = "FRAMEPACK_RT_TOKEN (or --token)"
 
 
 @dataclass
@@ -53,9 +69,21 @@ class ServerSettings:
     teacache: float | None = None
     mode: str = "f1"  # live streams go forward; "inverted" builds fixed-length clips end-first
     buffer_seconds: float = 2.0  # bounded buffer: at most this much generated video waits to be played
-    idle_timeout: float = 60.0  # a session with no viewers for this long is closed
+    # Limits (see limits.py and the README): capacity, input sizes, how long unused things live.
+    max_sessions: int = MAX_SESSIONS
+    max_viewers: int = _POLICY.max_viewers  # per session
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_prompt_chars: int = _POLICY.max_prompt_chars
+    message_rate: float = _POLICY.message_rate  # control messages a second per viewer (bursts of twice that)
+    grace: float = _POLICY.grace  # a session without viewers stops generating at once, closes after this long
+    idle_timeout: float = _POLICY.idle_timeout  # generating nothing (paused, stopped, ended) this long: closed
+    connect_timeout: float = _POLICY.connect_timeout  # a viewer whose connection is not up by then is dropped
+    viewer_timeout: float = _POLICY.viewer_timeout  # silent (no RTCP receiver reports) this long: dropped
+    token: str | None = field(default=None, repr=False)  # needed for /offer and control (security.py)
     ice_servers: list[str] = field(default_factory=list)  # e.g. ["stun:stun.l.google.com:19302"]
     default_prompt: str = DEFAULT_PROMPT
+    stamp: bool = False  # benchmarks: frame numbers in the pixels' top rows + send times (stream/stamp.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.fps <= 60:
@@ -69,6 +97,23 @@ class ServerSettings:
                              "F1 (forward) generates in playback order; use mode 'f1'")
         if self.buffer_seconds <= 0:
             raise ValueError(f"buffer of {self.buffer_seconds} s: must be positive")
+        if self.max_sessions < 1:
+            raise ValueError(f"--max-sessions {self.max_sessions}: must be at least 1")
+        if self.max_image_bytes < 1024 or self.max_image_pixels < 64:
+            raise ValueError("--max-image-mb and --max-image-pixels: too small for any start image")
+        self.session_policy()  # validates the per-session limits
+        check_token(self.token)
+
+    def session_policy(self) -> SessionPolicy:
+        return SessionPolicy(max_viewers=self.max_viewers, grace=self.grace, idle_timeout=self.idle_timeout,
+                             connect_timeout=self.connect_timeout, viewer_timeout=self.viewer_timeout,
+                             message_rate=self.message_rate, message_burst=max(1, round(2 * self.message_rate)),
+                             max_prompt_chars=self.max_prompt_chars)
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest body /offer reads: a maximal start image as base64 text, plus the SDP and fields."""
+        return (self.max_image_bytes + 2) // 3 * 4 + MAX_SDP_CHARS + 3 * self.max_prompt_chars + 4096
 
     @property
     def buffer_frames(self) -> int:
@@ -86,18 +131,25 @@ class StreamServer:
         self.worker = DeviceWorker(self.device)
         # One control thread, so prompt changes and pause/resume reach the pipeline in the order sent.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-control")
+        self.access = Access(self.settings.token)
+        self._starting = Reservations()  # sessions being built count against max_sessions too
+        self._stopping = False
+        self._static = static_files(STATIC_DIR)
         self.app = self._build_app()
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
         self._default_png: bytes | None = None
 
     def _build_app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        limit = self.settings.max_request_bytes
+        app = web.Application(client_max_size=limit, middlewares=[json_errors(limit), self._guard_sessions])
+        app.on_response_prepare.append(add_security_headers)
         app.router.add_get("/", self._index)
-        app.router.add_static("/static", STATIC_DIR)
+        app.router.add_get("/static/{name}", self._static_file)
         app.router.add_post("/offer", self._offer)
         app.router.add_get("/api/sessions", self._list_sessions)
         app.router.add_get("/api/sessions/{id}", self._get_session)
+        app.router.add_get("/api/sessions/{id}/stamps", self._get_stamps)
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/config", self._config)
         app.router.add_get("/api/default-image", self._default_image)
@@ -123,7 +175,9 @@ class StreamServer:
 
     async def stop(self) -> None:
         """Close every session (hanging up on viewers), stop listening, end the worker threads."""
-        await asyncio.gather(*(s.close() for s in list(self.sessions.values())), return_exceptions=True)
+        self._stopping = True
+        await asyncio.gather(*(s.close("the server is shutting down") for s in list(self.sessions.values())),
+                             return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -133,17 +187,45 @@ class StreamServer:
 
     # -- sessions --------------------------------------------------------------------------------------------
     async def new_session(self, image=None, prompt: str | None = None, seed: int = 0) -> Session:
-        """Start generating from ``image`` (HxWx3 uint8; None: the built-in scene) and ``prompt``."""
-        s = self.settings
+        """Start generating from ``image`` (HxWx3 uint8; None: the built-in scene) and ``prompt``.
+
+        Raises LimitExceeded when ``max_sessions`` run already.
+        """
         image = default_scene() if image is None else image
-        prompt = prompt or s.default_prompt
+        release = self._reserve_session()
+        try:
+            session = await self._create_session(image, release)
+        finally:
+            release()
+        await self._start_session(session, image, prompt, seed)
+        return session
+
+    def _reserve_session(self) -> Callable[[], None]:
+        if len(self.sessions) + self._starting.count >= self.settings.max_sessions:
+            raise LimitExceeded(f"the server runs its maximum of {self.settings.max_sessions} sessions; join "
+                                "one (GET /api/sessions) or try again later", RETRY_AFTER_S)
+        return self._starting.take()
+
+    async def _create_session(self, image, release: Callable[[], None]) -> Session:
+        """A listed session that shows ``image`` and generates nothing yet: cheap, no encoder has run."""
+        s = self.settings
         loop = asyncio.get_running_loop()
         height, width = await loop.run_in_executor(self.executor, self.pipe.frame_size, image)
-        placeholder = rgb_to_yuv420(resize_rgb(image, height, width))
+        # Off the loop: resizing a large start image takes long enough to stall every paced track.
+        placeholder = await loop.run_in_executor(None, lambda: rgb_to_yuv420(resize_rgb(image, height, width)))
         session = Session(loop=loop, worker=self.worker, executor=self.executor, fps=s.fps,
                           capacity=s.buffer_frames, placeholder_yuv=placeholder, ice_servers=s.ice_servers,
-                          idle_timeout=s.idle_timeout, on_closed=self._forget)
+                          policy=s.session_policy(), on_closed=self._forget)
+        release()  # the session counts itself from here on
         self.sessions[session.id] = session
+        if s.stamp:
+            session.track.stamps = StampLog()
+        return session
+
+    async def _start_session(self, session: Session, image, prompt: str | None, seed: int) -> None:
+        """Build the pipeline's stream (the encoders run: the expensive part) and start generating."""
+        s = self.settings
+        prompt = prompt or s.default_prompt
 
         def build(on_step: Callable[[Any], None]):
             return self.pipe.stream(image, prompt, seed=seed, steps=s.steps, window=s.window, mode=s.mode,
@@ -155,7 +237,6 @@ class StreamServer:
             await session.close()
             raise
         log.info("session %s started: %r", session.id, prompt)
-        return session
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
@@ -165,26 +246,69 @@ class StreamServer:
         return web.FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def _offer(self, request: web.Request) -> web.Response:
+        """Start or join a session. Every way this can fail because of the request is a 4xx (see the top)."""
+        if self._stopping:
+            return _error(503, "the server is shutting down; try again in a moment")
         try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            return _error(400, "POST /offer takes JSON: {\"sdp\": ..., \"type\": \"offer\"}")
-        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
-            return _error(400, "POST /offer needs {\"sdp\": <the offer's SDP>, \"type\": \"offer\"}")
-        session_id = body.get("session")
-        try:
-            if session_id:
-                session = self.sessions.get(str(session_id))
-                if session is None or session.closed:
-                    return _error(404, f"no session {session_id!r}; GET /api/sessions lists the live ones, "
-                                       "or post without \"session\" to start a new one")
-            else:
-                image, prompt, seed = _session_params(body)
-                session = await self.new_session(image, prompt, seed)
-            answer = await session.add_viewer(body["sdp"], body["type"])
+            body = parse_json_body(await request.read())
+            offer = parse_offer(body, self.settings.max_prompt_chars)
+            # Only after the body parses (so a malformed one still gets its 400): cross-site pages can post
+            # text/plain without asking, but not application/json, which is what keeps them out.
+            if request.content_type != "application/json":
+                return _error(415, "send the offer with Content-Type: application/json")
+            return await self._answer(request, body, offer)
+        except TooLarge as exc:
+            return _error(413, str(exc))
         except ValueError as exc:
             return _error(400, str(exc))
-        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": session.id})
+        except LimitExceeded as exc:
+            return _error(429, str(exc), {"Retry-After": str(exc.retry_after)})
+
+    async def _answer(self, request: web.Request, body: dict[str, Any], offer: Offer) -> web.Response:
+        if offer.session is None:
+            role = self.access.role_to_create(request, body)
+            release = self._reserve_session()  # before decoding: a full server spends nothing on the image
+            try:
+                image = default_scene()
+                if offer.image is not None:
+                    s = self.settings
+                    image = await asyncio.get_running_loop().run_in_executor(
+                        None, decode_start_image, offer.image, s.max_image_bytes, s.max_image_pixels)
+                session = await self._create_session(image, release)
+            finally:
+                release()
+        else:
+            session = self.sessions.get(offer.session)
+            if session is None or session.closed:
+                return _error(404, f"no session {offer.session!r}; GET /api/sessions lists the live ones, "
+                                   "or post without \"session\" to start a new one")
+            role = self.access.role_to_join(request, body, session.view_key)
+        try:
+            answer = await session.add_viewer(offer.sdp, offer.type, role)
+        except (ValueError, LimitExceeded):
+            if offer.session is None:  # nobody can watch it: do not leave it up until the grace period ends
+                await session.close()
+            raise
+        if offer.session is None:
+            # Only now, with the offer answered: a malformed one must not cost an encoder run.
+            await self._start_session(session, image, offer.prompt, offer.seed)
+        reply = {"sdp": answer.sdp, "type": answer.type, "session": session.id, "role": role}
+        if role == CONTROL:
+            reply["view_key"] = session.view_key  # for the join link: ?session=<id>&key=<view_key>
+        return web.json_response(reply)
+
+    @web.middleware
+    async def _guard_sessions(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Session listings show prompts and ids: with a token set, they need it too."""
+        if request.path.startswith("/api/sessions"):
+            self.access.require(request)
+        return await handler(request)
+
+    async def _static_file(self, request: web.Request) -> web.StreamResponse:
+        path = self._static.get(request.match_info["name"])
+        if path is None:
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
     async def _list_sessions(self, request: web.Request) -> web.Response:
         return web.json_response({"sessions": [s.summary() for s in self.sessions.values()]})
@@ -195,18 +319,40 @@ class StreamServer:
             return _error(404, f"no session {request.match_info['id']!r}; GET /api/sessions lists them")
         return web.json_response({**session.summary(), "stats": session.stats()})
 
+    async def _get_stamps(self, request: web.Request) -> web.Response:
+        """[[frame, section, generated, sent], ...] in time.monotonic() seconds: this host's clock."""
+        session = self.sessions.get(request.match_info["id"])
+        if session is None:
+            return _error(404, f"no session {request.match_info['id']!r}; GET /api/sessions lists them")
+        stamp_log = session.track.stamps
+        if stamp_log is None:
+            return _error(404, "this server does not stamp frames; start it with --stamp")
+        try:
+            since = int(request.query.get("since", "0"))
+        except ValueError:
+            return _error(400, "since must be a frame number")
+        stamps = [r.as_list() for r in stamp_log.since(since)]
+        return web.json_response({"clock": "monotonic", "now": time.monotonic(), "stamps": stamps})
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok" if self.worker.alive else "worker stopped", "model": self.settings.model,
             "device": self.device, "sessions": len(self.sessions),
-            "viewers": sum(len(s.viewers) for s in self.sessions.values()),
+            "viewers": self.peer_connections, "max_sessions": self.settings.max_sessions,
         })
+
+    @property
+    def peer_connections(self) -> int:
+        """Open viewer connections (each viewer holds exactly one RTCPeerConnection)."""
+        return sum(len(s.viewers) for s in self.sessions.values())
 
     async def _config(self, request: web.Request) -> web.Response:
         s = self.settings
         return web.json_response({"model": s.model, "fps": s.fps, "window": s.window, "steps": s.steps,
                                   "teacache": s.teacache, "default_prompt": s.default_prompt,
-                                  "buffer_frames": s.buffer_frames})
+                                  "buffer_frames": s.buffer_frames, "token_required": self.access.required,
+                                  "max_prompt_chars": s.max_prompt_chars, "max_image_bytes": s.max_image_bytes,
+                                  "max_image_pixels": s.max_image_pixels})
 
 
     async def _default_image(self, request: web.Request) -> web.Response:
@@ -216,30 +362,14 @@ class StreamServer:
                             headers={"Cache-Control": "max-age=3600"})
 
 
-def _session_params(body: dict[str, Any]) -> tuple[Any, str | None, int]:
-    """The optional start image, prompt and seed of a new-session offer; ValueError says what is wrong."""
-    image = decode_data_url(body["image"]) if body.get("image") else None
-    prompt = body.get("prompt")
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ValueError("\"prompt\" must be a string")
-        prompt = prompt.strip()
-        if len(prompt) > control.MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt too long ({len(prompt)} characters, at most {control.MAX_PROMPT_CHARS})")
-    seed = body.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError("\"seed\" must be a non-negative integer")
-    return image, prompt or None, seed
-
-
 def _device_name(pipe: Any) -> str:
     """The device the pipeline generates on (its worker thread is named after it)."""
     device = getattr(pipe, "device", None) or getattr(getattr(pipe, "parts", None), "device", None)
     return str(device or "cpu")
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 def load_pipeline(model: str) -> Any:
@@ -266,6 +396,11 @@ async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8
     server = StreamServer(pipe, settings)
     url = await server.start(host, port)
     announce(f"framepack-rt serve: open {url} in a browser (Ctrl-C to stop)")
+    if settings.token:
+        announce("access needs the token: open the URL with ?token=<your token> added (it is not printed)")
+    elif host not in ("127.0.0.1", "::1", "localhost"):
+        announce(f"warning: listening on {host} without a token: anyone who reaches this port can start and "
+                 f"steer sessions; set {TOKEN_HINT}")
     try:
         await stop.wait()
     finally:
@@ -283,7 +418,8 @@ async def _load_or_stop(model: str, stop: asyncio.Event) -> Any | None:
         try:
             pipe = load_pipeline(model)
         except Exception as exc:  # noqa: BLE001 -- handed to the loop and re-raised there
-            loop.call_soon_threadsafe(lambda: result.done() or result.set_exception(exc))
+            # Bound now: Python deletes ``exc`` when this block ends, possibly before the loop runs the lambda.
+            loop.call_soon_threadsafe(lambda error=exc: result.done() or result.set_exception(error))
         else:
             loop.call_soon_threadsafe(lambda: result.done() or result.set_result(pipe))
 

@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
@@ -22,33 +22,16 @@ from aiortc.contrib.media import MediaRelay
 from framepack_rt.stream import control
 from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer
 from framepack_rt.stream.generation import DeviceWorker, Generation, VideoStreamLike
+from framepack_rt.stream.limits import LimitExceeded, SessionPolicy
+from framepack_rt.stream.security import CONTROL, new_key
 from framepack_rt.stream.tracks import SessionTrack
+from framepack_rt.stream.viewers import SDP_ERRORS, Viewer
 
 log = logging.getLogger(__name__)
 
-# Messages a congested viewer may miss (the next one supersedes them); acks, sections and errors always go.
-DROPPABLE = frozenset({"progress", "preview", "stats"})
-MAX_CHANNEL_BACKLOG = 256 * 1024  # bytes queued on a data channel before droppable messages are skipped
-
-
-@dataclass
-class Viewer:
-    """One browser or client watching a session."""
-
-    id: str
-    pc: RTCPeerConnection
-    channel: Any = None  # the "control" RTCDataChannel once the client opens it
-    joined: float = field(default_factory=time.time)
-
-    def send(self, message: dict[str, Any]) -> bool:
-        """Send if the control channel is open; skip droppable messages while the channel is backed up."""
-        channel = self.channel
-        if channel is None or channel.readyState != "open":
-            return False
-        if message.get("type") in DROPPABLE and channel.bufferedAmount > MAX_CHANNEL_BACKLOG:
-            return False
-        channel.send(control.encode(message))
-        return True
+ERROR_LINGER_S = 3.0  # a failed session stays up this long so that its viewers receive the error message
+VIEW_ONLY = ("this is a view-only connection: it cannot change the prompt or pause/stop the session. Join "
+             "with the server token (or start your own session) to control one")
 
 
 @dataclass
@@ -60,28 +43,34 @@ class PendingPrompt:
 
 
 class Session:
-    """One generator streamed to any number of viewers through a relay of one paced track."""
+    """One generator streamed to any number of viewers (up to ``policy.max_viewers``) through a relay of one
+    paced track. With no viewers it stops generating and closes after ``policy.grace`` seconds."""
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, worker: DeviceWorker, executor: Executor,
                  fps: float, capacity: int, placeholder_yuv, ice_servers: list[str] | None = None,
-                 idle_timeout: float = 60.0, on_closed: Callable[["Session"], None] | None = None) -> None:
+                 policy: SessionPolicy | None = None,
+                 on_closed: Callable[["Session"], None] | None = None) -> None:
         self.id = uuid.uuid4().hex[:10]
+        self.view_key = new_key()  # the join link's key: watch this session, nothing more
         self.created = time.time()
         self.loop, self.worker, self.executor = loop, worker, executor
         self.fps = fps
+        self.policy = policy or SessionPolicy()
         self.state = "starting"
         self.prompt = ""
         self.viewers: dict[str, Viewer] = {}
         self.buffer = FrameBuffer(capacity, on_space=worker.wake)
         self.generation = Generation(self.buffer, self.post)
+        self.generation.watched = False  # until the first viewer arrives
         self.track = SessionTrack(self.buffer, fps, placeholder_yuv, on_frame=self._on_frame_played)
         self.relay = MediaRelay()
         self._ice_servers = ice_servers or []
-        self.idle_timeout = idle_timeout
         self._pending: list[PendingPrompt] = []
         self._on_closed = on_closed
         self._closed = False
-        self._last_viewer_left = time.monotonic()
+        self._empty_since: float | None = time.monotonic()  # no viewers since then (None: has viewers)
+        self._idle_since: float | None = None  # not generating since then (paused, stopped, ended)
+        self._failed_at: float | None = None
         self._ticker: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------------------
@@ -97,22 +86,26 @@ class Session:
         self.state = "running"
         self._ticker = self.loop.create_task(self._tick())
 
-    async def close(self) -> None:
-        """End generation and playback and hang up on every viewer. Idempotent."""
+    async def close(self, reason: str = "") -> None:
+        """End generation and playback and hang up on every viewer (telling them ``reason``). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        if reason:
+            log.info("session %s: closing, %s", self.id, reason)
+            self.broadcast(control.state("closed", reason))
         self.generation.done = True
         self.worker.remove(self.generation)
         self.buffer.close()  # unblocks a worker waiting in put()
         stream = self.generation.stream
         if stream is not None:
             await self.loop.run_in_executor(self.executor, stream.stop)
-        if self._ticker is not None:
+        if self._ticker is not None and self._ticker is not asyncio.current_task():
             self._ticker.cancel()
         self.track.stop()
-        await asyncio.gather(*(v.pc.close() for v in list(self.viewers.values())), return_exceptions=True)
+        viewers = list(self.viewers.values())
         self.viewers.clear()
+        await asyncio.gather(*(v.close() for v in viewers))
         if self.state not in ("finished", "error"):
             self.state = "closed"
         if self._on_closed is not None:
@@ -123,15 +116,25 @@ class Session:
         return self._closed
 
     # -- viewers ---------------------------------------------------------------------------------------------
-    async def add_viewer(self, sdp: str, kind: str) -> RTCSessionDescription:
-        """Answer one viewer's offer: a relay proxy of the session track plus the control channel."""
+    async def add_viewer(self, sdp: str, kind: str, role: str = CONTROL) -> RTCSessionDescription:
+        """Answer one viewer's offer: a relay proxy of the session track plus the control channel.
+
+        Raises LimitExceeded when the session has ``max_viewers`` already, ValueError for an offer that
+        cannot be answered (the half-made connection is closed again).
+        """
+        if len(self.viewers) >= self.policy.max_viewers:
+            raise LimitExceeded(f"session {self.id} has its maximum of {self.policy.max_viewers} viewers; "
+                                "try again when one leaves")
         config = RTCConfiguration(iceServers=[RTCIceServer(url) for url in self._ice_servers])
         pc = RTCPeerConnection(config)
-        viewer = Viewer(id=uuid.uuid4().hex[:8], pc=pc)
+        viewer = Viewer(pc=pc, role=role, policy=self.policy)
+        # Counted from now, not once answered: concurrent offers cannot overshoot max_viewers.
+        self.viewers[viewer.id] = viewer
+        self._viewers_changed()
 
         @pc.on("datachannel")
         def on_datachannel(channel) -> None:
-            if channel.label != "control":
+            if channel.label != "control" or viewer.channel is not None:
                 return
             viewer.channel = channel
             channel.on("message", lambda raw: self._on_message(viewer, raw))
@@ -142,30 +145,50 @@ class Session:
 
         @pc.on("connectionstatechange")
         async def on_state() -> None:
-            if pc.connectionState in ("failed", "closed"):
+            if pc.connectionState == "connected" and viewer.connected_at is None:
+                viewer.connected_at = time.time()
+            elif pc.connectionState in ("failed", "closed"):
                 await self.remove_viewer(viewer)
 
         # Unbuffered relay: each viewer gets the latest frame; a slow encoder skips instead of queueing.
-        pc.addTrack(self.relay.subscribe(self.track, buffered=False))
+        viewer.track = self.relay.subscribe(self.track, buffered=False)
+        viewer.sender = pc.addTrack(viewer.track)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
+            # Send our video, receive nothing: media a viewer offers to send would be decoded into queues
+            # nobody reads (memory without bound), so every other m-line is answered inactive.
+            for transceiver in pc.getTransceivers():
+                transceiver.direction = "sendonly" if transceiver.sender is viewer.sender else "inactive"
             await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AttributeError, TypeError) as exc:  # aiortc's reactions to a malformed SDP
-            await pc.close()
-            raise ValueError(f"could not answer the offer ({exc}); send the browser's "
+        except SDP_ERRORS as exc:  # aiortc's reactions to a malformed SDP
+            await self.remove_viewer(viewer)
+            raise ValueError(f"could not answer the offer ({type(exc).__name__}: {exc}); send the browser's "
                              "pc.localDescription after ICE gathering completes") from None
-        self.viewers[viewer.id] = viewer
+        if self._closed or viewer.id not in self.viewers:  # the session ended meanwhile
+            await viewer.close()
+            raise ValueError(f"session {self.id} closed while answering; start a new session")
         return pc.localDescription
 
-    async def remove_viewer(self, viewer: Viewer) -> None:
+    async def remove_viewer(self, viewer: Viewer, reason: str = "") -> None:
+        """Forget ``viewer`` and free what it held (its proxy track, its peer connection). Idempotent."""
         if self.viewers.pop(viewer.id, None) is None:
             return
-        self._last_viewer_left = time.monotonic()
-        await viewer.pc.close()
+        if reason:
+            log.info("session %s: dropping viewer %s, %s", self.id, viewer.id, reason)
+        self._viewers_changed()
+        await viewer.close()
+
+    def _viewers_changed(self) -> None:
+        """Generate only while someone watches; start the grace period when the last viewer leaves."""
+        watched = bool(self.viewers)
+        self._empty_since = None if watched else (self._empty_since or time.monotonic())
+        if watched != self.generation.watched:
+            self.generation.watched = watched
+            self.worker.wake()
 
     def _greet(self, viewer: Viewer) -> None:
         viewer.send({"type": "hello", "session": self.id, "viewer": viewer.id, "fps": self.fps,
-                     "state": self.state, "prompt": self.prompt})
+                     "state": self.state, "prompt": self.prompt, "role": viewer.role})
 
     # -- messages --------------------------------------------------------------------------------------------
     def post(self, message: dict[str, Any]) -> None:
@@ -181,6 +204,8 @@ class Session:
         if message["type"] == "state":
             if self.state in ("running", "paused"):
                 self.state = message["state"]
+            if message["state"] == "error":
+                self._failed_at = time.monotonic()
             self.track.source_done = True
         self.broadcast(message)
 
@@ -189,13 +214,24 @@ class Session:
             viewer.send(message)
 
     def _on_message(self, viewer: Viewer, raw: str | bytes) -> None:
+        """Every message costs a token first: a flood is dropped before any parsing, with one error a second."""
+        verdict = viewer.limiter.check()
+        if verdict != "ok":
+            if verdict == "warn":
+                viewer.send(control.error(
+                    f"too many control messages (at most {self.policy.message_rate:g} a second, "
+                    f"{self.policy.message_burst} at once); the excess was dropped"))
+            return
         try:
-            msg = control.parse_client_message(raw)
+            msg = control.parse_client_message(raw, self.policy.max_prompt_chars)
         except control.ControlError as exc:
             viewer.send(control.error(str(exc)))
             return
         if isinstance(msg, control.PingMessage):
             viewer.send(control.pong(msg.t, time.time()))
+            return
+        if viewer.role != CONTROL:
+            viewer.send(control.error(VIEW_ONLY))
             return
         self.loop.create_task(self._act(viewer, msg))
 
@@ -266,15 +302,40 @@ class Session:
         """The /api/sessions entry."""
         return {"id": self.id, "prompt": self.prompt, "sections_done": self.generation.sections,
                 "viewers": len(self.viewers), "state": self.state, "created": self.created,
+                "generating": self.generation.watched and self.state == "running",
                 "frames_generated": self.generation.frames, "frames_played": self.track.stats.new}
 
+    # -- housekeeping ----------------------------------------------------------------------------------------
     async def _tick(self) -> None:
-        """Once a second: stats to every viewer; close the session after ``idle_timeout`` s without viewers."""
+        """Once a second: stats to every viewer, drop vanished viewers, close the session when it is over."""
         while not self._closed:
             await asyncio.sleep(1.0)
             if self.viewers:
                 self.broadcast(self.stats())
-            elif time.monotonic() - self._last_viewer_left > self.idle_timeout:
-                log.info("session %s: no viewers for %.0f s, closing", self.id, self.idle_timeout)
-                self.loop.create_task(self.close())
+            await self._drop_gone_viewers()
+            reason = self._why_close(time.monotonic())
+            if reason:
+                await self.close(reason)
                 return
+
+    async def _drop_gone_viewers(self) -> None:
+        viewers = list(self.viewers.values())
+        reasons = await asyncio.gather(*(v.check() for v in viewers))
+        for viewer, reason in zip(viewers, reasons):
+            if reason:
+                await self.remove_viewer(viewer, reason)
+
+    def _why_close(self, now: float) -> str:
+        """Why the session should close now ("" while it should go on)."""
+        p = self.policy
+        if self._failed_at is not None and now - self._failed_at > ERROR_LINGER_S:
+            return "generation failed"
+        if self._empty_since is not None and now - self._empty_since > p.grace:
+            return f"no viewers for {p.grace:g} s"
+        if self.state == "running":
+            self._idle_since = None
+        elif self._idle_since is None:
+            self._idle_since = now
+        elif now - self._idle_since > p.idle_timeout:
+            return f"{self.state} with nothing generated for {p.idle_timeout:g} s"
+        return ""

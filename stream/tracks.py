@@ -29,6 +29,7 @@ import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer
+from framepack_rt.stream.stamp import StampLog, stamp_yuv
 
 VIDEO_CLOCK_RATE = 90_000  # RTP video clock (RFC 3551)
 VIDEO_TIME_BASE = fractions.Fraction(1, VIDEO_CLOCK_RATE)
@@ -111,6 +112,8 @@ class SessionTrack(MediaStreamTrack):
         self._last = placeholder
         self._on_frame = on_frame
         self._recent_new: deque[float] = deque()  # monotonic times of new frames over the last 2 s
+        # Opt-in (ServerSettings.stamp): frame numbers stamped into the pixels, send times logged here.
+        self.stamps: StampLog | None = None
 
     @property
     def play_fps(self) -> float:
@@ -140,10 +143,14 @@ class SessionTrack(MediaStreamTrack):
         now = time.monotonic()
         self._recent_new.append(now)
         self._trim(now)
-        self._last = item.yuv
+        yuv = item.yuv
+        if self.stamps is not None:  # glass-to-glass benchmarks: the number in the pixels, and when it left
+            yuv = stamp_yuv(yuv, item.index)
+            self.stamps.record(item.index, item.section, item.generated_at, now)
+        self._last = yuv
         if self._on_frame is not None:
             self._on_frame(item)
-        return item.yuv
+        return yuv
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":

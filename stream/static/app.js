@@ -1,5 +1,7 @@
 // framepack-rt live page: one RTCPeerConnection per Start (recvonly video + the "control" data channel).
 // aiortc takes no trickled candidates, so the offer is posted only once ICE gathering is complete.
+// Access: ?token=... (the server's token, when it has one) is moved out of the address bar into this tab's
+// sessionStorage and sent as "Authorization: Bearer"; ?session=ID&key=K is a view-only join link.
 "use strict";
 
 class LivePage {
@@ -8,7 +10,19 @@ class LivePage {
     this.pc = null;
     this.channel = null;
     this.session = null;
-    this.joinId = new URLSearchParams(location.search).get("session");
+    const params = new URLSearchParams(location.search);
+    this.joinId = params.get("session");
+    this.joinKey = params.get("key");
+    this.token = params.get("token") || sessionStorage.getItem("framepack-token");
+    if (params.has("token")) {
+      // Keep the token out of the address bar, history and shared links; this tab still has it.
+      sessionStorage.setItem("framepack-token", this.token);
+      params.delete("token");
+      const query = params.toString();
+      history.replaceState(null, "", location.pathname + (query ? `?${query}` : ""));
+    }
+    this.role = null;
+    this.viewKey = null;
     this.imageDataUrl = null;
     this.nextId = 1;
     this.rtt = null;
@@ -43,7 +57,10 @@ class LivePage {
       $("image-card").hidden = true; // a viewer joins a running generator: its start image is fixed
       $("start").textContent = "Join";
       $("session-label").textContent = `session ${this.joinId}`;
-      $("overlay-text").innerHTML = `Press <b>Join</b> to watch session ${this.joinId}.`;
+      // The id comes from the URL: text, never markup (a crafted link must not run script in this page).
+      const bold = document.createElement("b");
+      bold.textContent = "Join";
+      $("overlay-text").replaceChildren("Press ", bold, ` to watch session ${this.joinId}.`);
     }
   }
 
@@ -51,6 +68,10 @@ class LivePage {
     try {
       const config = await (await fetch("/api/config")).json();
       if (config.default_prompt) this.$("prompt").placeholder = config.default_prompt;
+      if (config.max_prompt_chars) this.$("prompt").maxLength = config.max_prompt_chars;
+      if (config.token_required && !this.token && !(this.joinId && this.joinKey)) {
+        this.showError("this server needs a token: open the link you were given (it ends in ?token=...)");
+      }
     } catch (err) {
       this.showError(`server not reachable: ${err}`);
     }
@@ -81,21 +102,24 @@ class LivePage {
       const body = { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
       if (this.joinId) {
         body.session = this.joinId;
+        if (this.joinKey) body.key = this.joinKey;
       } else {
         const prompt = this.$("prompt").value.trim();
         if (prompt) body.prompt = prompt;
         if (this.imageDataUrl) body.image = this.imageDataUrl;
       }
-      const resp = await fetch("/offer", {
-        method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-      });
+      const headers = { "Content-Type": "application/json" };
+      if (this.token) headers.Authorization = `Bearer ${this.token}`;
+      const resp = await fetch("/offer", { method: "POST", headers, body: JSON.stringify(body) });
       const answer = await resp.json();
       if (!resp.ok) throw new Error(answer.error || `HTTP ${resp.status}`);
       this.session = answer.session;
+      this.role = answer.role;
+      this.viewKey = answer.view_key || this.joinKey;
       await pc.setRemoteDescription({ sdp: answer.sdp, type: answer.type });
-      this.$("session-label").textContent = `session ${this.session}`;
+      this.$("session-label").textContent = `session ${this.session}${this.role === "view" ? " · view only" : ""}`;
       this.$("copy-link").hidden = false;
-      this.$("pause").disabled = this.$("stop").disabled = false;
+      this.setControlsEnabled(this.role !== "view");
       this.$("start").textContent = this.joinId ? "Rejoin" : "Restart";
       this.timers.push(setInterval(() => this.ping(), 2000), setInterval(() => this.pollStats(), 1000));
     } catch (err) {
@@ -132,6 +156,13 @@ class LivePage {
       const onFrame = () => { this.framesPainted++; video.requestVideoFrameCallback(onFrame); };
       video.requestVideoFrameCallback(onFrame);
     }
+  }
+
+  setControlsEnabled(enabled) {
+    // A view-only connection cannot steer (the server refuses it anyway): say so instead of failing.
+    this.$("pause").disabled = this.$("stop").disabled = !enabled;
+    this.$("prompt").disabled = this.$("send").disabled = !enabled;
+    if (!enabled) this.note("view only: this link lets you watch, not change the prompt");
   }
 
   hangUp() {
@@ -186,7 +217,9 @@ class LivePage {
   }
 
   copyJoinLink() {
-    const link = `${location.origin}/?session=${this.session}`;
+    // The view key, never the token: whoever gets this link can watch this session and nothing else.
+    const key = this.viewKey ? `&key=${encodeURIComponent(this.viewKey)}` : "";
+    const link = `${location.origin}/?session=${encodeURIComponent(this.session)}${key}`;
     if (navigator.clipboard) navigator.clipboard.writeText(link).catch(() => {});
     this.note(`join link: ${link}`);
   }
@@ -241,10 +274,13 @@ class LivePage {
   }
 
   onState(msg) {
-    const labels = { running: "live", paused: "paused", stopped: "stopped", finished: "finished", error: "error" };
+    const labels = { running: "live", paused: "paused", stopped: "stopped", finished: "finished", error: "error",
+      closed: "closed" };
     const cls = { running: "live", paused: "paused", error: "error" }[msg.state] || "ended";
     this.setStatus(cls, labels[msg.state] || msg.state);
     this.$("pause").textContent = msg.state === "paused" ? "Resume" : "Pause";
+    if (this.role === "view") this.$("pause").disabled = this.$("stop").disabled = true;
+    if (msg.state === "closed" && msg.detail) this.showError(`session closed: ${msg.detail}`);
     if (!["running", "paused"].includes(msg.state)) {
       this.$("pause").disabled = this.$("stop").disabled = true;
       this.$("gen-label").textContent = labels[msg.state] || msg.state;

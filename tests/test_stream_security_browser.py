@@ -1,0 +1,93 @@
+"""The token and join links in the real page (headless Chromium, playwright): `framepack-rt serve` with
+FRAMEPACK_RT_TOKEN set, opened as /?token=...; the token leaves the address bar, the copied join link holds a
+view key (not the token) and opens a view-only page; the server prints the token nowhere."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
+    "--allow-loopback-in-peer-connection",
+]
+TOKEN = "page-token-7f3a9c2e41"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason=f"{CHROMIUM} not found: apt-get install -y chromium")
+
+
+@pytest.fixture
+def served():
+    """`framepack-rt serve` with a token from the environment; yields (url, output lines); ends it by pid."""
+    env = {**os.environ, "FRAMEPACK_RT_TOKEN": TOKEN}
+    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", "--steps", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"open (http://\S+)", line):
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        if not found.wait(90):
+            pytest.fail("server printed no URL within 90 s:\n" + "".join(lines))
+        yield re.search(r"open (http://\S+)", "".join(lines)).group(1), lines
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_page_takes_the_token_and_shares_view_only_links(served):
+    from playwright.sync_api import sync_playwright
+
+    url, lines = served
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            # Without the token the page says what to do, and Start fails with the server's 401 message.
+            stranger = browser.new_page()
+            stranger.goto(url)
+            stranger.wait_for_function("document.querySelector('#error').textContent.includes('needs a token')",
+                                       timeout=10_000)
+            stranger.click("#start")
+            stranger.wait_for_function("document.querySelector('#error').textContent.includes('could not start')",
+                                       timeout=15_000)
+
+            owner = browser.new_page()
+            owner.goto(f"{url}?token={TOKEN}")
+            assert TOKEN not in owner.url  # moved out of the address bar (and so out of shared links)
+            owner.click("#start")
+            owner.wait_for_function("window.framepack.role === 'control'", timeout=20_000)
+            owner.wait_for_function("window.framepack.framesDecoded > 0", timeout=20_000)
+            owner.click("#copy-link")
+            link = re.search(r"join link: (\S+)", owner.text_content("#prompt-note")).group(1)
+            assert "key=" in link and TOKEN not in link
+
+            viewer = browser.new_page()
+            viewer.goto(link)
+            viewer.click("#start")
+            viewer.wait_for_function("window.framepack.role === 'view'", timeout=20_000)
+            viewer.wait_for_function("window.framepack.framesDecoded > 0", timeout=20_000)
+            assert viewer.is_disabled("#prompt") and viewer.is_disabled("#pause") and viewer.is_disabled("#stop")
+            assert "view only" in viewer.text_content("#session-label")
+        finally:
+            browser.close()
+    assert TOKEN not in "".join(lines)  # the server printed (and logged) the token nowhere
