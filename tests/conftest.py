@@ -64,3 +64,39 @@ def tiny_config():
 
     # fp32 head off: the diffusers oracle computes its head in the model dtype.
     return dataclasses.replace(FramePackConfig.preset("tiny"), fp32_output_head=False)
+
+
+STREAM_STEPS = 2  # few steps: the tiny model then generates above 30 fps on a CPU
+
+
+@pytest.fixture(scope="session")
+def stream_pipe():
+    """The tiny pipeline, warmed up once (torch's first calls are slow), shared by the server tests."""
+    from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.stream.images import default_scene
+
+    pipe = FramePackPipeline.from_pretrained("tiny")
+    next(pipe.stream(default_scene(), "warm-up", steps=STREAM_STEPS))
+    return pipe
+
+
+@pytest.fixture
+def run_with_server():
+    """run(pipe, scenario, timeout=60, **settings): start a server on a free port, run
+    ``await scenario(server, url)``, always stop the server; returns the scenario's result."""
+    import asyncio
+
+    from framepack_rt.stream.server import ServerSettings, StreamServer
+
+    def run(pipe, scenario, timeout: float = 60.0, **settings):
+        async def main():
+            server = StreamServer(pipe, ServerSettings(steps=STREAM_STEPS, **settings))
+            url = await server.start("127.0.0.1", 0)
+            try:
+                return await asyncio.wait_for(scenario(server, url), timeout)
+            finally:
+                await server.stop()
+
+        return asyncio.run(main())
+
+    return run

@@ -11,36 +11,16 @@ import pytest
 
 from framepack_rt.stream.client import StreamClient
 from framepack_rt.stream.images import default_scene
-from framepack_rt.stream.server import ServerSettings, StreamServer
 
 STEPS = 2  # few steps: the tiny model then generates well above 30 fps on a CPU
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from framepack_rt.pipeline import FramePackPipeline
-
-    pipe = FramePackPipeline.from_pretrained("tiny")
-    # Warm up once (torch's first calls are slow) so each test measures the server, not the warm-up.
-    next(pipe.stream(default_scene(), "warm-up", steps=STEPS))
-    return pipe
+def pipe(stream_pipe):
+    return stream_pipe
 
 
-def run_with_server(pipe, scenario, timeout: float = 45.0, **settings):
-    """Start a server on a free port, run ``scenario(server, url)``, always stop the server."""
-
-    async def main():
-        server = StreamServer(pipe, ServerSettings(steps=STEPS, **settings))
-        url = await server.start("127.0.0.1", 0)
-        try:
-            return await asyncio.wait_for(scenario(server, url), timeout)
-        finally:
-            await server.stop()
-
-    return asyncio.run(main())
-
-
-def test_frames_arrive_and_a_prompt_change_applies(pipe):
+def test_frames_arrive_and_a_prompt_change_applies(pipe, run_with_server):
     async def scenario(server, url):
         client = StreamClient(url, keep_frames=True)
         try:
@@ -81,7 +61,7 @@ def test_frames_arrive_and_a_prompt_change_applies(pipe):
     assert frames.std() > 1.0  # real video, not a flat placeholder
 
 
-def test_second_viewer_joins_the_same_session(pipe):
+def test_second_viewer_joins_the_same_session(pipe, run_with_server):
     async def scenario(server, url):
         first, second = StreamClient(url), StreamClient(url)
         try:
@@ -105,7 +85,7 @@ def test_second_viewer_joins_the_same_session(pipe):
     assert health["status"] == "ok" and health["viewers"] == 2 and health["sessions"] == 1
 
 
-def test_invalid_messages_pause_resume_and_stop(pipe):
+def test_invalid_messages_pause_resume_and_stop(pipe, run_with_server):
     async def scenario(server, url):
         client = StreamClient(url)
         try:
@@ -147,7 +127,7 @@ def test_invalid_messages_pause_resume_and_stop(pipe):
     assert "start a new session" in late["message"]
 
 
-def test_signaling_errors_are_explained(pipe):
+def test_signaling_errors_are_explained(pipe, run_with_server):
     async def scenario(server, url):
         import aiohttp
 

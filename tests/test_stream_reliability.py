@@ -19,31 +19,14 @@ import pytest
 import torch
 
 from framepack_rt.stream.client import StreamClient
-from framepack_rt.stream.images import default_scene
 from framepack_rt.stream.server import ServerSettings, StreamServer
 
 STEPS = 2  # the tiny model then keeps up with 30 fps on a CPU
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    from framepack_rt.pipeline import FramePackPipeline
-
-    pipe = FramePackPipeline.from_pretrained("tiny")
-    next(pipe.stream(default_scene(), "warm-up", steps=STEPS))  # torch's first calls are slow
-    return pipe
-
-
-def run_with_server(pipe, scenario, timeout: float = 60.0, **settings):
-    async def main():
-        server = StreamServer(pipe, ServerSettings(steps=STEPS, **settings))
-        url = await server.start("127.0.0.1", 0)
-        try:
-            return await asyncio.wait_for(scenario(server, url), timeout)
-        finally:
-            await server.stop()
-
-    return asyncio.run(main())
+def pipe(stream_pipe):
+    return stream_pipe
 
 
 async def wait_until(predicate, timeout: float, what: str) -> float:
@@ -79,7 +62,7 @@ BAD_MESSAGES = [
 ]
 
 
-def test_floods_of_bad_requests_and_messages_do_not_disturb_a_viewer(pipe):
+def test_floods_of_bad_requests_and_messages_do_not_disturb_a_viewer(pipe, run_with_server):
     async def scenario(server, url):
         watcher, attacker = StreamClient(url), StreamClient(url)
         try:
@@ -224,7 +207,7 @@ asyncio.run(main())
 """
 
 
-def test_a_viewer_that_vanishes_frees_everything_and_generation_stops(pipe):
+def test_a_viewer_that_vanishes_frees_everything_and_generation_stops(pipe, run_with_server):
     async def scenario(server, url):
         proc = await asyncio.create_subprocess_exec(sys.executable, "-c", VANISHING_VIEWER, url,
                                                     stdout=asyncio.subprocess.PIPE)
@@ -258,7 +241,7 @@ def test_a_viewer_that_vanishes_frees_everything_and_generation_stops(pipe):
     assert idle_sections == 0  # with nobody watching, the worker pulls no more sections
 
 
-def test_unwatched_and_idle_sessions_are_closed(pipe):
+def test_unwatched_and_idle_sessions_are_closed(pipe, run_with_server):
     async def scenario(server, url):
         leaver, pauser = StreamClient(url), StreamClient(url)
         try:
@@ -286,7 +269,7 @@ def test_unwatched_and_idle_sessions_are_closed(pipe):
     assert "nothing generated for 2 s" in closed["detail"]
 
 
-def test_capacity_limits_answer_429_with_retry_after(pipe):
+def test_capacity_limits_answer_429_with_retry_after(pipe, run_with_server):
     async def scenario(server, url):
         clients = [StreamClient(url) for _ in range(3)]
         try:
