@@ -15,9 +15,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["framepack_rt", "framepack_rt.kernels", "framepack_rt.stream"],
+    packages=["framepack_rt", "framepack_rt.demo", "framepack_rt.kernels", "framepack_rt.stream"],
     package_dir={
         "framepack_rt": "framepack_rt",
+        "framepack_rt.demo": "framepack_rt/demo",
         "framepack_rt.kernels": "kernels",
         "framepack_rt.stream": "stream",
     },

@@ -1,0 +1,265 @@
+"""Measure what the demo model is for: does the red ball do what the prompt says, and does the video hold up?
+
+    python -m framepack_rt.demo.evaluate                         # the shipped demo weights, all three criteria
+    python -m framepack_rt.demo.evaluate --model runs/demo/weights --runs 10 --drift-seconds 20 --json eval.json
+
+Criteria (issue 9), each measured on generated frames by tracking colours (no model internals are read):
+
+* direction: start image with a red ball left of centre, prompt "a red ball moves right", 2 sections; a run
+  passes when the red centroid ends >= 10% of the frame width right of where it began and moved more along x
+  than along y. Target: >= 90% of 50 seeded runs.
+* prompt change: "a red ball moves right" for 2 sections, then ``set_prompt("a red ball moves left")``; a run
+  passes when within the next two sections the centroid gets >= 10% of the width left of where it was at the
+  change. Target: >= 90% of 50 runs.
+* drift: 60 s of F1 streaming (start frame anchored) vs vanilla (no start slot), same prompts and seeds; per
+  second, the palette error (mean RGB distance of each pixel to the nearest colour of the start scene: blur,
+  colour shift and noise all raise it) and the red area relative to the start frame.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from framepack_rt.demo.world import COLOURS, start_image
+
+RED = COLOURS["red"]
+
+
+# --------------------------------------------------------------------------------------------- measurements
+def colour_weights(frames: np.ndarray, rgb: tuple[int, int, int], tol: float = 100.0) -> np.ndarray:
+    """(T, H, W, 3) uint8 -> (T, H, W) in [0, 1]: 1 at ``rgb``, falling linearly to 0 at RGB distance ``tol``.
+
+    The world's colours are >= 150 apart, so a tolerance of 100 separates them and keeps anti-aliased edges
+    (weighted by how much of the colour they hold, which keeps the centroid unbiased).
+    """
+    d = np.linalg.norm(frames.astype(np.float32) - np.asarray(rgb, np.float32), axis=-1)
+    return np.clip(1.0 - d / tol, 0.0, 1.0)
+
+
+def track(frames: np.ndarray, rgb: tuple[int, int, int] = RED, min_area: float = 4.0
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """Centroid (T, 2) as pixel (x, y) and area (T,) in pixels of ``rgb`` in each frame; NaN where < min_area."""
+    w = colour_weights(frames, rgb)
+    area = w.sum(axis=(1, 2))
+    ys, xs = np.arange(frames.shape[1], dtype=np.float32), np.arange(frames.shape[2], dtype=np.float32)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cx = (w.sum(axis=1) * xs).sum(axis=1) / area
+        cy = (w.sum(axis=2) * ys).sum(axis=1) / area
+    centroids = np.stack([cx, cy], axis=1)
+    centroids[area < min_area] = np.nan
+    return centroids, area
+
+
+def moved(centroids: np.ndarray, direction: str, width: int, min_move: float = 0.1) -> bool:
+    """Did the object go ``direction`` ("right", "left", "up", "down") by >= min_move * width, first to last
+    tracked frame, more along that axis than across it?"""
+    valid = centroids[~np.isnan(centroids).any(axis=1)]
+    if len(valid) < 2:
+        return False
+    dx, dy = valid[-1] - valid[0]
+    along, across = {"right": (dx, dy), "left": (-dx, dy), "down": (dy, dx), "up": (-dy, dx)}[direction]
+    return bool(along >= min_move * width and along > abs(across))
+
+
+def reversed_after(centroids: np.ndarray, change_frame: int, horizon: int, width: int, min_move: float = 0.1
+                   ) -> tuple[bool, int | None]:
+    """After ``change_frame``, does x come back left by >= min_move * width within ``horizon`` frames?
+
+    Returns (passed, frames after the change when it first did). x at the change is the last tracked x at or
+    before ``change_frame``.
+    """
+    x = centroids[:, 0]
+    before = x[: change_frame + 1]
+    before = before[~np.isnan(before)]
+    if not len(before):
+        return False, None
+    x0 = before[-1]
+    window = x[change_frame + 1 : change_frame + 1 + horizon]
+    hits = np.nonzero(x0 - window >= min_move * width)[0]  # NaN compares False: untracked frames never pass
+    return (True, int(hits[0]) + 1) if len(hits) else (False, None)
+
+
+def palette_error(frames: np.ndarray, palette: list[tuple[int, int, int]]) -> np.ndarray:
+    """(T,) mean over pixels of the RGB distance to the nearest palette colour (a clean render: edges only)."""
+    f = frames.astype(np.float32)[..., None, :]
+    d = np.linalg.norm(f - np.asarray(palette, np.float32), axis=-1).min(axis=-1)
+    return d.mean(axis=(1, 2))
+
+
+def drift_curve(frames: np.ndarray, palette: list[tuple[int, int, int]], fps: int = 30) -> dict[str, list[float]]:
+    """Per second of video: palette error, and the red area relative to the first frame's."""
+    err = palette_error(frames, palette)
+    _, area = track(frames, RED, min_area=0.0)
+    rel = area / max(float(area[0]), 1e-6)
+    seconds = math.ceil(len(frames) / fps)
+    return {
+        "palette_error": [float(err[i * fps : (i + 1) * fps].mean()) for i in range(seconds)],
+        "red_area": [float(rel[i * fps : (i + 1) * fps].mean()) for i in range(seconds)],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def _frames(sections) -> np.ndarray:
+    chunks = sorted(((s.first_frame, s.frames) for s in sections), key=lambda c: c[0])
+    return np.concatenate([f for _, f in chunks])
+
+
+def stream_f1(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None) -> np.ndarray:
+    """F1 through the pipeline: section k uses prompts[k]; all frames emitted, in order (T, H, W, 3)."""
+    stream = pipe.stream(image, prompts[0], seed=seed, steps=steps)
+    out = []
+    for k, prompt in enumerate(prompts):
+        if k and prompt != prompts[k - 1]:
+            stream.set_prompt(prompt)
+        out.append(next(stream))
+    stream.stop()
+    return _frames(out)
+
+
+def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None) -> np.ndarray:
+    """The same with the vanilla schedule (no start slot), through the engine: the pipeline has no such mode."""
+    from framepack_rt.engine import SamplerConfig, SectionGenerator
+    from framepack_rt.schedules import vanilla_schedule
+    from framepack_rt.vae import StreamingDecoder
+
+    start, embeds, _ = pipe.encode_image(image)
+    gen = SectionGenerator(pipe.parts.transformer(), vanilla_schedule(), start, pipe.conditioning(prompts[0], embeds),
+                           sampler=SamplerConfig(steps=steps or pipe.default_steps), seed=seed)
+    decoder = StreamingDecoder(pipe.parts.vae(), direction="forward")
+    chunks = [decoder.push(start[0]).frames]
+    for k, prompt in enumerate(prompts):
+        if k and prompt != prompts[k - 1]:
+            gen.set_conditioning(pipe.conditioning(prompt, embeds))
+        chunks.append(decoder.push(next(gen).output_latents[0]).frames)
+    return torch.cat(chunks).numpy()
+
+
+# ------------------------------------------------------------------------------------------------- criteria
+@dataclass
+class Result:
+    name: str
+    passed: int
+    runs: int
+    target: float
+    details: list
+
+    @property
+    def rate(self) -> float:
+        return self.passed / max(self.runs, 1)
+
+
+def eval_direction(pipe, runs: int = 50, sections: int = 2, steps: int | None = None) -> Result:
+    prompt, details, passed = "a red ball moves right", [], 0
+    for seed in range(runs):
+        image, _ = start_image(seed, prompt, x=0.25)
+        frames = stream_f1(pipe, image, [prompt] * sections, seed, steps)
+        centroids, _ = track(frames)
+        ok = moved(centroids, "right", frames.shape[2])
+        passed += ok
+        valid = centroids[~np.isnan(centroids).any(axis=1)]
+        dx = float(valid[-1, 0] - valid[0, 0]) if len(valid) >= 2 else None
+        details.append({"seed": seed, "passed": ok, "dx_px": dx})
+    return Result("direction", passed, runs, 0.9, details)
+
+
+def eval_prompt_change(pipe, runs: int = 50, before: int = 2, after: int = 2, steps: int | None = None,
+                       window: int = 9) -> Result:
+    from framepack_rt.schedules import video_frames_for_latents
+
+    right, left = "a red ball moves right", "a red ball moves left"
+    change = video_frames_for_latents(1 + before * window) - 1  # the last frame before the new prompt's section
+    details, passed = [], 0
+    for seed in range(runs):
+        image, _ = start_image(seed, right, x=0.3)
+        frames = stream_f1(pipe, image, [right] * before + [left] * after, seed, steps)
+        centroids, _ = track(frames)
+        ok, lag = reversed_after(centroids, change, after * 4 * window, frames.shape[2])
+        passed += ok
+        details.append({"seed": seed, "passed": ok, "frames_to_reverse": lag})
+    return Result("prompt_change", passed, runs, 0.9, details)
+
+
+def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = None, window: int = 9,
+               change_every: int = 3) -> dict:
+    """F1 vs vanilla over ``seconds``; prompts alternate right / left every ``change_every`` sections."""
+    sections = math.ceil(seconds * 30 / (4 * window))
+    cycle = ["a red ball moves right", "a red ball moves left"]
+    prompts = [cycle[(k // change_every) % 2] for k in range(sections)]
+    curves: dict[str, list] = {"f1": [], "vanilla": []}
+    for seed in range(runs):
+        image, clip = start_image(seed, prompts[0], x=0.3)
+        palette = [clip.background] + [o.rgb for o in clip.objects]
+        for name, run in (("f1", stream_f1), ("vanilla", stream_vanilla)):
+            frames = run(pipe, image, prompts, seed, steps)[: int(seconds * 30)]
+            curves[name].append(drift_curve(frames, palette))
+    summary = {}
+    for name, runs_ in curves.items():
+        err = np.mean([c["palette_error"] for c in runs_], axis=0)
+        area = np.mean([c["red_area"] for c in runs_], axis=0)
+        summary[name] = {
+            "palette_error_first5s": float(err[:5].mean()), "palette_error_last5s": float(err[-5:].mean()),
+            "red_area_last5s": float(area[-5:].mean()), "palette_error_per_s": err.round(2).tolist(),
+            "red_area_per_s": area.round(3).tolist(),
+        }
+    return {"seconds": seconds, "runs": runs, **summary}
+
+
+def table(results: list[Result], drift: dict | None) -> str:
+    lines = [f"{'criterion':<16}{'passed':>10}{'rate':>8}{'target':>8}  ok"]
+    for r in results:
+        lines.append(f"{r.name:<16}{f'{r.passed}/{r.runs}':>10}{r.rate:>8.0%}{r.target:>8.0%}  "
+                     f"{'yes' if r.rate >= r.target else 'NO'}")
+    if drift:
+        lines.append(f"drift over {drift['seconds']:.0f} s ({drift['runs']} runs): palette error first 5 s -> "
+                     "last 5 s; red area (last 5 s / start)")
+        for name in ("f1", "vanilla"):
+            d = drift[name]
+            lines.append(f"  {name:<8} {d['palette_error_first5s']:6.2f} -> {d['palette_error_last5s']:6.2f}   "
+                         f"{d['red_area_last5s']:5.2f}")
+    return "\n".join(lines)
+
+
+def load_pipeline(model: str):
+    """"demo" (the shipped weights folder) or a weights folder in the published layout."""
+    from framepack_rt.demo import WEIGHTS_DIR
+    from framepack_rt.demo.models import DEMO_STEPS
+    from framepack_rt.pipeline import FramePackPipeline
+
+    path = WEIGHTS_DIR if model == "demo" else model
+    pipe = FramePackPipeline.from_pretrained(path, buckets="tiny")
+    pipe.default_steps = DEMO_STEPS
+    return pipe
+
+
+def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m framepack_rt.demo.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo")
+    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
+    p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model)
+    began = time.perf_counter()
+    results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
+    drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
+    report = {"model": args.model, "steps": args.steps or pipe.default_steps, "wall_s": time.perf_counter() - began,
+              **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift}
+    print(table(results, drift))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,420 @@
+"""Train the demo model, or fine-tune the 13B: flow matching on FramePack F1 sections.
+
+Demo, on a CPU (each stage resumes from its checkpoint in OUT when re-run):
+
+    python -m framepack_rt.demo.train vae --out runs/demo            # stage 1: the VAE on world clips
+    python -m framepack_rt.demo.train encode --out runs/demo         # clips -> latent cache (runs/demo/latents.pt)
+    python -m framepack_rt.demo.train transformer --out runs/demo    # stage 2: the transformer
+    python -m framepack_rt.demo.train export --out runs/demo         # fp16 weights -> framepack_rt/demo/weights
+    python -m framepack_rt.demo.train all --out runs/demo            # the four in a row
+
+Stage 2 samples one section per example from the cached clips: the target is a window of w latents, the
+context is the start latent and the 19 latents before the window packed as the F1 stream packs them
+(data.pack_context; zeros before the clip start); the text is the prompt in force for the window, the image
+embedding is the clip's first frame's. x_sigma = (1 - sigma) x0 + sigma noise, the model predicts
+v = noise - x0 at timestep 1000 sigma, sigma drawn uniformly then moved by the same resolution shift the
+sampler uses (sampling.flow_shift). A fraction of batches use the vanilla layout (no start slot), so the
+same model also runs the vanilla schedule the drift evaluation compares against.
+
+Fine-tuning the 13B on an 8-GPU node (FSDP, one unit per block, bf16 compute, fp32 master weights):
+
+    torchrun --standalone --nproc_per_node 8 -m framepack_rt.demo.train transformer --fsdp \\
+        --init /models/FramePack_F1_I2V_HY_20250503 --cache /data/cache/*.pt --out runs/f1-ft \\
+        --batch 1 --lr 1e-5 --warmup 100 --steps 2000 --bf16 --grad-checkpoint --save-every 200
+
+Only rank 0 reads the checkpoint (fp32 in host memory: about 52 GB); the other ranks build the model on the
+meta device and receive the weights unit by unit (sync_module_states; CUDA only: on the CPU every rank reads
+the folder). The caches are LatentCache files written by data.encode_clip / data.encode_prompts with the 13B
+parts (framepack_rt.parts.FolderParts) on your videos and prompt timelines. Every rank draws its own windows
+through a DistributedSampler; checkpoints are torch.distributed.checkpoint folders (each rank writes its
+shards) and resume with the same command. No EMA under FSDP (it would need a full copy per rank); ``export``
+is not needed there: OUT/transformer is written in the diffusers layout at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framepack_rt.demo import WEIGHTS_DIR
+from framepack_rt.demo import dist as D
+from framepack_rt.demo.data import LatentCache, WindowDataset, collate, encode_clip, encode_prompts, pack_context
+from framepack_rt.demo.models import (
+    DEMO_SIZE,
+    ENCODER_SEED,
+    TRANSFORMER_CONFIG,
+    InMemoryParts,
+    build_demo_models,
+    build_vae,
+)
+from framepack_rt.demo.world import WorldConfig, all_prompts, frames_for_latents, make_clip
+from framepack_rt.sampling import flow_seq_len, flow_shift
+from framepack_rt.schedules import f1_layout, vanilla_layout
+
+DISTILLED_GUIDANCE = 10.0  # the sampler's default embedded guidance (GuidanceConfig.distilled): trained at it
+
+
+def over_budget(args: argparse.Namespace, began: float, info: D.DistInfo | None = None) -> bool:
+    """--time-budget seconds spent (0: no budget). The stage then checkpoints and finishes normally, so a
+    later run with the same command continues where this one stopped. Rank 0's clock decides for all ranks."""
+    if not args.time_budget:
+        return False
+    over = time.perf_counter() - began > args.time_budget
+    if info is not None and info.distributed:
+        flag = torch.tensor([float(over)], device=info.device)
+        torch.distributed.broadcast(flag, src=0)
+        over = bool(flag.item())
+    return over
+
+
+# ------------------------------------------------------------------------------------------------ stage 1: VAE
+def vae_batch(rng: np.random.Generator, batch: int, frames: int, cfg: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random world clips -> pixels (B, 3, T, H, W) in [-1, 1] and a foreground mask (B, 1, T, H, W)."""
+    clips = [make_clip(int(rng.integers(2**31)), frames, cfg) for _ in range(batch)]
+    pixels = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    bg = torch.tensor([c.background for c in clips], dtype=torch.float32).view(batch, 3, 1, 1, 1) / 127.5 - 1
+    fg = ((pixels - bg).abs().amax(dim=1, keepdim=True) > 0.02).float()
+    return pixels, fg
+
+
+def vae_loss(vae: torch.nn.Module, pixels: torch.Tensor, fg: torch.Tensor, kl_weight: float,
+             fg_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE reconstruction, weighted up on the shapes (they are a few % of the pixels), plus a small KL."""
+    posterior = vae.encode(pixels).latent_dist
+    recon = vae.decode(posterior.sample()).sample
+    weight = 1.0 + fg_weight * fg
+    err = recon - pixels
+    rec = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
+    # KL per latent element (diffusers' kl() sums over dims 1-3 only, which is wrong for 5-D latents).
+    kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+    return rec + kl_weight * kl, {"rec": rec.item(), "kl": kl.item(), "mse": err.pow(2).mean().item()}
+
+
+def train_vae(args: argparse.Namespace) -> Path:
+    """Stage 1. Writes OUT/vae (diffusers layout, scaling_factor measured) and OUT/vae_ckpt (resumable)."""
+    from framepack_rt.cpu_conv import use_tap_convs
+
+    out, info = Path(args.out), D.DistInfo()
+    cfg = WorldConfig(size=args.size)
+    torch.manual_seed(args.seed)
+    vae = build_vae().train()
+    use_tap_convs(vae)  # CPU only at run time; same parameters, so the saved weights are unchanged
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    extra = D.load_checkpoint(out / "vae_ckpt", vae, opt, info) or {"step": 0}
+    log = out / "vae_log.jsonl"
+    began = time.perf_counter()
+    for step in range(extra["step"], args.steps):
+        if over_budget(args, began):
+            D.save_checkpoint(out / "vae_ckpt", vae, opt, {"step": step}, info)
+            break
+        rng = np.random.default_rng([args.seed, step])  # batches depend on (seed, step) only: resumable
+        pixels, fg = vae_batch(rng, args.batch, args.frames, cfg)
+        loss, parts = vae_loss(vae, pixels, fg, args.kl, args.fg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.log_every == 0 or step == extra["step"]:
+            D.log_line(log, {"stage": "vae", "step": step + 1, "loss": loss.item(), **parts,
+                             "grad_norm": float(norm), "s": round(time.perf_counter() - began, 1)}, info)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            D.save_checkpoint(out / "vae_ckpt", vae, opt, {"step": step + 1}, info)
+    vae.eval()
+    scale = measure_scaling_factor(vae, cfg, args.seed)
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    D.log_line(log, {"stage": "vae", "done": True, "scaling_factor": scale}, info)
+    return out / "vae"
+
+
+@torch.no_grad()
+def measure_scaling_factor(vae: torch.nn.Module, cfg: WorldConfig, seed: int, clips: int = 12) -> float:
+    """1 / std of the posterior means over fresh clips: the transformer then sees unit-scale latents."""
+    rng = np.random.default_rng([seed, 10**9])
+    pixels, _ = vae_batch(rng, clips, 5, cfg)
+    return float(1.0 / vae.encode(pixels).latent_dist.mode().std())
+
+
+# ------------------------------------------------------------------------------------------ stage 2a: encode
+def encode_world(args: argparse.Namespace) -> Path:
+    """World clips -> OUT/latents.pt with the trained VAE and the demo's (frozen) encoders."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from framepack_rt.cpu_conv import use_tap_convs
+
+    out = Path(args.out)
+    models = build_demo_models(ENCODER_SEED)  # the encoders the shipped set will hold, whatever --seed is
+    models.vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
+    use_tap_convs(models.vae.encoder)  # CPU Conv3d is slow_conv3d: conv2d taps are several times faster
+    parts = InMemoryParts(models)
+    cfg = WorldConfig(size=args.size)
+    cache = LatentCache(prompts=encode_prompts(parts, all_prompts()))
+    began = time.perf_counter()
+    for i in range(args.clips):
+        clip = make_clip(args.seed * 1_000_003 + i, frames_for_latents(args.clip_latents), cfg)
+        prompts = [clip.prompt_at_latent(j) for j in range(clip.num_latents)]
+        cache.clips.append(encode_clip(parts, clip.frames, prompts))
+        if (i + 1) % 10 == 0:
+            print(f"encoded {i + 1}/{args.clips} clips, {time.perf_counter() - began:.0f} s", flush=True)
+    cache.save(out / "latents.pt")
+    return out / "latents.pt"
+
+
+# ------------------------------------------------------------------------------------- stage 2b: transformer
+def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: torch.Generator,
+                       shift: float) -> torch.Tensor:
+    """MSE between the predicted and the true velocity for one batch of windows, at random sigmas."""
+    device = next(model.parameters()).device
+    x0 = batch["target"].to(device)
+    b = x0.shape[0]
+    u = torch.rand(b, generator=generator)
+    sigma = (shift * u / (1 + (shift - 1) * u)).to(device)  # the sampler's shifted schedule, as a density
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    s = sigma.view(b, 1, 1, 1, 1)
+    x = (1 - s) * x0 + s * noise
+    context = pack_context(layout, batch["start"].to(device), batch["history"].to(device))
+    v = model(
+        hidden_states=x, timestep=sigma * 1000.0, guidance=torch.full((b,), DISTILLED_GUIDANCE * 1000.0, device=device),
+        encoder_hidden_states=batch["text"].to(device), encoder_attention_mask=batch["text_mask"].to(device),
+        pooled_projections=batch["pooled"].to(device), image_embeds=batch["image_embeds"].to(device),
+        **context.as_kwargs(),
+    )
+    return (v.float() - (noise - x0)).pow(2).mean()
+
+
+def batches(dataset: WindowDataset, prompts: dict, batch: int, info: D.DistInfo, seed: int, start_step: int):
+    """Endless (step, batch) from a DistributedSampler: each rank its own windows, reshuffled every epoch."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // batch
+    if per_epoch == 0:
+        raise ValueError(f"{len(sampler)} windows per rank cannot fill one batch of {batch}")
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for i in range(offset, per_epoch):
+            yield step, collate([dataset[j] for j in order[i * batch : (i + 1) * batch]], prompts)
+            step += 1
+
+
+def broadcasts_init(args: argparse.Namespace, info: D.DistInfo) -> bool:
+    """Only rank 0 reads --init and FSDP broadcasts it (sync_module_states, which needs CUDA); on the CPU
+    (gloo, tests) every rank reads the folder itself."""
+    return args.fsdp and args.init is not None and info.device.type == "cuda"
+
+
+def build_transformer(args: argparse.Namespace, info: D.DistInfo) -> torch.nn.Module:
+    """The demo config from scratch, or ``--init`` (a diffusers folder, e.g. the 13B F1) to fine-tune."""
+    from framepack_rt.config import FramePackConfig
+    from framepack_rt.model import FramePackTransformer
+
+    if args.init is None:
+        cfg = TRANSFORMER_CONFIG
+        if args.tiny:
+            cfg = dataclasses.replace(FramePackConfig.preset("tiny"), text_embed_dim=TRANSFORMER_CONFIG.text_embed_dim,
+                                      pooled_projection_dim=TRANSFORMER_CONFIG.pooled_projection_dim,
+                                      image_proj_dim=TRANSFORMER_CONFIG.image_proj_dim)
+        return FramePackTransformer.from_config(cfg, seed=args.seed)
+    if broadcasts_init(args, info) and not info.is_main:
+        return FramePackTransformer.from_config(FramePackConfig.from_file(Path(args.init) / "config.json"),
+                                                device="meta")
+    return FramePackTransformer.from_pretrained(args.init, dtype=torch.float32)
+
+
+def wrap_for(model: torch.nn.Module, args: argparse.Namespace, info: D.DistInfo) -> torch.nn.Module:
+    """FSDP with --fsdp; DDP when torchrun started several ranks without it; else just moved to the device."""
+    if args.fsdp:
+        return D.wrap_fsdp(model, info, bf16=args.bf16, sync_from_rank0=broadcasts_init(args, info))
+    model = model.to(info.device)
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    return model
+
+
+def train_transformer(args: argparse.Namespace) -> Path:
+    """Stage 2. Writes OUT/transformer (diffusers layout; the EMA weights when --ema) and OUT/transformer_ckpt."""
+    from framepack_rt.kernels.dispatch import use_kernels
+
+    info = D.setup(args.device, force=args.fsdp)
+    out = Path(args.out)
+    try:
+        files = sorted(f for pattern in (args.cache or [str(out / "latents.pt")]) for f in glob.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"no latent cache found: {args.cache or out / 'latents.pt'}")
+        cache = LatentCache.load(*files)
+        dataset = WindowDataset(cache, window=args.window)
+        model = wrap_for(build_transformer(args, info), args, info).train()
+        inner = getattr(model, "module", model)  # the FramePackTransformer inside DDP (EMA reads its names)
+        if args.grad_checkpoint:
+            D.checkpoint_blocks(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
+        decay = args.ema if args.ema is not None else (0.0 if args.fsdp else 0.999)
+        if decay and args.fsdp:
+            raise ValueError("--ema keeps a full copy of the weights: not with --fsdp")
+        ema = {k: v.detach().clone().float() for k, v in inner.state_dict().items()} if decay else None
+        extra = D.load_checkpoint(out / "transformer_ckpt", model, opt, info) or {"step": 0}
+        ema = extra.get("ema", ema)
+
+        def checkpoint(step: int) -> None:
+            D.save_checkpoint(out / "transformer_ckpt", model, opt, {"step": step, **({"ema": ema} if ema else {})},
+                              info)
+
+        h, w = cache.clips[0].latents.shape[-2:]
+        shift = flow_shift(flow_seq_len(args.window, h, w))
+        log, began = out / "transformer_log.jsonl", time.perf_counter()
+        for step, batch in batches(dataset, cache.prompts, args.batch, info, args.seed, extra["step"]):
+            if step >= args.steps:
+                break
+            if over_budget(args, began, info):
+                checkpoint(step)
+                break
+            lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))  # linear warmup, then constant
+            for group in opt.param_groups:
+                group["lr"] = lr
+            rng = np.random.default_rng([args.seed, step])  # the layout of a step is the same on every rank
+            layout = vanilla_layout(args.window) if rng.random() < args.vanilla_fraction else f1_layout(args.window)
+            seed = int(np.random.SeedSequence([args.seed, step, info.rank]).generate_state(1)[0])  # own noise per rank
+            autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=args.bf16 and not args.fsdp)
+            with use_kernels(False), autocast:  # the Triton kernels are inference-only: torch ops for training
+                loss = flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(seed), shift)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = D.clip_grad_norm(model, args.clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in inner.state_dict().items():
+                        ema[k].lerp_(v.float(), 1.0 - decay)
+            if (step + 1) % args.log_every == 0 or step == extra["step"]:
+                D.log_line(log, {"stage": "transformer", "step": step + 1, "loss": loss.item(),
+                                 "layout": "f1" if layout.pattern.start_full_resolution else "vanilla",
+                                 "grad_norm": float(norm), "lr": lr, "s": round(time.perf_counter() - began, 1)},
+                           info)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                checkpoint(step + 1)
+        save_transformer_folder(model, ema, out / "transformer", info)
+    finally:
+        if info.distributed:
+            D.teardown()
+    return out / "transformer"
+
+
+def save_transformer_folder(model: torch.nn.Module, ema: dict | None, path: Path, info: D.DistInfo) -> None:
+    """Diffusers-layout folder of the trained (or EMA) weights, written by the main rank."""
+    from framepack_rt.model import FramePackTransformer
+
+    state = ema if ema is not None else D.full_state_dict(model)
+    if not info.is_main:
+        return
+    inner = getattr(model, "module", model)
+    final = FramePackTransformer.from_config(inner.config, device="meta")
+    final.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    final.save_pretrained(path)
+
+
+# --------------------------------------------------------------------------------------------------- export
+def export(args: argparse.Namespace) -> Path:
+    """The demo set with the trained VAE and transformer, fp16, in the published layout (default WEIGHTS_DIR)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from framepack_rt.demo.models import save_demo_models
+    from framepack_rt.model import FramePackTransformer
+
+    out = Path(args.out)
+    target = Path(args.to) if args.to else WEIGHTS_DIR
+    models = build_demo_models(ENCODER_SEED)
+    models.vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
+    models.transformer = FramePackTransformer.from_pretrained(out / "transformer", dtype=torch.float32)
+    sizes = save_demo_models(models, target)
+    total = sum(sizes.values())
+    print(f"wrote {target}: {total / 2**20:.2f} MiB ({', '.join(f'{k} {v / 2**20:.2f}' for k, v in sizes.items())})")
+    return target
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m framepack_rt.demo.train", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--out", required=True, help="run folder: checkpoints, logs, outputs")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--size", type=int, default=DEMO_SIZE, help="world frame side in pixels")
+
+    def vae_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vae-steps", dest="vae_steps", type=int, default=3000)
+        sp.add_argument("--vae-batch", dest="vae_batch", type=int, default=2)
+        sp.add_argument("--frames", type=int, default=9, help="frames per VAE training clip (4N - 3)")
+        sp.add_argument("--vae-lr", dest="vae_lr", type=float, default=1e-3)
+        sp.add_argument("--kl", type=float, default=1e-4, help="KL weight (per-element means)")
+        sp.add_argument("--fg-weight", dest="fg_weight", type=float, default=10.0)
+
+    def encode_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--clips", type=int, default=600)
+        sp.add_argument("--clip-latents", dest="clip_latents", type=int, default=60, help="latents per clip (8 s)")
+
+    def transformer_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--cache", nargs="*", help="latent cache files or globs (default OUT/latents.pt)")
+        sp.add_argument("--steps", type=int, default=20000)
+        sp.add_argument("--batch", type=int, default=8, help="per rank")
+        sp.add_argument("--lr", type=float, default=5e-4)
+        sp.add_argument("--warmup", type=int, default=500)
+        sp.add_argument("--weight-decay", dest="weight_decay", type=float, default=0.01)
+        sp.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+        sp.add_argument("--window", type=int, default=9)
+        sp.add_argument("--vanilla-fraction", dest="vanilla_fraction", type=float, default=0.15)
+        sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
+        sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
+        sp.add_argument("--tiny", action="store_true", help="the tiny preset instead of the demo config (tests)")
+        sp.add_argument("--fsdp", action="store_true", help="FullyShardedDataParallel over the torchrun group")
+        sp.add_argument("--bf16", action="store_true", help="bf16 compute (autocast; FSDP mixed precision)")
+        sp.add_argument("--grad-checkpoint", dest="grad_checkpoint", action="store_true")
+        sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+    for name, extra in (("vae", [vae_args]), ("encode", [encode_args]), ("transformer", [transformer_args]),
+                        ("export", []), ("all", [vae_args, encode_args, transformer_args])):
+        sp = sub.add_parser(name)
+        common(sp)
+        for add in extra:
+            add(sp)
+        sp.add_argument("--log-every", dest="log_every", type=int, default=50)
+        sp.add_argument("--time-budget", dest="time_budget", type=float, default=0.0,
+                        help="seconds per training stage, then checkpoint and finish (0: none)")
+        sp.add_argument("--save-every", dest="save_every", type=int, default=500)
+        if name in ("export", "all"):
+            sp.add_argument("--to", default=None, help=f"weights folder (default {WEIGHTS_DIR})")
+    return p
+
+
+def vae_stage_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The VAE stage reads steps / batch / lr: map --vae-steps / --vae-batch / --vae-lr onto them."""
+    return argparse.Namespace(**{**vars(args), "steps": args.vae_steps, "batch": args.vae_batch, "lr": args.vae_lr})
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.stage in ("vae", "all"):
+        train_vae(vae_stage_args(args))
+    if args.stage in ("encode", "all"):
+        encode_world(args)
+    if args.stage in ("transformer", "all"):
+        train_transformer(args)
+    if args.stage in ("export", "all"):
+        export(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The demo model set: real classes at demo size, saved small, loaded by the pipeline, encoded consistently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from framepack_rt.demo.data import encode_clip, encode_prompts, encode_video
+from framepack_rt.demo.models import (
+    DEMO_SIZE,
+    InMemoryParts,
+    build_demo_models,
+    parameter_counts,
+    save_demo_models,
+)
+from framepack_rt.demo.world import all_prompts, frames_for_latents, make_clip
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    models = build_demo_models(0)
+    root = tmp_path_factory.mktemp("demo_weights")
+    return models, root, save_demo_models(models, root)
+
+
+def test_sizes_and_parameter_counts(saved):
+    models, _, sizes = saved
+    counts = parameter_counts(models)
+    assert 2e6 < counts["transformer"] < 6e6  # "a few million"
+    assert sum(sizes.values()) < 15 * 2**20  # what the package may carry, all parts and tokenizers
+    assert models.vae.config.temporal_compression_ratio == 4 and models.vae.config.spatial_compression_ratio == 8
+
+
+def test_every_world_prompt_tokenizes_without_unknown_words(saved):
+    models = saved[0]
+    for tok in (models.tokenizer, models.tokenizer_2):
+        for prompt in all_prompts():
+            assert tok.unk_token_id not in tok(prompt)["input_ids"], prompt
+
+
+def test_pipeline_loads_the_saved_set_with_the_features_training_used(saved):
+    from framepack_rt.pipeline import FramePackPipeline
+
+    models, root, _ = saved
+    pipe = FramePackPipeline.from_pretrained(root, buckets="tiny")
+    memory = InMemoryParts(models)
+    prompt = "the blue square bounces"
+    # The encoders are fp16-representable: the shipped files give the very features the cache was built with.
+    assert torch.equal(pipe.parts.encode_text(prompt)[0], memory.encode_text(prompt)[0])
+    assert torch.equal(pipe.parts.encode_pooled(prompt), memory.encode_pooled(prompt))
+    image = make_clip(0, 1).frames[0]
+    assert torch.equal(pipe.parts.encode_image(image), memory.encode_image(image))
+    section = next(pipe.stream(image, prompt, steps=1))
+    assert section.frames.shape == (25, DEMO_SIZE, DEMO_SIZE, 3)
+
+
+def test_clip_latents_start_with_the_start_image_latent(saved):
+    """Latent 0 of an encoded clip is what the pipeline computes for its first frame (the start latent), and
+    the others are the video encode of the whole clip."""
+    models = saved[0]
+    parts = InMemoryParts(models)
+    clip = make_clip(3, frames_for_latents(6))  # 21 frames: diffusers' temporal tiles (17, stride 12)
+    prompts = [clip.prompt_at_latent(j) for j in range(clip.num_latents)]
+    encoded = encode_clip(parts, clip.frames, prompts)
+    assert encoded.latents.shape == (6, 16, 8, 8) and encoded.latents.dtype == torch.float16
+    assert encoded.image_embeds.shape == (16, 64) and encoded.prompts == prompts
+    pixels = torch.from_numpy(clip.frames[:1]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    start = parts.encode_latent(pixels)[0, :, 0]
+    assert torch.equal(encoded.latents[0], start.half())
+    video = encode_video(parts.vae().live, clip.frames, parts.vae().scaling_factor)
+    assert torch.equal(encoded.latents[1:], video[1:].half())
+    table = encode_prompts(parts, ["a red ball moves right"])
+    feats, pooled = table["a red ball moves right"]
+    assert feats.shape[1] == 64 and pooled.shape == (64,) and feats.shape[0] >= 5
+    with pytest.raises(ValueError):
+        encode_clip(parts, clip.frames[:20], prompts)
+    assert np.isfinite(feats.numpy()).all()
