@@ -64,9 +64,12 @@ def _word_level(vocab: list[str]) -> Tokenizer:
     return tok
 
 
-def build_llama_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level stand-in for the llava-llama-3 tokenizer: same special tokens, BOS added like llama-3."""
-    vocab = [UNK] + _vocabulary() + LLAMA_SPECIALS
+def build_llama_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level stand-in for the llava-llama-3 tokenizer: same special tokens, BOS added like llama-3.
+
+    ``words``: the vocabulary (ids follow its order); default the tiny set's.
+    """
+    vocab = [UNK] + (words if words is not None else _vocabulary()) + LLAMA_SPECIALS
     tok = _word_level(vocab)
     bos = "<|begin_of_text|>"
     tok.post_processor = processors.TemplateProcessing(
@@ -84,13 +87,13 @@ def build_llama_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_clip_tokenizer() -> PreTrainedTokenizerFast:
+def build_clip_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
     """Word-level stand-in for the CLIP-L tokenizer: <|startoftext|> $A <|endoftext|>, padded with eos.
 
     EOS is the last id on purpose: CLIPTextModel pools at the first eos position (or, for legacy configs,
-    at argmax(input_ids)), and both rules then agree.
+    at argmax(input_ids)), and both rules then agree. ``words``: as for :func:`build_llama_tokenizer`.
     """
-    vocab = [UNK] + _vocabulary() + [CLIP_BOS, CLIP_EOS]
+    vocab = [UNK] + (words if words is not None else _vocabulary()) + [CLIP_BOS, CLIP_EOS]
     tok = _word_level(vocab)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{CLIP_BOS} $A {CLIP_EOS}",

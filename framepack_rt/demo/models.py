@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tokenizers import processors
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -32,16 +31,8 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from framepack_rt.config import FramePackConfig
 from framepack_rt.demo.world import vocabulary
-from framepack_rt.tiny_models import (
-    CLIP_BOS,
-    CLIP_EOS,
-    LLAMA_SPECIALS,
-    UNK,
-    TinyModels,
-    _seeded,
-    _vocabulary,
-    _word_level,
-)
+from framepack_rt import tiny_models
+from framepack_rt.tiny_models import TinyModels, _seeded, _vocabulary
 
 DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "tiny" bucket (64, 64) of media.py
 DEMO_STEPS = 8  # default sampling steps of the demo model
@@ -75,32 +66,13 @@ def demo_words() -> list[str]:
 
 
 def build_llama_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level LLaMA-3 stand-in (see tiny_models.build_llama_tokenizer) over :func:`demo_words`."""
-    vocab = [UNK] + demo_words() + LLAMA_SPECIALS
-    tok = _word_level(vocab)
-    bos = "<|begin_of_text|>"
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab.index(bos))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token="<|eot_id|>", pad_token="<|end_of_text|>", unk_token=UNK,
-        additional_special_tokens=["<|start_header_id|>", "<|end_header_id|>"], model_max_length=1024,
-        padding_side="right",
-    )
+    """The tiny set's word-level LLaMA-3 stand-in over :func:`demo_words`."""
+    return tiny_models.build_llama_tokenizer(demo_words())
 
 
 def build_clip_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level CLIP stand-in over :func:`demo_words`; EOS is the last id (see tiny_models)."""
-    vocab = [UNK] + demo_words() + [CLIP_BOS, CLIP_EOS]
-    tok = _word_level(vocab)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{CLIP_BOS} $A {CLIP_EOS}",
-        special_tokens=[(CLIP_BOS, vocab.index(CLIP_BOS)), (CLIP_EOS, vocab.index(CLIP_EOS))],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=CLIP_BOS, eos_token=CLIP_EOS, pad_token=CLIP_EOS, unk_token=UNK,
-        model_max_length=77, padding_side="right",
-    )
+    """The tiny set's word-level CLIP stand-in over :func:`demo_words`."""
+    return tiny_models.build_clip_tokenizer(demo_words())
 
 
 def build_vae(**overrides) -> torch.nn.Module:
