@@ -100,3 +100,43 @@ def run_with_server():
         return asyncio.run(main())
 
     return run
+
+
+@pytest.fixture
+def launch_serve():
+    """launch(*args, env=None, timeout=90) -> (proc, url, lines): ``framepack-rt serve --port 0 *args`` in a
+    subprocess, returned once it has printed its URL. ``lines`` keeps filling with its output. Tests stop it
+    themselves (by pid); whatever still runs at teardown is killed."""
+    import re
+    import subprocess
+    import sys
+    import threading
+
+    procs = []
+
+    def launch(*args: str, env: dict | None = None, timeout: float = 90.0):
+        proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        procs.append(proc)
+        lines: list[str] = []
+        url: list[str] = []
+        found = threading.Event()
+
+        def read() -> None:
+            for line in proc.stdout:
+                lines.append(line)
+                match = re.search(r"open (http://\S+)", line)
+                if match and not url:
+                    url.append(match.group(1))
+                    found.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not found.wait(timeout):
+            pytest.fail(f"server printed no URL within {timeout:.0f} s:\n" + "".join(lines))
+        return proc, url[0], lines
+
+    yield launch
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -32,37 +29,17 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 
 @pytest.fixture
-def server_url():
+def server_url(launch_serve):
     """`framepack-rt serve --port 0 --steps 2` in a subprocess; yields the URL it prints; ends it by pid."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", "--steps", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    lines: list[str] = []
-    found = threading.Event()
-    url: list[str] = []
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            match = re.search(r"open (http://\S+)", line)
-            if match and not url:
-                url.append(match.group(1))
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    proc, url, lines = launch_serve("--steps", "2", timeout=60)
+    yield url
+    os.kill(proc.pid, signal.SIGTERM)  # the clean-shutdown path Ctrl-C takes too
     try:
-        if not found.wait(60):
-            pytest.fail("server printed no URL within 60 s:\n" + "".join(lines))
-        yield url[0]
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)  # the clean-shutdown path Ctrl-C takes too
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            pytest.fail("server did not stop within 15 s of SIGTERM:\n" + "".join(lines))
+        code = proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("server did not stop within 15 s of SIGTERM:\n" + "".join(lines))
     assert code == 0, "".join(lines)
 
 

@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
-import subprocess
 import sys
-import threading
 import time
 
 import aiohttp
@@ -296,43 +293,25 @@ def test_capacity_limits_answer_429_with_retry_after(pipe, run_with_server):
 
 # -- shutdown -----------------------------------------------------------------------------------------------------
 
-def test_sigterm_closes_connections_and_exits_cleanly():
-    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", "--steps", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    found = threading.Event()
+def test_sigterm_closes_connections_and_exits_cleanly(launch_serve):
+    proc, url, lines = launch_serve("--steps", "1")
+    # The launch fixture kills the process at teardown if the test fails before it exits.
+    async def watch_then_terminate():
+        client = StreamClient(url)
+        try:
+            await client.connect()
+            await client.wait_frames(10, timeout=30)
+            os.kill(proc.pid, signal.SIGTERM)
+            sent = time.monotonic()
+            await wait_until(lambda: client.pc.connectionState in ("closed", "failed"), 10,
+                             "the server hangs up on its viewer")
+            return time.monotonic() - sent, sent
+        finally:
+            await client.close()
 
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"open (http://\S+)", line):
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert found.wait(90), "server printed no URL:\n" + "".join(lines)
-        url = re.search(r"open (http://\S+)", "".join(lines)).group(1)
-
-        async def watch_then_terminate():
-            client = StreamClient(url)
-            try:
-                await client.connect()
-                await client.wait_frames(10, timeout=30)
-                os.kill(proc.pid, signal.SIGTERM)
-                sent = time.monotonic()
-                await wait_until(lambda: client.pc.connectionState in ("closed", "failed"), 10,
-                                 "the server hangs up on its viewer")
-                return time.monotonic() - sent, sent
-            finally:
-                await client.close()
-
-        hung_up_after, sent = asyncio.run(watch_then_terminate())
-        code = proc.wait(timeout=max(0.1, 5 - (time.monotonic() - sent)))
-        exited_after = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    hung_up_after, sent = asyncio.run(watch_then_terminate())
+    code = proc.wait(timeout=max(0.1, 5 - (time.monotonic() - sent)))
+    exited_after = time.monotonic() - sent
     print(f"\nSIGTERM: viewer hung up on after {hung_up_after:.2f} s, process exited after {exited_after:.2f} s")
     assert code == 0, "".join(lines)
     assert exited_after < 5 and "stopping" in "".join(lines)

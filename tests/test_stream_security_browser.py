@@ -8,8 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import threading
 
 import pytest
 
@@ -27,25 +25,11 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 
 
 @pytest.fixture
-def served():
+def served(launch_serve):
     """`framepack-rt serve` with a token from the environment; yields (url, output lines); ends it by pid."""
-    env = {**os.environ, "FRAMEPACK_RT_TOKEN": TOKEN}
-    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", "--steps", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if re.search(r"open (http://\S+)", line):
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    proc, url, lines = launch_serve("--steps", "1", env={**os.environ, "FRAMEPACK_RT_TOKEN": TOKEN})
     try:
-        if not found.wait(90):
-            pytest.fail("server printed no URL within 90 s:\n" + "".join(lines))
-        yield re.search(r"open (http://\S+)", "".join(lines)).group(1), lines
+        yield url, lines
     finally:
         os.kill(proc.pid, signal.SIGTERM)
         try:
