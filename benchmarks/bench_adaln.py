@@ -37,16 +37,10 @@ def main() -> None:
         got = residual_gate_modulate(x, residual, gate, shift, scale)
         want = residual_gate_modulate_reference(x, residual, gate, shift, scale)
         error = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, want))
-        for name, fn in (("triton_fused", lambda: residual_gate_modulate(x, residual, gate, shift, scale)),
-                         ("torch_eager", lambda: residual_gate_modulate_reference(x, residual, gate, shift, scale))):
-            t = bench.time_ms(fn, args.warmup, args.iters)
-            row = {"case": case, "impl": name, **t, "gbps": bench.gbps(nbytes, t["median_ms"])}
-            if name == "triton_fused":
-                row["max_abs_error_vs_eager"] = error
-            rows.append(row)
-            print(f"[{case}] {name:>13}: {t['median_ms']:8.3f} ms  {row['gbps']:7.1f} GB/s"
-                  + (f"  (max |err| vs eager {error:.2e})" if name == "triton_fused" else ""))
-        print(f"[{case}] speedup {rows[-1]['median_ms'] / rows[-2]['median_ms']:.2f}x")
+        rows += bench.fused_vs_eager(
+            case, lambda: residual_gate_modulate(x, residual, gate, shift, scale),
+            lambda: residual_gate_modulate_reference(x, residual, gate, shift, scale), nbytes, error,
+            args.warmup, args.iters)
     bench.write_json(__file__, args.json, {"benchmark": "adaln", "environment": env, "results": rows})
 
 

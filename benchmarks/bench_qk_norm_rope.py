@@ -40,16 +40,9 @@ def main() -> None:
             nbytes += 2 * cos.numel() * 4
         error = (qk_norm_rope(x, weight, cos, sin).float() - qk_norm_rope_reference(x, weight, cos, sin).float())
         error = error.abs().max().item()
-        for name, fn in (("triton_fused", lambda: qk_norm_rope(x, weight, cos, sin)),
-                         ("torch_eager", lambda: qk_norm_rope_reference(x, weight, cos, sin))):
-            t = bench.time_ms(fn, args.warmup, args.iters)
-            row = {"case": case, "impl": name, **t, "gbps": bench.gbps(nbytes, t["median_ms"])}
-            if name == "triton_fused":
-                row["max_abs_error_vs_eager"] = error
-            rows.append(row)
-            print(f"[{case}] {name:>13}: {t['median_ms']:8.3f} ms  {row['gbps']:7.1f} GB/s"
-                  + (f"  (max |err| vs eager {error:.2e})" if name == "triton_fused" else ""))
-        print(f"[{case}] speedup {rows[-1]['median_ms'] / rows[-2]['median_ms']:.2f}x")
+        rows += bench.fused_vs_eager(case, lambda: qk_norm_rope(x, weight, cos, sin),
+                                     lambda: qk_norm_rope_reference(x, weight, cos, sin), nbytes, error,
+                                     args.warmup, args.iters)
     bench.write_json(__file__, args.json, {"benchmark": "qk_norm_rope", "environment": env, "results": rows})
 
 

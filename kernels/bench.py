@@ -75,6 +75,22 @@ def gbps(nbytes: float, ms: float) -> float:
     return nbytes / (ms * 1e-3) / 1e9
 
 
+def fused_vs_eager(case: str, fused: Callable[[], object], eager: Callable[[], object], nbytes: float,
+                   error: float, warmup: int, iters: int) -> list[dict]:
+    """Time a memory-bound kernel against its eager torch reference; print and return one row for each."""
+    rows = []
+    for name, fn in (("triton_fused", fused), ("torch_eager", eager)):
+        t = time_ms(fn, warmup, iters)
+        row = {"case": case, "impl": name, **t, "gbps": gbps(nbytes, t["median_ms"])}
+        if name == "triton_fused":
+            row["max_abs_error_vs_eager"] = error
+        rows.append(row)
+        print(f"[{case}] {name:>13}: {t['median_ms']:8.3f} ms  {row['gbps']:7.1f} GB/s"
+              + (f"  (max |err| vs eager {error:.2e})" if name == "triton_fused" else ""))
+    print(f"[{case}] speedup {rows[-1]['median_ms'] / rows[-2]['median_ms']:.2f}x")
+    return rows
+
+
 def write_json(script_file: str, path: str | None, payload: dict) -> None:
     """``--json`` given: write ``payload`` to PATH, or to results/<script>.json next to the script."""
     if path is None:
