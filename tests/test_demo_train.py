@@ -105,6 +105,14 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch():
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
 
 
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    rates = [T.learning_rate(step, 1e-3, 10, 110, 0.05) for step in range(120)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # then never rises
+    assert rates[60] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))  # half-way down the cosine
+    assert rates[110] == rates[119] == pytest.approx(5e-5)  # the floor, and it stays there
+
+
 def _args(tmp_path, *extra: str):
     return T.parser().parse_args(["transformer", "--out", str(tmp_path), "--tiny", "--batch", "2", "--warmup", "2",
                                   "--log-every", "1", "--save-every", "2", "--device", "cpu", *extra])
@@ -129,7 +137,7 @@ def test_train_transformer_checkpoints_and_resumes(tmp_path):
     assert torch.load(tmp_path / "transformer_ckpt" / "state.pt", weights_only=False)["step"] == 3
     T.train_transformer(_args(tmp_path, "--steps", "5"))
     assert [r["step"] for r in _log(tmp_path)][3:] == [4, 5]  # picked up at step 4, not from scratch
-    assert _log(tmp_path)[-1]["lr"] == pytest.approx(5e-4)  # past warmup
+    assert _log(tmp_path)[-1]["lr"] == pytest.approx(T.learning_rate(4, 5e-4, 2, 5, 0.05))  # the schedule's
     model = FramePackTransformer.from_pretrained(tmp_path / "transformer")
     state = torch.load(tmp_path / "transformer_ckpt" / "state.pt", weights_only=False)
     assert state["step"] == 5
