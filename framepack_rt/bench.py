@@ -14,11 +14,12 @@ adds latency against 1, 2, 4, 8 viewers of one session. Definitions: :mod:`frame
 from __future__ import annotations
 
 import argparse
+import os
 import asyncio
 import importlib.util
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -34,6 +35,7 @@ class BenchConfig:
 
     model: str = "tiny"
     url: str | None = None  # a running server instead of an in-process one
+    token: str | None = field(default=None, repr=False)  # that server's --token (never printed or saved)
     viewers: int = 1
     seconds: float = 16.0  # streaming measured, from the first generated frame
     prompt_after: float = 5.0  # the prompt change, seconds after the first generated frame
@@ -200,7 +202,7 @@ async def measure(cfg: BenchConfig, url: str, server: Any) -> tuple[report.RunRe
     from framepack_rt.stream.client import StreamClient
 
     keep = 30 if server is None else False  # remote: the encode time is measured on received frames
-    clients = [StreamClient(url, keep_frames=keep if i == 0 else False, stamps=cfg.stamp) for i in range(cfg.viewers)]
+    clients = [StreamClient(url, keep_frames=keep if i == 0 else False, stamps=cfg.stamp, token=cfg.token) for i in range(cfg.viewers)]
     browser: BrowserViewer | None = None
     try:
         session = await clients[0].connect(prompt=cfg.prompt, seed=cfg.seed)
@@ -209,7 +211,7 @@ async def measure(cfg: BenchConfig, url: str, server: Any) -> tuple[report.RunRe
         start, stamped = await wait_first_generated(clients[0], cfg.stamp)
         size = (clients[0].frames[0].height, clients[0].frames[0].width)
         if cfg.browser:
-            browser = BrowserViewer(url, session, *size)
+            browser = BrowserViewer(url, session, *size, token=cfg.token)
             await browser.start()
         await asyncio.sleep(max(0.0, start + cfg.prompt_after - time.monotonic()))
         prompt_sent = time.monotonic()
@@ -251,7 +253,7 @@ async def viewers_sweep(cfg: BenchConfig, url: str, server: Any) -> list[dict[st
         for n in SWEEP:
             added = []
             while len(clients) < n:
-                client = StreamClient(url, stamps=cfg.stamp)
+                client = StreamClient(url, stamps=cfg.stamp, token=cfg.token)
                 clients.append(client)  # before connecting, so that a failed connect is still closed
                 session = await client.connect(session=session, prompt=None if session else cfg.prompt)
                 added.append(client)
@@ -319,7 +321,7 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
         if server is None:  # the remote server's settings decide the nominal fps
             from framepack_rt.stream.client import StreamClient
 
-            remote = await StreamClient(url).get_json("/api/config")
+            remote = await StreamClient(url, token=cfg.token).get_json("/api/config")
             cfg.fps, cfg.steps, cfg.window = float(remote["fps"]), remote.get("steps"), remote.get("window", 9)
             cfg.model = str(remote.get("model", "unknown"))
         timer = EncoderTimer()
@@ -348,7 +350,8 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
         if cfg.scaling:
             scaling["sections"] = await asyncio.to_thread(section_scaling, cfg, context["frame_size"])
             scaling["sections"]["stream"] = [[s["index"], s["ms"]] for s in run.sections]
-    result["config"] = {**asdict(cfg), "url": cfg.url or "in-process", "frame_size": context["frame_size"],
+    settings = {k: v for k, v in asdict(cfg).items() if k != "token"}  # the token never lands in a report
+    result["config"] = {**settings, "url": cfg.url or "in-process", "frame_size": context["frame_size"],
                         "encoders": codec, "encode_source": encode_source,
                         "glass_to_glass_source": context["sent_source"] or "unavailable",
                         "play_fps_source": play_source,
@@ -378,6 +381,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument("--model", default=d.model, help="model name or PATH (default: tiny)")
     parser.add_argument("--url", help="measure a running `framepack-rt serve` instead of an in-process server")
+    parser.add_argument("--token", default=os.environ.get("FRAMEPACK_RT_TOKEN"),
+                        help="that server's access token (default: $FRAMEPACK_RT_TOKEN)")
     parser.add_argument("--viewers", type=int, default=d.viewers, help="Python viewers of the session (default: 1)")
     parser.add_argument("--seconds", type=float, default=d.seconds, help=f"streaming measured (default: {d.seconds:g})")
     parser.add_argument("--prompt-after", type=float, default=d.prompt_after,
@@ -402,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     began = time.monotonic()
-    cfg = BenchConfig(model=args.model, url=args.url, viewers=args.viewers, seconds=args.seconds,
+    cfg = BenchConfig(model=args.model, url=args.url, token=args.token, viewers=args.viewers, seconds=args.seconds,
                       prompt_after=args.prompt_after, steps=args.steps, fps=args.fps, window=args.window,
                       buffer_seconds=args.buffer, stamp=not args.no_stamp, browser=args.browser,
                       scaling=args.scaling, viewers_sweep=args.viewers_sweep, sweep_seconds=args.sweep_seconds,

@@ -26,7 +26,7 @@ FLAGS = [
     "--allow-loopback-in-peer-connection",  # on machines whose only interface is lo
 ]
 
-JOIN = """async ({session, rects, band}) => {
+JOIN = """async ({session, rects, band, token}) => {
   const rec = {offer: null, frames: [], error: null};
   window.__bench = rec;
   const pc = new RTCPeerConnection({iceServers: []});
@@ -65,7 +65,9 @@ JOIN = """async ({session, rects, band}) => {
     pc.addEventListener("icegatheringstatechange", () => pc.iceGatheringState === "complete" && resolve());
   });
   rec.offer = performance.timeOrigin + performance.now();
-  const resp = await fetch("/offer", {method: "POST", headers: {"Content-Type": "application/json"},
+  const headers = {"Content-Type": "application/json"};
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const resp = await fetch("/offer", {method: "POST", headers,
     body: JSON.stringify({sdp: pc.localDescription.sdp, type: "offer", session})});
   const answer = await resp.json();
   if (!resp.ok) throw new Error(answer.error);
@@ -76,8 +78,9 @@ JOIN = """async ({session, rects, band}) => {
 class BrowserViewer:
     """One headless Chromium page watching a session; ``start``, let it play, then ``finish`` for its record."""
 
-    def __init__(self, url: str, session: str, height: int, width: int) -> None:
+    def __init__(self, url: str, session: str, height: int, width: int, token: str | None = None) -> None:
         self.url, self.session = url.rstrip("/") + "/", session
+        self._token = token
         self.layout = StampLayout.for_size(height, width)
         self._playwright: Any = None
         self._browser: Any = None
@@ -93,7 +96,8 @@ class BrowserViewer:
             await self._page.goto(self.url + "api/health")  # any page of the server's origin: fetch("/offer")
             rects = [list(r) for r in self.layout.centers()]
             band = self.layout.band
-            await self._page.evaluate(JOIN, {"session": self.session, "rects": rects, "band": band})
+            await self._page.evaluate(JOIN, {"session": self.session, "rects": rects, "band": band,
+                                                "token": self._token})
         except Exception:  # noqa: BLE001 -- whatever failed (launch, page, offer), do not leak the browser
             await self.close()
             raise

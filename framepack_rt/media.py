@@ -15,7 +15,8 @@ BUCKETS_640 = (
 )  # fmt: skip
 # The built-in tiny model's set: multiples of 16 px (even latent sizes for 2x2 patches), CPU-fast.
 BUCKETS_TINY = ((48, 96), (64, 80), (64, 64), (80, 64), (96, 48))
-BUCKET_SETS = {"640": BUCKETS_640, "tiny": BUCKETS_TINY}
+BUCKETS_DEMO = ((64, 64),)  # the demo model was trained on square 64x64 frames only
+BUCKET_SETS = {"640": BUCKETS_640, "tiny": BUCKETS_TINY, "demo": BUCKETS_DEMO}
 
 
 def nearest_bucket(height: int, width: int, buckets: Iterable[tuple[int, int]] = BUCKETS_640) -> tuple[int, int]:

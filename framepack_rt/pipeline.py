@@ -174,10 +174,14 @@ class VideoStream:
 class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
-    def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25) -> None:
+    def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
+                 example: tuple[np.ndarray, str] | None = None) -> None:
+        """example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
+        servers and tools open with it. None: the model has no preference."""
         self.parts = parts
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
+        self.example = example
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -192,21 +196,29 @@ class FramePackPipeline:
         buckets: str = "640",
         **part_paths: str | Path,
     ) -> "FramePackPipeline":
-        """``"tiny"`` (built in), or a root folder with the published subfolders, and/or one path per part
-        (text_encoder=, tokenizer=, text_encoder_2=, tokenizer_2=, vae=, image_encoder=, feature_extractor=,
-        transformer=). Never downloads. ``low_vram`` loads each encoder only while it is used and streams
-        transformer blocks from CPU memory within ``memory_budget_gb`` (default 6). ``buckets``: the
-        resolution set for folders ("640", the release's; "tiny" for small test models)."""
+        """``"demo"`` (the trained demo model shipped in the package: 64x64, moves shapes as prompts say),
+        ``"tiny"`` (built in, random weights: fast, for tests), or a root folder with the published subfolders,
+        and/or one path per part (text_encoder=, tokenizer=, text_encoder_2=, tokenizer_2=, vae=,
+        image_encoder=, feature_extractor=, transformer=). Never downloads. ``low_vram`` loads each encoder
+        only while it is used and streams transformer blocks from CPU memory within ``memory_budget_gb``
+        (default 6). ``buckets``: the resolution set for folders ("640", the release's; "tiny" for small test
+        models)."""
         from framepack_rt.parts import FolderParts, TinyParts
 
         if str(path) == "tiny" and not part_paths:
             return cls(TinyParts(device=device), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS)
+        settings: dict = {"buckets": buckets}
+        if str(path) == "demo" and not part_paths:
+            from framepack_rt import demo
+
+            path = demo.weights_dir()
+            settings = {"buckets": "demo", "default_steps": demo.DEMO_STEPS, "example": demo.example_start()}
         roots = [] if str(path) == "tiny" else [path]
         budget = None
         if low_vram:
             budget = int((memory_budget_gb or 6.0) * 2**30)
         parts = FolderParts(roots, part_paths, device=device, dtype=dtype, low_vram=low_vram, budget_bytes=budget)
-        return cls(parts, buckets=buckets)
+        return cls(parts, **settings)
 
     # -- encoding --------------------------------------------------------------------------------------------
     def frame_size(self, image) -> tuple[int, int]:

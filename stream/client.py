@@ -53,10 +53,14 @@ class FrameArrival:
 class StreamClient:
     """Connects to a framepack-rt server as one viewer; collects frames and control messages."""
 
-    def __init__(self, base_url: str, keep_frames: bool | int = False, stamps: bool = False) -> None:
+    def __init__(self, base_url: str, keep_frames: bool | int = False, stamps: bool = False,
+                 token: str | None = None) -> None:
         """keep_frames: False (count only), True (keep every decoded frame) or N (keep the last N).
-        stamps: read the frame number stamped into each frame (see stream/stamp.py)."""
+        stamps: read the frame number stamped into each frame (see stream/stamp.py).
+        token: the server's access token (``serve --token``), sent as ``Authorization: Bearer`` with every
+        request: it starts sessions, lists them and joins with control."""
         self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.keep_frames = keep_frames
         self.stamps = stamps
         self.offer_sent: float | None = None  # time.monotonic() when POST /offer went out
@@ -131,11 +135,12 @@ class StreamClient:
 
     # -- HTTP ------------------------------------------------------------------------------------------------
     async def get_json(self, path: str) -> Any:
-        async with aiohttp.ClientSession() as http, http.get(self.base_url + path) as resp:
+        async with aiohttp.ClientSession(headers=self._headers) as http, http.get(self.base_url + path) as resp:
             return await _json_or_raise(resp, path)
 
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
-        async with aiohttp.ClientSession() as http, http.post(self.base_url + path, json=body) as resp:
+        async with (aiohttp.ClientSession(headers=self._headers) as http,
+                    http.post(self.base_url + path, json=body) as resp):
             return await _json_or_raise(resp, path)
 
     # -- frames ----------------------------------------------------------------------------------------------

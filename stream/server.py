@@ -82,7 +82,7 @@ class ServerSettings:
     viewer_timeout: float = _POLICY.viewer_timeout  # silent (no RTCP receiver reports) this long: dropped
     token: str | None = field(default=None, repr=False)  # needed for /offer and control (security.py)
     ice_servers: list[str] = field(default_factory=list)  # e.g. ["stun:stun.l.google.com:19302"]
-    default_prompt: str = DEFAULT_PROMPT
+    default_prompt: str | None = None  # None: the model's example prompt (the demo's), else images.DEFAULT_PROMPT
     stamp: bool = False  # benchmarks: frame numbers in the pixels' top rows + send times (stream/stamp.py)
 
     def __post_init__(self) -> None:
@@ -139,6 +139,10 @@ class StreamServer:
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
         self._default_png: bytes | None = None
+        # The model's own example (the demo model knows only its world of shapes), else the landscape.
+        example = getattr(pipe, "example", None)
+        self.default_image = example[0] if example else default_scene()
+        self.default_prompt = self.settings.default_prompt or (example[1] if example else DEFAULT_PROMPT)
 
     def _build_app(self) -> web.Application:
         limit = self.settings.max_request_bytes
@@ -191,7 +195,7 @@ class StreamServer:
 
         Raises LimitExceeded when ``max_sessions`` run already.
         """
-        image = default_scene() if image is None else image
+        image = self.default_image if image is None else image
         release = self._reserve_session()
         try:
             session = await self._create_session(image, release)
@@ -225,7 +229,7 @@ class StreamServer:
     async def _start_session(self, session: Session, image, prompt: str | None, seed: int) -> None:
         """Build the pipeline's stream (the encoders run: the expensive part) and start generating."""
         s = self.settings
-        prompt = prompt or s.default_prompt
+        prompt = prompt or self.default_prompt
 
         def build(on_step: Callable[[Any], None]):
             return self.pipe.stream(image, prompt, seed=seed, steps=s.steps, window=s.window, mode=s.mode,
@@ -269,7 +273,7 @@ class StreamServer:
             role = self.access.role_to_create(request, body)
             release = self._reserve_session()  # before decoding: a full server spends nothing on the image
             try:
-                image = default_scene()
+                image = self.default_image
                 if offer.image is not None:
                     s = self.settings
                     image = await asyncio.get_running_loop().run_in_executor(
@@ -349,7 +353,7 @@ class StreamServer:
     async def _config(self, request: web.Request) -> web.Response:
         s = self.settings
         return web.json_response({"model": s.model, "fps": s.fps, "window": s.window, "steps": s.steps,
-                                  "teacache": s.teacache, "default_prompt": s.default_prompt,
+                                  "teacache": s.teacache, "default_prompt": self.default_prompt,
                                   "buffer_frames": s.buffer_frames, "token_required": self.access.required,
                                   "max_prompt_chars": s.max_prompt_chars, "max_image_bytes": s.max_image_bytes,
                                   "max_image_pixels": s.max_image_pixels})
@@ -357,7 +361,7 @@ class StreamServer:
 
     async def _default_image(self, request: web.Request) -> web.Response:
         if self._default_png is None:
-            self._default_png = png_bytes(default_scene())
+            self._default_png = png_bytes(self.default_image)
         return web.Response(body=self._default_png, content_type="image/png",
                             headers={"Cache-Control": "max-age=3600"})
 

@@ -76,3 +76,27 @@ def test_clip_latents_start_with_the_start_image_latent(saved):
     with pytest.raises(ValueError):
         encode_clip(parts, clip.frames[:20], prompts)
     assert np.isfinite(feats.numpy()).all()
+
+
+def test_from_pretrained_demo_reads_the_weights_folder_with_demo_settings(saved, monkeypatch):
+    from framepack_rt import demo
+    from framepack_rt.pipeline import FramePackPipeline
+
+    monkeypatch.setattr(demo, "WEIGHTS_DIR", saved[1])
+    pipe = FramePackPipeline.from_pretrained("demo")
+    assert pipe.default_steps == demo.DEMO_STEPS and pipe.buckets == ((DEMO_SIZE, DEMO_SIZE),)
+    image, prompt = pipe.example
+    assert image.shape == (DEMO_SIZE, DEMO_SIZE, 3) and prompt == "a red ball moves right"
+    assert (np.abs(image.astype(int) - (220, 40, 40)).sum(-1) < 30).sum() > 20  # the red ball is in it
+    wide = np.zeros((90, 160, 3), np.uint8)  # any start image is fitted to the one square size it knows
+    section = next(pipe.stream(wide, prompt, steps=1))
+    assert section.frames.shape == (25, DEMO_SIZE, DEMO_SIZE, 3)
+
+
+def test_from_pretrained_demo_without_weights_says_how_to_get_them(tmp_path, monkeypatch):
+    from framepack_rt import demo
+    from framepack_rt.pipeline import FramePackPipeline
+
+    monkeypatch.setattr(demo, "WEIGHTS_DIR", tmp_path / "weights")
+    with pytest.raises(FileNotFoundError, match="framepack_rt.demo.train all.*--model tiny"):
+        FramePackPipeline.from_pretrained("demo")

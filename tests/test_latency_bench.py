@@ -140,3 +140,22 @@ def test_bench_with_a_headless_browser_viewer(tmp_path):
     # The page read the stamps back from a canvas: its own glass-to-glass (to the expected display time).
     assert 0 < browser["ttff_ms"] < 15_000
     assert 0 < browser["glass_to_glass_ms_p50"] < 2_000 and browser["frame_interval_ms_p50"] > 0
+
+
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not found: apt-get install -y chromium")
+def test_bench_reaches_a_token_protected_server(tmp_path, launch_serve):
+    """--url with --token: the Python viewer and the browser viewer both get in; the token is not saved."""
+    token = "bench-token-0123456789abcdef"
+    proc, url, _ = launch_serve("--model", "tiny", "--steps", "1", "--stamp", "--token", token)
+    try:
+        out = tmp_path / "remote.json"
+        assert main(["bench", "--url", url, "--token", token, "--seconds", "3", "--prompt-after", "1", "--browser",
+                     "--json", str(out)]) == 0
+        text = out.read_text()
+        result = json.loads(text)
+        assert result["config"]["url"] == url and result["config"]["model"] == "tiny"
+        assert result["glass_to_glass_ms_p50"] > 0 and result["browser"]["frame_interval_ms_p50"] > 0
+        assert token not in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -69,3 +69,33 @@ def test_settings_reject_bad_values(kwargs, fragment):
 def test_buffer_frames_follow_fps():
     assert ServerSettings(fps=30, buffer_seconds=2).buffer_frames == 60
     assert ServerSettings(fps=10, buffer_seconds=0.01).buffer_frames == 1
+
+
+def test_server_opens_with_the_models_example(stream_pipe, run_with_server):
+    """A model set with an example (the demo's red ball) gives the page its start image and prompt; an explicit
+    --default-prompt setting still wins; a model without one keeps the landscape."""
+    import io
+
+    import aiohttp
+    from PIL import Image
+
+    from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.stream.images import DEFAULT_PROMPT
+
+    example = np.full((64, 64, 3), 30, np.uint8)
+    example[20:30, 20:30] = (220, 40, 40)
+    pipe = FramePackPipeline(stream_pipe.parts, buckets="tiny", default_steps=2, example=(example, "a red ball moves right"))
+
+    async def fetch(server, url):
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url + "api/config") as r:
+                config = await r.json()
+            async with http.get(url + "api/default-image") as r:
+                image = np.asarray(Image.open(io.BytesIO(await r.read())).convert("RGB"))
+        return config["default_prompt"], image
+
+    prompt, image = run_with_server(pipe, fetch)
+    assert prompt == "a red ball moves right" and np.array_equal(image, example)
+    assert run_with_server(pipe, fetch, default_prompt="a blue square grows")[0] == "a blue square grows"
+    prompt, image = run_with_server(stream_pipe, fetch)
+    assert prompt == DEFAULT_PROMPT and image.shape == (384, 512, 3)

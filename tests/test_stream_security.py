@@ -84,14 +84,17 @@ class SyntheticPipe:
 
 
 class Client(StreamClient):
-    """StreamClient that sends a token and/or join key with its offer and keeps the whole answer."""
+    """StreamClient (token= goes in the Authorization header) that can also put a token (body_token=) or a
+    join key in the offer body, and keeps the whole answer."""
 
-    def __init__(self, url: str, token: str | None = None, key: str | None = None) -> None:
-        super().__init__(url)
-        self.token, self.key, self.answer = token, key, {}
+    def __init__(self, url: str, token: str | None = None, key: str | None = None,
+                 body_token: str | None = None) -> None:
+        super().__init__(url, token=token)
+        self.body_token, self.key, self.answer = body_token, key, {}
 
     async def post_json(self, path: str, body: dict) -> dict:
-        body = {**body, **({"token": self.token} if self.token else {}), **({"key": self.key} if self.key else {})}
+        body = {**body, **({"token": self.body_token} if self.body_token else {}),
+                **({"key": self.key} if self.key else {})}
         self.answer = await super().post_json(path, body)
         return self.answer
 
@@ -346,7 +349,7 @@ def test_token_roles_and_view_only_viewers(caplog):
             no_token = await status_of(http, "POST", url + "offer", json={"sdp": "v=0", "type": "offer"})
             listing = await status_of(http, "GET", url + "api/sessions")
             page = await status_of(http, "GET", url + f"?token={TOKEN}")  # the page itself is public
-        owner, viewer, admin = Client(url, token=TOKEN), None, Client(url, token=TOKEN)
+        owner, viewer, admin = Client(url, token=TOKEN), None, Client(url, body_token=TOKEN)
         try:
             session = await owner.connect(prompt="a quiet harbour")
             key = owner.answer["view_key"]
@@ -366,8 +369,7 @@ def test_token_roles_and_view_only_viewers(caplog):
             rtt = await viewer.ping()  # watching and pinging are allowed
             await admin.connect(session=session)  # the token holder joins with control
             ack = await admin.send_prompt("a harbour at dawn", id="a1")
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-                listed = await status_of(http, "GET", url + "api/sessions")
+            listed = (200, await owner.get_json("/api/sessions"))  # the header token reads the listing
             return no_token, listing, page, owner.answer, viewer.answer, strangers, hello, viewer.messages, rtt, \
                 admin.answer, ack, listed, server.sessions[session].state
         finally:

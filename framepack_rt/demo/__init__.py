@@ -15,5 +15,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """Where ``python -m framepack_rt.demo.train export`` writes the shipped weights (published layout)."""
+DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "tiny" bucket (64, 64) of media.py
+DEMO_STEPS = 8  # default sampling steps of the demo model
+EXAMPLE_PROMPT = "a red ball moves right"
+
+
+def weights_dir() -> Path:
+    """The shipped weights folder; a FileNotFoundError that says how to make it when it is missing."""
+    if not (WEIGHTS_DIR / "transformer" / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the demo weights are missing from {WEIGHTS_DIR} (a source checkout without them?): reinstall "
+            "framepack-rt, or train them with `python -m framepack_rt.demo.train all --out runs/demo`, "
+            "or use --model tiny (random weights)")
+    return WEIGHTS_DIR
+
+
+def example_start() -> tuple[np.ndarray, str]:
+    """What the demo model opens with: a red ball on a plain background, and the prompt that moves it."""
+    from framepack_rt.demo.world import WorldConfig, start_image
+
+    image, _ = start_image(seed=1, prompt=EXAMPLE_PROMPT, cfg=WorldConfig(size=DEMO_SIZE), x=0.3, y=0.5)
+    return image, EXAMPLE_PROMPT

@@ -229,12 +229,12 @@ def table(results: list[Result], drift: dict | None) -> str:
 
 def load_pipeline(model: str):
     """"demo" (the shipped weights folder) or a weights folder in the published layout."""
-    from framepack_rt.demo import WEIGHTS_DIR
-    from framepack_rt.demo.models import DEMO_STEPS
+    from framepack_rt.demo import DEMO_STEPS
     from framepack_rt.pipeline import FramePackPipeline
 
-    path = WEIGHTS_DIR if model == "demo" else model
-    pipe = FramePackPipeline.from_pretrained(path, buckets="tiny")
+    if model == "demo":
+        return FramePackPipeline.from_pretrained("demo")
+    pipe = FramePackPipeline.from_pretrained(model, buckets="demo")  # a folder: a run's weights
     pipe.default_steps = DEMO_STEPS
     return pipe
 

@@ -30,12 +30,11 @@ from transformers import (
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from framepack_rt.config import FramePackConfig
+from framepack_rt.demo import DEMO_SIZE, DEMO_STEPS  # noqa: F401  (re-exported: the demo's constants)
 from framepack_rt.demo.world import vocabulary
 from framepack_rt import tiny_models
 from framepack_rt.tiny_models import TinyModels, _seeded, _vocabulary
 
-DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "tiny" bucket (64, 64) of media.py
-DEMO_STEPS = 8  # default sampling steps of the demo model
 ENCODER_SEED = 0  # the frozen encoders' weights: the transformer is trained on their features, so fixed
 TEXT_DIM = 64
 IMAGE_SIZE = 64
