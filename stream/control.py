@@ -69,6 +69,17 @@ def max_message_chars(max_prompt_chars: int = MAX_PROMPT_CHARS) -> int:
     return max(MAX_MESSAGE_CHARS, 3 * max_prompt_chars + 1024)
 
 
+def load_json(text: str) -> Any:
+    """``json.loads`` for untrusted text: every failure is a ValueError whose message says what was wrong
+    (both the control channel and POST /offer use it)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting deeper than the stack
+        raise ValueError("not usable JSON (nested too deeply or a number too long)") from None
+
+
 def parse_client_message(raw: object, max_prompt_chars: int = MAX_PROMPT_CHARS) -> ClientMessage:
     """Parse one data-channel message; raises :class:`ControlError` (only) saying what a valid one looks like.
 
@@ -88,13 +99,9 @@ def parse_client_message(raw: object, max_prompt_chars: int = MAX_PROMPT_CHARS) 
     if len(raw) > limit:
         raise ControlError(f"message too long ({len(raw)} characters, at most {limit})")
     try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ControlError(f"not JSON ({exc.msg} at character {exc.pos}); send e.g. "
-                           '{"type": "prompt", "text": "a cat"}') from None
-    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting deeper than the stack
-        raise ControlError("not a usable JSON message (nested too deeply or a number too long); send e.g. "
-                           '{"type": "prompt", "text": "a cat"}') from None
+        data = load_json(raw)
+    except ValueError as exc:
+        raise ControlError(f'{exc}; send e.g. {{"type": "prompt", "text": "a cat"}}') from None
     if not isinstance(data, dict):
         raise ControlError("a control message must be a JSON object with a \"type\" field")
     kind = data.get("type")

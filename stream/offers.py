@@ -5,11 +5,10 @@ Every problem is a ValueError whose text tells the client what to send instead (
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
-from framepack_rt.stream.control import validate_prompt
+from framepack_rt.stream.control import load_json, validate_prompt
 
 MAX_SDP_CHARS = 64 * 1024  # a browser's offer is 2-6 KB; a much larger "SDP" is not one
 MAX_ID_CHARS = 64  # session ids are 10 hex digits
@@ -30,15 +29,11 @@ class Offer:
 def parse_json_body(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; ValueError saying what a valid body looks like."""
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = load_json(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ValueError("POST /offer takes UTF-8 JSON: {\"sdp\": ..., \"type\": \"offer\"}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"POST /offer takes JSON ({exc.msg} at character {exc.pos}): "
-                         "{\"sdp\": ..., \"type\": \"offer\"}") from None
-    except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting deeper than the stack
-        raise ValueError("POST /offer takes plain JSON (nested too deeply or a number too long): "
-                         "{\"sdp\": ..., \"type\": \"offer\"}") from None
+    except ValueError as exc:
+        raise ValueError(f"POST /offer takes JSON, this is {exc}: {{\"sdp\": ..., \"type\": \"offer\"}}") from None
     if not isinstance(body, dict):
         raise ValueError("POST /offer takes a JSON object: {\"sdp\": ..., \"type\": \"offer\"}")
     return body
