@@ -22,6 +22,10 @@ def _load_transformer(spec: str):
         # The 13B preset is only described (meta device): random 13B weights would need 51 GB of RAM.
         device = "meta" if spec == "framepack-13b" else "cpu"
         return FramePackTransformer.from_config(spec, device=device)
+    if spec == "demo":
+        from framepack_rt import demo
+
+        spec = str(demo.weights_dir() / "transformer")
     path = Path(spec)
     if not path.is_dir():
         raise UsageError(f"--model {spec}: not a preset ({', '.join(PRESETS)}) and not a folder")
@@ -104,17 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-rt", description="Real-time FramePack video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a transformer and time one forward pass")
-    info.add_argument("--model", default="tiny", help="tiny | framepack-13b | PATH to a transformer folder")
+    info.add_argument("--model", default="tiny", help="tiny | demo | framepack-13b | PATH to a transformer folder")
     info.add_argument("--latent-size", type=_latent_size, default=(12, 12), help="latent HxW (image / 8)")
     info.set_defaults(run=cmd_info)
 
     from framepack_rt import generate
+    from framepack_rt.stream import DEFAULT_MODEL
 
     gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
     generate.add_arguments(gen, default_model="tiny")
     gen.set_defaults(run=generate.run)
-
-    from framepack_rt.stream import DEFAULT_MODEL
 
     serve = sub.add_parser("serve", help="stream live generation to browsers over WebRTC")
     serve.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or PATH (default: {DEFAULT_MODEL})")

@@ -13,7 +13,7 @@ from framepack_rt.schedules import num_sections
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("--model", default=default_model, help=f"tiny | PATH to model folders (default: {default_model})")
+    parser.add_argument("--model", default=default_model, help=f"demo | tiny | PATH to model folders (default: {default_model})")
     parser.add_argument("--image", required=True, help="start image (PNG/JPEG)")
     parser.add_argument("--prompt", help="what happens in the video")
     parser.add_argument("--prompt-schedule", help='prompts over time, "0:a ball rolls;3.5:the ball stops"')
