@@ -105,6 +105,35 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch():
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
 
 
+def test_motion_weights_mark_what_changes_against_the_latent_before_the_window():
+    start = torch.zeros(2, 16, 1, 6, 6)
+    history = torch.zeros(2, 16, 19, 6, 6)
+    history[1, :, -1] = 0.3  # clip 1 is mid-clip: its reference is the last history latent, not the start
+    target = torch.zeros(2, 16, 3, 6, 6)
+    target[1] = 0.3
+    target[0, :, 1, 2, 2] = 2.0  # one latent pixel changes in frame 1 of clip 0 (first section: vs the start)
+    w = T.motion_weights(target, start, history, strength=4.0)
+    assert w.shape == (2, 1, 3, 6, 6)
+    assert torch.all(w[1] == 1.0)  # nothing moved relative to the latent before it
+    assert torch.all(w[0, :, 0] == 1.0) and torch.all(w[0, :, 2] == 1.0)
+    assert torch.all(w[0, 0, 1, 1:4, 1:4] == 5.0)  # the changed pixel and its 3x3 neighbourhood
+    assert w[0, 0, 1].sum() == 36 + 4 * 9
+
+
+def test_motion_weighted_loss_equals_plain_mse_when_nothing_moves():
+    cache = synthetic_cache()
+    ds = WindowDataset(cache)
+    batch = collate([ds[i] for i in range(2)], cache.prompts)
+    for x in ("target", "start", "history"):
+        batch[x] = torch.zeros_like(batch[x])
+    model = tiny_model()
+    with torch.no_grad():
+        plain = T.flow_matching_loss(model, batch, f1_layout(9), torch.Generator().manual_seed(0), shift=1.6)
+        weighted = T.flow_matching_loss(model, batch, f1_layout(9), torch.Generator().manual_seed(0), shift=1.6,
+                                        motion_weight=4.0)
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     rates = [T.learning_rate(step, 1e-3, 10, 110, 0.05) for step in range(120)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup
