@@ -99,18 +99,6 @@ class Client(StreamClient):
         return self.answer
 
 
-def with_server(scenario, timeout: float = 40.0, **settings):
-    async def main():
-        server = StreamServer(SyntheticPipe(), ServerSettings(**settings))
-        url = await server.start("127.0.0.1", 0)
-        try:
-            return await asyncio.wait_for(scenario(server, url), timeout)
-        finally:
-            await server.stop()
-
-    return asyncio.run(main())
-
-
 async def status_of(http: aiohttp.ClientSession, method: str, url: str, **kwargs) -> tuple[int, dict, dict]:
     async with http.request(method, url, **kwargs) as resp:
         body = await resp.json(content_type=None) if resp.content_type == "application/json" else {}
@@ -310,7 +298,7 @@ def test_static_files_are_a_fixed_list_without_symlinks(tmp_path):
 
 # -- over HTTP ----------------------------------------------------------------------------------------------------
 
-def test_bad_requests_get_a_clear_4xx_and_change_nothing():
+def test_bad_requests_get_a_clear_4xx_and_change_nothing(run_with_server):
     async def scenario(server, url):
         async with aiohttp.ClientSession() as http:
             offer = url + "offer"
@@ -335,13 +323,13 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing():
             health = await status_of(http, "GET", url + "api/health")
         return results, health
 
-    results, health = with_server(scenario, max_image_bytes=2 * MB, max_prompt_chars=100)
+    results, health = run_with_server(SyntheticPipe(), scenario, max_image_bytes=2 * MB, max_prompt_chars=100)
     for status, body, _, want, fragment in results:
         assert status == want and fragment in body["error"], (status, body, want)
     assert health[0] == 200 and health[1]["sessions"] == 0 and health[1]["viewers"] == 0  # nothing was started
 
 
-def test_token_roles_and_view_only_viewers(caplog):
+def test_token_roles_and_view_only_viewers(caplog, run_with_server):
     caplog.set_level(logging.DEBUG)
 
     async def scenario(server, url):
@@ -376,7 +364,7 @@ def test_token_roles_and_view_only_viewers(caplog):
             await asyncio.gather(*(c.close() for c in (owner, viewer, admin) if c is not None))
 
     (no_token, listing, page, owner, viewer, strangers, hello, messages, rtt, admin, ack, listed,
-     state) = with_server(scenario, token=TOKEN)
+     state) = run_with_server(SyntheticPipe(), scenario, token=TOKEN)
     assert no_token[0] == 401 and "token" in no_token[1]["error"] and "Bearer" in no_token[2]["WWW-Authenticate"]
     assert listing[0] == 401 and page[0] == 200
     assert owner["role"] == "control" and len(owner["view_key"]) >= 16
@@ -394,7 +382,7 @@ def test_token_roles_and_view_only_viewers(caplog):
     assert TOKEN not in logged and owner["view_key"] not in logged
 
 
-def test_no_cors_and_security_headers_everywhere():
+def test_no_cors_and_security_headers_everywhere(run_with_server):
     async def scenario(server, url):
         evil = {"Origin": "http://evil.example"}
         answers = []
@@ -406,14 +394,14 @@ def test_no_cors_and_security_headers_everywhere():
                 answers.append((method, path) + (await status_of(http, method, url + path, headers=headers)))
         return answers
 
-    for method, path, status, _, headers in with_server(scenario):
+    for method, path, status, _, headers in run_with_server(SyntheticPipe(), scenario):
         assert status < 500, (method, path, status)
         assert not any(k.lower().startswith("access-control-") for k in headers), (method, path, headers)
         assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
 
 
-def test_static_files_cannot_be_walked_out_of():
+def test_static_files_cannot_be_walked_out_of(run_with_server):
     async def scenario(server, url):
         paths = ["/static/../server.py", "/static/%2e%2e/server.py", "/static/%2E%2E%2Fserver.py",
                  "/static/..%2fserver.py", "/static/....//server.py", "/static//etc/passwd",
@@ -423,7 +411,7 @@ def test_static_files_cannot_be_walked_out_of():
         good = await raw_get(url, "/static/app.js")
         return statuses, good
 
-    statuses, good = with_server(scenario)
+    statuses, good = run_with_server(SyntheticPipe(), scenario)
     assert good == 200
     for path, status in statuses.items():
         assert status in (400, 404), (path, status)
@@ -503,14 +491,14 @@ async def _offer_sdp(send_media: bool = False) -> str:
         await pc.close()
 
 
-def test_viewers_cannot_send_media_to_the_server():
+def test_viewers_cannot_send_media_to_the_server(run_with_server):
     async def scenario(server, url):
         async with aiohttp.ClientSession() as http:
             sdp = await _offer_sdp(send_media=True)
             status, answer, _ = await status_of(http, "POST", url + "offer", json={"sdp": sdp, "type": "offer"})
         return status, answer
 
-    status, answer = with_server(scenario)
+    status, answer = run_with_server(SyntheticPipe(), scenario)
     assert status == 200
     sections = answer["sdp"].split("m=")[1:]
     video = next(s for s in sections if s.startswith("video"))
