@@ -100,3 +100,21 @@ def test_from_pretrained_demo_without_weights_says_how_to_get_them(tmp_path, mon
     monkeypatch.setattr(demo, "WEIGHTS_DIR", tmp_path / "weights")
     with pytest.raises(FileNotFoundError, match="framepack_rt.demo.train all.*--model tiny"):
         FramePackPipeline.from_pretrained("demo")
+
+
+def test_the_vae_can_tell_plain_backgrounds_apart():
+    """Why the demo VAE uses one norm group: with the release's grouping at 8 channels (2 per group) a plain
+    (uniform) frame normalizes to a sign pattern, so every plain latent decodes to the same colour and the
+    world's backgrounds collapse into one. With one group the channel pattern, and so the colour, survives."""
+    from framepack_rt.demo.models import VAE_CONFIG, build_vae
+
+    assert VAE_CONFIG["norm_num_groups"] == 1
+
+    def plain_decode_gap(groups: int) -> float:
+        torch.manual_seed(0)
+        vae = build_vae(norm_num_groups=groups).eval()
+        with torch.no_grad():
+            a, b = (vae.decode(torch.full((1, 16, 1, 8, 8), v)).sample for v in (0.2, 0.9))
+        return float((a - b).abs().max())
+
+    assert plain_decode_gap(4) < 0.01 < 0.1 < plain_decode_gap(1)

@@ -134,6 +134,18 @@ def test_motion_weighted_loss_equals_plain_mse_when_nothing_moves():
     assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
+def test_history_noise_leaves_empty_slots_exact_and_stays_within_its_std():
+    history = torch.zeros(64, 16, 19, 4, 4)
+    history[:, :, 16:] = 1.0  # three real latents at the newest end, zeros before the clip start
+    g = torch.Generator().manual_seed(0)
+    noisy = T.noisy_history(history, 0.2, g)
+    assert torch.equal(noisy[:, :, :16], history[:, :, :16])  # the stream holds exact zeros there
+    diff = noisy[:, :, 16:] - 1.0
+    stds = diff.flatten(1).std(dim=1)
+    assert stds.max() <= 0.2 * 1.1 and stds.min() < 0.05 and stds.max() > 0.15  # per-sample std in [0, 0.2]
+    assert T.noisy_history(history, 0.0, g) is history
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor():
     rates = [T.learning_rate(step, 1e-3, 10, 110, 0.05) for step in range(120)]
     assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup

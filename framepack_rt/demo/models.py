@@ -53,7 +53,7 @@ TRANSFORMER_CONFIG = FramePackConfig(
 
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 16, 32, 64), layers_per_block=1,
-    norm_num_groups=4, scaling_factor=1.0, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    norm_num_groups=1, scaling_factor=1.0, spatial_compression_ratio=8, temporal_compression_ratio=4,
 )  # scaling_factor is measured after VAE training (train.py) and written into the saved config
 PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "image_encoder", "feature_extractor", "vae",
          "transformer")

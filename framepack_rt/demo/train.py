@@ -129,7 +129,12 @@ def train_vae(args: argparse.Namespace) -> Path:
     torch.manual_seed(args.seed)
     vae = build_vae().train()  # native Conv3d here: its backward is faster than the tap path's (0.29 vs 0.44 s)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
-    extra = D.load_checkpoint(out / "vae_ckpt", vae, opt, info) or {"step": 0}
+    extra = D.load_checkpoint(out / "vae_ckpt", vae, opt, info)
+    if extra is None and args.vae_init:  # a fresh run that starts from another VAE's weights (same shapes)
+        from diffusers import AutoencoderKLHunyuanVideo
+
+        vae.load_state_dict(AutoencoderKLHunyuanVideo.from_pretrained(args.vae_init).state_dict())
+    extra = extra or {"step": 0}
     log = out / "vae_log.jsonl"
     began = time.perf_counter()
     for step in range(extra["step"], args.steps):
@@ -210,10 +215,27 @@ def motion_weights(target: torch.Tensor, start: torch.Tensor, history: torch.Ten
     return 1.0 + strength * moving
 
 
+def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
+    """history (B, C, K, h, w) plus Gaussian noise of a per-sample std drawn uniformly in [0, max_std].
+
+    At inference the history is the model's own earlier output, never quite a clean encode; training on
+    slightly corrupted histories keeps one imperfect section from derailing the next (exposure bias). The
+    all-zero slots before a clip's start stay exactly zero: the stream holds exact zeros there too.
+    """
+    if not max_std:
+        return history
+    b = history.shape[0]
+    std = torch.rand(b, generator=generator).mul_(max_std).view(b, 1, 1, 1, 1)
+    real = history.abs().amax(dim=(1, 3, 4), keepdim=True) > 0  # (B, 1, K, 1, 1): slots holding a latent
+    noise = torch.randn(history.shape, generator=generator)
+    return history + (std * noise * real).to(history.device)
+
+
 def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: torch.Generator,
-                       shift: float, motion_weight: float = 0.0) -> torch.Tensor:
+                       shift: float, motion_weight: float = 0.0, history_noise: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true velocity for one batch of windows, at random sigmas; with
-    ``motion_weight`` > 0 the positions that change are weighted up (:func:`motion_weights`)."""
+    ``motion_weight`` > 0 the positions that change are weighted up (:func:`motion_weights`); with
+    ``history_noise`` > 0 the context history is corrupted a little (:func:`noisy_history`)."""
     device = next(model.parameters()).device
     x0 = batch["target"].to(device)
     b = x0.shape[0]
@@ -222,7 +244,8 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     noise = torch.randn(x0.shape, generator=generator).to(device)
     s = sigma.view(b, 1, 1, 1, 1)
     x = (1 - s) * x0 + s * noise
-    context = pack_context(layout, batch["start"].to(device), batch["history"].to(device))
+    history = noisy_history(batch["history"].to(device), history_noise, generator)
+    context = pack_context(layout, batch["start"].to(device), history)
     v = model(
         hidden_states=x, timestep=sigma * 1000.0, guidance=torch.full((b,), DISTILLED_GUIDANCE * 1000.0, device=device),
         encoder_hidden_states=batch["text"].to(device), encoder_attention_mask=batch["text_mask"].to(device),
@@ -337,7 +360,7 @@ def train_transformer(args: argparse.Namespace) -> Path:
             autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=args.bf16 and not args.fsdp)
             with use_kernels(False), autocast:  # the Triton kernels are inference-only: torch ops for training
                 loss = flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(seed), shift,
-                                          args.motion_weight)
+                                          args.motion_weight, args.history_noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = D.clip_grad_norm(model, args.clip)
@@ -411,6 +434,8 @@ def parser() -> argparse.ArgumentParser:
                         help="final rate as a fraction of --vae-lr (cosine decay over --vae-steps)")
         sp.add_argument("--kl", type=float, default=1e-4, help="KL weight (per-element means)")
         sp.add_argument("--fg-weight", dest="fg_weight", type=float, default=10.0)
+        sp.add_argument("--vae-init", dest="vae_init", default=None,
+                        help="start from this VAE folder's weights (e.g. a run made with another norm grouping)")
 
     def encode_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--clips", type=int, default=600)
@@ -429,6 +454,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--window", type=int, default=9)
         sp.add_argument("--motion-weight", dest="motion_weight", type=float, default=4.0,
                         help="extra loss weight where the video changes (0: plain MSE)")
+        sp.add_argument("--history-noise", dest="history_noise", type=float, default=0.15,
+                        help="max std of the noise added to context history latents (0: clean history)")
         sp.add_argument("--vanilla-fraction", dest="vanilla_fraction", type=float, default=0.15)
         sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
         sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
