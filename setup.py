@@ -22,7 +22,8 @@ setup(
         "framepack_rt.kernels": "kernels",
         "framepack_rt.stream": "stream",
     },
-    package_data={"framepack_rt.stream": ["static/*"]},
+    # The trained demo model (about 12 MB of fp16 safetensors) ships inside the package: `--model demo`.
+    package_data={"framepack_rt.stream": ["static/*"], "framepack_rt.demo": ["weights/*/*"]},
     install_requires=[
         # A range that the local CPU wheel 2.13.0 satisfies: install torch==2.13.0 first (see README).
         "torch>=2.4,<3",
