@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from framepack_rt.stream import DEFAULT_MODEL
 
     gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
-    generate.add_arguments(gen, default_model="tiny")
+    generate.add_arguments(gen, default_model=DEFAULT_MODEL)
     gen.set_defaults(run=generate.run)
 
     serve = sub.add_parser("serve", help="stream live generation to browsers over WebRTC")

@@ -31,7 +31,17 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
 @pytest.fixture
 def server_url(launch_serve):
     """`framepack-rt serve --port 0 --steps 2` in a subprocess; yields the URL it prints; ends it by pid."""
-    proc, url, lines = launch_serve("--steps", "2", timeout=60)
+    yield from serve(launch_serve, "--steps", "2")
+
+
+@pytest.fixture
+def demo_server_url(launch_serve):
+    """The same with the default model and its default steps, as a user starts it."""
+    yield from serve(launch_serve)
+
+
+def serve(launch_serve, *args: str):
+    proc, url, lines = launch_serve(*args, timeout=60)
     yield url
     os.kill(proc.pid, signal.SIGTERM)  # the clean-shutdown path Ctrl-C takes too
     try:
@@ -89,5 +99,67 @@ def test_page_decodes_frames_and_sends_prompts(server_url):
             page.screenshot(path=str(ARTIFACTS / "stream_browser.png"))
             assert page.evaluate("window.framepack.framesDecoded") >= before + 30
             assert not errors, errors
+        finally:
+            browser.close()
+
+
+# The red ball's centroid x in the frame the <video> shows now, as a fraction of the width (None: no red).
+# Colour weights as the evaluation's (framepack_rt.demo.evaluate.colour_weights): 1 at the world's red,
+# falling to 0 at RGB distance 100, so codec-softened edges still count for what red they hold.
+RED_X = """() => {
+  const v = document.getElementById('video');
+  if (!v.videoWidth) return null;
+  const c = document.createElement('canvas');
+  c.width = v.videoWidth; c.height = v.videoHeight;
+  const g = c.getContext('2d');
+  g.drawImage(v, 0, 0);
+  const d = g.getImageData(0, 0, c.width, c.height).data;
+  let sum = 0, mass = 0;
+  for (let i = 0; i < d.length; i += 4) {
+    const w = Math.max(0, 1 - Math.hypot(d[i] - 220, d[i + 1] - 40, d[i + 2] - 40) / 100);
+    sum += w * ((i / 4) % c.width); mass += w;
+  }
+  return mass >= 4 ? sum / mass / c.width : null;
+}"""
+
+
+def sample_red_x(page, seconds: float) -> list[float]:
+    """The red centroid of the playing video, every 50 ms for ``seconds`` (frames without red left out)."""
+    xs, deadline = [], time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        x = page.evaluate(RED_X)
+        if x is not None:
+            xs.append(x)
+        time.sleep(0.05)
+    return xs
+
+
+def test_the_demo_ball_follows_a_typed_prompt(demo_server_url):
+    """The default (trained demo) model opens with the red ball and 'a red ball moves right': the ball in the
+    decoded video goes right; after 'a red ball moves left' is typed, it comes back left."""
+    from playwright.sync_api import sync_playwright
+
+    server_url = demo_server_url
+    assert get_json(server_url + "api/config")["default_prompt"] == "a red ball moves right"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
+            page.goto(server_url)
+            page.click("#start")
+            page.wait_for_function("window.framepack.framesDecoded > 0", timeout=20_000)
+            right = sample_red_x(page, 3.0)  # the start image, then the first sections (0.3 widths a second)
+            assert len(right) > 20 and max(right) - right[0] >= 0.1, right
+
+            page.fill("#prompt", "a red ball moves left")
+            page.press("#prompt", "Enter")
+            page.wait_for_function("document.querySelector('#prompt-note').textContent.includes('applies from')",
+                                   timeout=5_000)
+            # The new prompt is generated from the next section and plays after what is already buffered.
+            left = sample_red_x(page, 8.0)
+            assert left, "the red ball left the video"
+            peak = max(right[-1], max(left[: len(left) // 4 + 1]))
+            assert peak - min(left) >= 0.1, (right[-5:], left)
+            page.screenshot(path=str(ARTIFACTS / "stream_browser_demo.png"))
         finally:
             browser.close()
