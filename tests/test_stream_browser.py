@@ -105,18 +105,18 @@ def test_page_decodes_frames_and_sends_prompts(server_url):
 
 # The red ball's centroid x in the frame the <video> shows now, as a fraction of the width (None: no red).
 # Colour weights as the evaluation's (framepack_rt.demo.evaluate.colour_weights): 1 at the world's red,
-# falling to 0 at RGB distance 100, so codec-softened edges still count for what red they hold.
-RED_X = """() => {
+# falling to 0 at RGB distance `tol`, so codec-softened edges still count for what red they hold.
+RED_X = """([r, g, b, tol]) => {
   const v = document.getElementById('video');
   if (!v.videoWidth) return null;
   const c = document.createElement('canvas');
   c.width = v.videoWidth; c.height = v.videoHeight;
-  const g = c.getContext('2d');
-  g.drawImage(v, 0, 0);
-  const d = g.getImageData(0, 0, c.width, c.height).data;
+  const ctx = c.getContext('2d');
+  ctx.drawImage(v, 0, 0);
+  const d = ctx.getImageData(0, 0, c.width, c.height).data;
   let sum = 0, mass = 0;
   for (let i = 0; i < d.length; i += 4) {
-    const w = Math.max(0, 1 - Math.hypot(d[i] - 220, d[i + 1] - 40, d[i + 2] - 40) / 100);
+    const w = Math.max(0, 1 - Math.hypot(d[i] - r, d[i + 1] - g, d[i + 2] - b) / tol);
     sum += w * ((i / 4) % c.width); mass += w;
   }
   return mass >= 4 ? sum / mass / c.width : null;
@@ -125,9 +125,11 @@ RED_X = """() => {
 
 def sample_red_x(page, seconds: float) -> list[float]:
     """The red centroid of the playing video, every 50 ms for ``seconds`` (frames without red left out)."""
+    from framepack_rt.demo.evaluate import COLOUR_TOLERANCE, RED
+
     xs, deadline = [], time.monotonic() + seconds
     while time.monotonic() < deadline:
-        x = page.evaluate(RED_X)
+        x = page.evaluate(RED_X, [*RED, COLOUR_TOLERANCE])
         if x is not None:
             xs.append(x)
         time.sleep(0.05)

@@ -31,10 +31,11 @@ import torch
 from framepack_rt.demo.world import COLOURS, start_image
 
 RED = COLOURS["red"]
+COLOUR_TOLERANCE = 100.0  # RGB distance at which a pixel stops counting as a colour (colour_weights)
 
 
 # --------------------------------------------------------------------------------------------- measurements
-def colour_weights(frames: np.ndarray, rgb: tuple[int, int, int], tol: float = 100.0) -> np.ndarray:
+def colour_weights(frames: np.ndarray, rgb: tuple[int, int, int], tol: float = COLOUR_TOLERANCE) -> np.ndarray:
     """(T, H, W, 3) uint8 -> (T, H, W) in [0, 1]: 1 at ``rgb``, falling linearly to 0 at RGB distance ``tol``.
 
     The world's colours are >= 150 apart, so a tolerance of 100 separates them and keeps anti-aliased edges

@@ -254,8 +254,8 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     noise = torch.randn(x0.shape, generator=generator).to(device)
     s = sigma.view(b, 1, 1, 1, 1)
     x = (1 - s) * x0 + s * noise
-    history = noisy_history(batch["history"].to(device), history_noise, generator)
-    context = pack_context(layout, batch["start"].to(device), history)
+    start, history = batch["start"].to(device), batch["history"].to(device)
+    context = pack_context(layout, start, noisy_history(history, history_noise, generator))
     v = model(
         hidden_states=x, timestep=sigma * 1000.0, guidance=torch.full((b,), DISTILLED_GUIDANCE * 1000.0, device=device),
         encoder_hidden_states=batch["text"].to(device), encoder_attention_mask=batch["text_mask"].to(device),
@@ -265,7 +265,7 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     err = (v.float() - (noise - x0)).pow(2)
     if not motion_weight:
         return err.mean()
-    weight = motion_weights(x0, batch["start"].to(device), batch["history"].to(device), motion_weight)
+    weight = motion_weights(x0, start, history, motion_weight)  # what moves is judged on the clean history
     return (weight * err).mean() / weight.mean()
 
 
