@@ -22,16 +22,18 @@ from framepack_rt.stream import DEFAULT_MODEL
 
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
-        device: str = "cpu") -> dict:
+        device: str = "cpu", cfg: float | None = None) -> dict:
     from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.sampling import GuidanceConfig
 
     pipe = FramePackPipeline.from_pretrained(model, device=device)
+    guidance = pipe.default_guidance if cfg is None else GuidanceConfig(cfg=cfg)
     if pipe.example is not None:  # the demo model's own start: what it was trained to continue
         image, prompt = pipe.example
     else:
         image, prompt = np.full((64, 64, 3), 30, np.uint8), "a red ball moves right"
         image[24:40, 8:24] = (220, 40, 40)
-    stream = pipe.stream(image, prompt, steps=steps, teacache=teacache)
+    stream = pipe.stream(image, prompt, steps=steps, teacache=teacache, guidance=guidance)
     next(stream)  # warm-up: first-call allocations, and the first section's shorter output
     rows = []
     began = time.perf_counter()
@@ -44,8 +46,8 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
     sample, decode = sum(r["sample_ms"] for r in rows), sum(r["decode_ms"] for r in rows)
     h, w = rows and stream._decoder._hw
     return dict(
-        config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, teacache=teacache,
-                    device=device, frame_size=[h, w]),
+        config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, cfg=guidance.cfg,
+                    teacache=teacache, device=device, frame_size=[h, w]),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         fps=frames / wall,
         frames=frames,
@@ -64,11 +66,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--teacache", type=float)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cfg", type=float, help="real-CFG scale (default: the model's; 1: off)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    r = run(args.model, args.sections, args.steps, args.teacache, args.device)
+    r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg)
     c = r["config"]
-    print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, {c['device']} ({r['machine']})")
+    print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, cfg {c['cfg']:g}, "
+          f"{c['device']} ({r['machine']})")
     print(f"  {r['fps']:.1f} frames/s over {r['frames']} frames ({r['wall_s']:.2f} s)")
     print(f"  sampling {r['sample_share']:.0%} of the time ({r['ms_per_step_p50']:.1f} ms per step), "
           f"VAE decode {r['decode_share']:.0%}")

@@ -77,6 +77,13 @@ def _example_inputs(cfg, height: int, width: int, dtype) -> dict:
     )
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
+    return value
+
+
 def _latent_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -95,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from framepack_rt.stream.server import ServerSettings, serve
 
     settings = ServerSettings(model=args.model, fps=args.fps, window=args.window, steps=args.steps,
-                              teacache=args.teacache, buffer_seconds=args.buffer, stamp=args.stamp,
+                              teacache=args.teacache, cfg=args.cfg, buffer_seconds=args.buffer, stamp=args.stamp,
                               **options.settings_kwargs(args))
     try:
         asyncio.run(serve(settings, args.host, args.port, announce=lambda line: print(line, flush=True)))
@@ -128,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--steps", type=int, default=None, help="sampling steps per section (default: the model's)")
     serve.add_argument("--teacache", type=float, default=None, metavar="THRESH",
                        help="TeaCache threshold, e.g. 0.15 (default: off)")
+    serve.add_argument("--cfg", type=_positive_float, default=None, metavar="SCALE",
+                       help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2)")
     serve.add_argument("--buffer", type=float, default=2.0, metavar="SECONDS",
                        help="most generated video waiting to be played, bounding the delay (default: 2)")
     serve.add_argument("--stamp", action="store_true",

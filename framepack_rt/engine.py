@@ -179,7 +179,10 @@ class SectionGenerator:
         if self.sampler.guidance.cfg != 1.0:  # real CFG only: at cfg 1 the negative branch never runs
             negative = ("neg", self._negative or _zeros_like(conditioning))
         velocity = self._velocity_fn(context, caches)
-        denoise = guided_denoiser(velocity, self.sampler.guidance, positive, negative)
+        pair = None
+        if negative is not None and not caches and _batchable(conditioning, negative[1]):
+            pair = self._paired_velocity_fn(context, conditioning, negative[1])  # TeaCache keeps one per branch
+        denoise = guided_denoiser(velocity, self.sampler.guidance, positive, negative, pair_fn=pair)
         shape = (self.batch, self.model.config.in_channels, self.schedule.window, self.height, self.width)
         x = self.noise.noise(shape, device=self.device)
 
@@ -232,6 +235,50 @@ class SectionGenerator:
             )
 
         return velocity
+
+
+    def _paired_velocity_fn(self, context: ContextInputs, positive: Conditioning, negative: Conditioning):
+        """Both CFG branches as one batch of 2B: the context is repeated once per section, not per step."""
+        model, both = self.model, _stacked(positive, negative)
+        context_kwargs = {k: v if v is None or v.ndim == 1 else torch.cat([v, v]) for k, v in context.as_kwargs().items()}
+
+        def pair(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, _pos, _neg):
+            v = model(
+                hidden_states=torch.cat([x, x]),
+                timestep=torch.cat([timestep, timestep]),
+                guidance=torch.cat([guidance, guidance]),
+                encoder_hidden_states=both.text,
+                encoder_attention_mask=both.text_mask,
+                pooled_projections=both.pooled,
+                image_embeds=both.image_embeds,
+                **context_kwargs,
+            )
+            return v.chunk(2)
+
+        return pair
+
+
+def _batchable(a: Conditioning, b: Conditioning) -> bool:
+    """Can the two CFG branches share one model call? (Text lengths may differ: the shorter is masked.)"""
+    if (a.image_embeds is None) != (b.image_embeds is None):
+        return False
+    return a.text.shape[0] == b.text.shape[0] and (a.image_embeds is None or a.image_embeds.shape == b.image_embeds.shape)
+
+
+def _stacked(a: Conditioning, b: Conditioning) -> Conditioning:
+    """a then b along the batch; text padded to the longer length, padding masked out."""
+    length = max(a.text.shape[1], b.text.shape[1])
+
+    def text_and_mask(c: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, n = c.text.shape[:2]
+        mask = c.text_mask if c.text_mask is not None else torch.ones(batch, n, dtype=torch.bool, device=c.text.device)
+        pad = length - n
+        return (torch.nn.functional.pad(c.text, (0, 0, 0, pad)), torch.nn.functional.pad(mask, (0, pad)))
+
+    (ta, ma), (tb, mb) = text_and_mask(a), text_and_mask(b)
+    images = None if a.image_embeds is None else torch.cat([a.image_embeds, b.image_embeds])
+    return Conditioning(prompt=a.prompt, text=torch.cat([ta, tb]), pooled=torch.cat([a.pooled, b.pooled]),
+                        text_mask=torch.cat([ma.to(mb.dtype), mb]), image_embeds=images)
 
 
 def _zeros_like(cond: Conditioning) -> Conditioning:

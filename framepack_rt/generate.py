@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--steps", type=int, help="sampling steps per section (default: the model's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--teacache", type=float, metavar="THRESH", help="TeaCache threshold, e.g. 0.15")
+    parser.add_argument("--cfg", type=float, metavar="SCALE",
+                        help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
     parser.add_argument("--window", type=int, default=9, help="latent frames per section")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--low-vram", action="store_true", help="stream weights; see --memory-budget-gb")
@@ -44,6 +46,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--end-image needs --mode inverted")
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be >= 1")
+    if getattr(args, "cfg", None) is not None and args.cfg <= 0:
+        raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
     load_image(args.image)  # readable?
     if args.end_image:
         load_image(args.end_image)
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.sampling import GuidanceConfig
 
     began = time.perf_counter()
     pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, low_vram=args.low_vram,
@@ -74,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     stream = pipe.stream(args.image, args.prompt or schedule[0].prompt, seed=args.seed, steps=steps,
                          window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
-                         end_image=args.end_image, on_step=on_step, prompt_schedule=schedule)
+                         end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
+                         guidance=None if args.cfg is None else GuidanceConfig(cfg=args.cfg))
     chunks = []
     with Mp4Writer(args.out, fps=FPS) as writer:
         for section in stream:

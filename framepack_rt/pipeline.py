@@ -175,12 +175,16 @@ class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
+                 default_guidance: GuidanceConfig = GuidanceConfig(), default_negative_prompt: str = "",
                  example: tuple[np.ndarray, str] | None = None) -> None:
-        """example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
+        """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
+        example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
         servers and tools open with it. None: the model has no preference."""
         self.parts = parts
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
+        self.default_guidance = default_guidance
+        self.default_negative_prompt = default_negative_prompt
         self.example = example
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -212,7 +216,8 @@ class FramePackPipeline:
             from framepack_rt import demo
 
             path = demo.weights_dir()
-            settings = {"buckets": "demo", "default_steps": demo.DEMO_STEPS, "example": demo.example_start()}
+            settings = {"buckets": "demo", "default_steps": demo.DEMO_STEPS, "example": demo.example_start(),
+                        "default_guidance": GuidanceConfig(cfg=demo.DEMO_CFG)}
         roots = [] if str(path) == "tiny" else [path]
         budget = None
         if low_vram:
@@ -263,13 +268,16 @@ class FramePackPipeline:
         end_image=None,
         on_step: Callable[[StepProgress], None] | None = None,
         prompt_schedule: list[PromptChange] | None = None,
-        guidance: GuidanceConfig = GuidanceConfig(),
+        guidance: GuidanceConfig | None = None,
+        negative_prompt: str | None = None,
     ) -> VideoStream:
         """Start generating; returns the :class:`VideoStream` of sections.
 
         mode "f1": forward, endless unless ``seconds``. mode "inverted": anti-drifting, needs ``seconds``, may
         end on ``end_image``; its sections come end-first (``Section.first_frame`` says where they go).
-        teacache: a threshold (e.g. 0.15) or a config; None turns it off.
+        teacache: a threshold (e.g. 0.15) or a config; None turns it off. guidance: None, the model's default
+        (``default_guidance``). negative_prompt: what real CFG steers away from (None: the model's default
+        negative prompt, ``default_negative_prompt``; none at all: zero text embeddings).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -295,7 +303,8 @@ class FramePackPipeline:
             prompt = prompt_at(prompt_schedule, 0.0)
         if isinstance(teacache, (int, float)):
             teacache = TeaCacheConfig(threshold=float(teacache))
-        sampler = SamplerConfig(steps=steps or self.default_steps, guidance=guidance, teacache=teacache)
+        sampler = SamplerConfig(steps=steps or self.default_steps, guidance=guidance or self.default_guidance,
+                                teacache=teacache)
 
         holder: dict[str, VideoStream] = {}
 
@@ -305,10 +314,14 @@ class FramePackPipeline:
                 preview = latent_preview(event.denoised[:, :, -1:])[0, 0].numpy()
                 on_step(StepProgress(event.section, event.step, event.steps, preview))
 
+        negative_prompt = negative_prompt if negative_prompt is not None else self.default_negative_prompt
+        negative = None
+        if sampler.guidance.cfg != 1.0 and negative_prompt:
+            negative = self.conditioning(negative_prompt, image_embeds)
         transformer = self.parts.transformer()
         generator = SectionGenerator(
             transformer, schedule, start_latent, self.conditioning(prompt, image_embeds), sampler=sampler,
-            seed=seed, end_latent=end_latent, step_callback=step_callback,
+            seed=seed, end_latent=end_latent, step_callback=step_callback, negative=negative,
         )
         vae = self.parts.vae()
         if schedule.order.value == "forward":

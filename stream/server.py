@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from framepack_rt.sampling import GuidanceConfig
 from framepack_rt.stream import DEFAULT_MODEL
 from framepack_rt.stream.buffer import rgb_to_yuv420
 from framepack_rt.stream.generation import DeviceWorker
@@ -60,13 +61,14 @@ TOKEN_HINT = "FRAMEPACK_RT_TOKEN (or --token)"
 
 @dataclass
 class ServerSettings:
-    """How sessions generate and play. ``steps``/``teacache`` None: the pipeline's defaults."""
+    """How sessions generate and play. ``steps``/``teacache``/``cfg`` None: the pipeline's defaults."""
 
     model: str = DEFAULT_MODEL
     fps: float = 30.0
     window: int = 9
     steps: int | None = None
     teacache: float | None = None
+    cfg: float | None = None  # real classifier-free guidance scale (1: off)
     mode: str = "f1"  # live streams go forward; "inverted" builds fixed-length clips end-first
     buffer_seconds: float = 2.0  # bounded buffer: at most this much generated video waits to be played
     # Limits (see limits.py and the README): capacity, input sizes, how long unused things live.
@@ -232,8 +234,9 @@ class StreamServer:
         prompt = prompt or self.default_prompt
 
         def build(on_step: Callable[[Any], None]):
+            guidance = None if s.cfg is None else GuidanceConfig(cfg=s.cfg)
             return self.pipe.stream(image, prompt, seed=seed, steps=s.steps, window=s.window, mode=s.mode,
-                                    teacache=s.teacache, on_step=on_step)
+                                    teacache=s.teacache, on_step=on_step, guidance=guidance)
 
         try:
             await session.start(build, prompt)
@@ -353,7 +356,7 @@ class StreamServer:
     async def _config(self, request: web.Request) -> web.Response:
         s = self.settings
         return web.json_response({"model": s.model, "fps": s.fps, "window": s.window, "steps": s.steps,
-                                  "teacache": s.teacache, "default_prompt": self.default_prompt,
+                                  "teacache": s.teacache, "cfg": s.cfg, "default_prompt": self.default_prompt,
                                   "buffer_frames": s.buffer_frames, "token_required": self.access.required,
                                   "max_prompt_chars": s.max_prompt_chars, "max_image_bytes": s.max_image_bytes,
                                   "max_image_pixels": s.max_image_pixels})

@@ -43,7 +43,7 @@ def test_generate_writes_a_playable_mp4(tmp_path, image, mode, extra, capsys):
 def test_generate_with_a_prompt_schedule(tmp_path, image):
     out = tmp_path / "sched.mp4"
     assert main(["generate", "--image", str(image), "--prompt-schedule", "0:a ball rolls;1.2:the ball stops",
-                 "--seconds", "2", "--steps", "1", "--out", str(out)]) == 0
+                 "--seconds", "2", "--steps", "1", "--cfg", "1.5", "--out", str(out)]) == 0
     assert decoded_frames(out) == 73
 
 
@@ -52,9 +52,10 @@ def test_generate_with_a_prompt_schedule(tmp_path, image):
     [(["--seconds", "0"], "--seconds must be > 0"), (["--seconds", "-1"], "--seconds must be > 0"),
      (["--mode", "sideways"], "choose one of f1, inverted"), (["--image", "/no/such.png"], "no such image file"),
      (["--image", "NOTIMAGE"], "not a readable image"), (["--end-image", "IMAGE"], "needs --mode inverted"),
-     (["--out", "/no/such/dir/x.mp4"], "does not exist"), (["--prompt-schedule", "2:late"], "one of --prompt")],
+     (["--out", "/no/such/dir/x.mp4"], "does not exist"), (["--prompt-schedule", "2:late"], "one of --prompt"),
+     (["--cfg", "0"], "--cfg must be > 0")],
     ids=["zero-seconds", "negative-seconds", "bad-mode", "missing-image", "unreadable-image", "end-image-f1",
-         "bad-out-dir", "prompt-and-schedule"],
+         "bad-out-dir", "prompt-and-schedule", "zero-cfg"],
 )
 def test_bad_arguments_one_line_nonzero(tmp_path, image, args, message, capsys):
     not_image = tmp_path / "notes.png"

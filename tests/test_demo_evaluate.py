@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -10,6 +11,7 @@ import pytest
 
 from framepack_rt.demo import evaluate as E
 from framepack_rt.demo.world import COLOURS, WorldConfig, WorldObject, make_clip, parse_prompt, render, simulate
+from framepack_rt.sampling import GuidanceConfig
 
 CFG = WorldConfig()
 BG = (25, 25, 30)
@@ -111,6 +113,7 @@ class FakeStream:
 
 class FakePipe:
     default_steps = 8
+    default_guidance = GuidanceConfig(cfg=2.0)
 
     def __init__(self, contrary: bool = False) -> None:
         self.contrary = contrary
@@ -121,7 +124,11 @@ class FakePipe:
 
 def test_runners_pass_a_model_that_follows_prompts_and_fail_one_that_does_not():
     good, bad = FakePipe(), FakePipe(contrary=True)
-    assert E.eval_direction(good, runs=4).rate == 1.0
+    direction = E.eval_direction(good, runs=4)
+    assert direction.rate == 1.0
+    # A red ball that stays a red ball: its area and a clean palette at the end of every run.
+    assert all(0.8 < d["red_area_end"] < 1.2 and d["palette_error_end"] < 2.0 for d in direction.details)
+    assert "1.00, " in E.table([direction], None)
     assert E.eval_direction(bad, runs=4).rate == 0.0
     change = E.eval_prompt_change(good, runs=4)
     assert change.rate == 1.0 and all(d["frames_to_reverse"] <= 72 for d in change.details)
@@ -142,3 +149,12 @@ def test_drift_summary_and_table(monkeypatch):
     assert van["palette_error_last5s"] > 5 * f1["palette_error_last5s"]
     text = E.table([E.Result("direction", 45, 50, 0.9, []), E.Result("prompt_change", 40, 50, 0.9, [])], drift)
     assert "45/50" in text and "yes" in text and "NO" in text and "vanilla" in text
+
+
+def test_main_reports_rates_and_the_guidance_it_sampled_with(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    report = E.main(["--runs", "3", "--drift-seconds", "0", "--json", str(out)], pipe_factory=FakePipe)
+    saved = json.loads(out.read_text())
+    assert saved["cfg"] == 2.0 and saved["steps"] == 8 and saved["drift"] is None
+    assert saved["direction"]["passed"] == 3 and saved["prompt_change"]["rate"] == 1.0 == report["prompt_change"]["rate"]
+    assert "cfg 2" in capsys.readouterr().out

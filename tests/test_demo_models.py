@@ -85,6 +85,7 @@ def test_from_pretrained_demo_reads_the_weights_folder_with_demo_settings(saved,
     monkeypatch.setattr(demo, "WEIGHTS_DIR", saved[1])
     pipe = FramePackPipeline.from_pretrained("demo")
     assert pipe.default_steps == demo.DEMO_STEPS and pipe.buckets == ((DEMO_SIZE, DEMO_SIZE),)
+    assert pipe.default_guidance.cfg == demo.DEMO_CFG
     image, prompt = pipe.example
     assert image.shape == (DEMO_SIZE, DEMO_SIZE, 3) and prompt == "a red ball moves right"
     assert (np.abs(image.astype(int) - (220, 40, 40)).sum(-1) < 30).sum() > 20  # the red ball is in it

@@ -105,6 +105,38 @@ def test_loss_is_finite_and_falls_on_a_fixed_batch():
     assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0], ids=lambda p: f"text_dropout_{p}")
+def test_text_dropout_zeroes_the_text_of_that_fraction_of_samples(dropout):
+    """Dropped samples see exactly the engine's default negative (zero text and pooled embeddings, the mask
+    kept); with dropout off no extra random number is drawn, so earlier recipes reproduce."""
+    cache = synthetic_cache()
+    ds = WindowDataset(cache)
+    batch = collate([ds[i] for i in range(8)], cache.prompts)
+    model, seen = tiny_model(), {}
+    original = model.forward
+
+    def recording(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    model.forward = recording
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        T.flow_matching_loss(model, batch, f1_layout(9), generator, shift=1.6, text_dropout=dropout)
+    dropped = seen["encoder_hidden_states"].flatten(1).abs().amax(dim=1) == 0
+    assert torch.equal(dropped, seen["pooled_projections"].abs().amax(dim=1) == 0)
+    assert torch.equal(seen["encoder_attention_mask"], batch["text_mask"])
+    kept = ~dropped
+    torch.testing.assert_close(seen["encoder_hidden_states"][kept], batch["text"][kept].to(seen["encoder_hidden_states"].dtype))
+    expected = {0.0: 0, 1.0: 8}.get(dropout)
+    assert int(dropped.sum()) == expected if expected is not None else 0 < int(dropped.sum()) < 8
+    if dropout == 0.0:  # the generator advanced exactly as without the option
+        reference = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            T.flow_matching_loss(tiny_model(), batch, f1_layout(9), reference, shift=1.6)
+        assert torch.equal(generator.get_state(), reference.get_state())
+
+
 def test_motion_weights_mark_what_changes_against_the_latent_before_the_window():
     start = torch.zeros(2, 16, 1, 6, 6)
     history = torch.zeros(2, 16, 19, 6, 6)

@@ -74,3 +74,10 @@ def test_the_red_ball_turns_when_the_prompt_turns(pipe):
 
     result = eval_prompt_change(pipe, runs=5)
     assert result.passed >= 4, result.details
+
+
+def test_evaluation_samples_as_the_pipeline_does_unless_told():
+    from framepack_rt.demo.evaluate import load_pipeline
+
+    assert load_pipeline("demo").default_guidance.cfg == demo.DEMO_CFG
+    assert load_pipeline("demo", cfg=1.0).default_guidance.cfg == 1.0

@@ -147,19 +147,45 @@ def test_teacache_first_and_last_steps_always_run():
     assert (cache.steps_run, cache.steps_skipped) == (2, 3)
 
 
-def test_real_cfg_runs_the_negative_branch_only_when_asked(model):
-    calls = []
+def test_real_cfg_runs_the_negative_branch_only_when_asked_batched_with_the_positive(model):
+    rows = []  # batch rows per model call
     original_forward = model.forward
-    model.forward = lambda **kw: calls.append(1) or original_forward(**kw)
+    model.forward = lambda **kw: rows.append(kw["hidden_states"].shape[0]) or original_forward(**kw)
     try:
-        for cfg, expected in ((1.0, 3), (3.0, 6)):
-            calls.clear()
+        for cfg, expected in ((1.0, [1] * 3), (3.0, [2] * 3)):
+            rows.clear()
             gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
                                    sampler=SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=cfg, cfg_rescale=0.5)))
             next(gen)
-            assert len(calls) == expected
+            assert rows == expected
+        # TeaCache keeps one cache per branch, so with it on the branches stay two calls.
+        rows.clear()
+        gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
+                               sampler=SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=3.0),
+                                                     teacache=TeaCacheConfig(threshold=0.0)))
+        next(gen)
+        assert rows == [1] * 6
     finally:
         del model.forward
+
+
+@pytest.mark.parametrize("negative_text_len", [None, 3, 6, 9], ids=lambda n: f"neg_text_{n or 'zeros'}")
+def test_batched_cfg_equals_two_calls(model, monkeypatch, negative_text_len):
+    """One batch of [positive; negative] gives the same sections as two calls, also when the negative prompt
+    is shorter or longer than the positive one (padded and masked)."""
+    import framepack_rt.engine as engine
+
+    negative = None if negative_text_len is None else conditioning(model, "n", seed=4, text_len=negative_text_len)
+
+    def sections() -> torch.Tensor:
+        gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
+                               negative=negative, sampler=SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=3.0)))
+        return torch.cat([next(gen).latents for _ in range(3)])
+
+    batched = sections()
+    monkeypatch.setattr(engine, "_batchable", lambda a, b: False)
+    two_calls = sections()
+    torch.testing.assert_close(batched, two_calls, rtol=1e-4, atol=1e-4)
 
 
 def test_inverted_schedule_is_finite_and_ends_with_the_start_frame(model):

@@ -149,3 +149,17 @@ def test_missing_part_names_the_folder(tmp_path):
     shutil.rmtree(tmp_path / "vae")
     with pytest.raises(MissingModelPart, match="vae"):
         FramePackPipeline.from_pretrained(tmp_path)
+
+
+def test_guidance_and_negative_prompt_reach_the_generator(pipe, image):
+    """No guidance: the model's default (cfg 1: no negative is encoded). Real CFG: the negative prompt given,
+    else the model's default negative prompt, else none (the engine then uses zero embeddings)."""
+    from framepack_rt.sampling import GuidanceConfig
+
+    plain = pipe.stream(image, "a ball", steps=1)
+    assert plain._gen.sampler.guidance == pipe.default_guidance and plain._gen._negative is None
+    guided = pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0), negative_prompt="a blur")
+    assert guided._gen.sampler.guidance.cfg == 2.0 and guided._gen._negative.prompt == "a blur"
+    assert next(guided).frames.shape[0] > 0
+    assert pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0))._gen._negative is None
+    assert pipe.stream(image, "a ball", steps=1, negative_prompt="a blur")._gen._negative is None  # cfg 1: unused

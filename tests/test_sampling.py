@@ -326,6 +326,38 @@ def test_cfg_formula():
     torch.testing.assert_close(x0, x - (v_neg + 4.0 * (v_pos - v_neg)) * sig.reshape(3, 1, 1))
 
 
+def test_cfg_pair_fn_computes_both_branches_in_one_call_only_when_cfg_is_on():
+    vel, x, sig = AffineVelocity(), _x(), torch.tensor([0.9, 0.5, 0.2])
+    pairs = []
+
+    def pair(x, timestep, guidance, positive, negative):
+        pairs.append((positive, negative))
+        return vel.v(x, positive), vel.v(x, negative)
+
+    x0 = guided_denoiser(vel, GuidanceConfig(cfg=4.0), "pos", "neg", pair_fn=pair)(x, sig)
+    assert pairs == [("pos", "neg")] and vel.calls == []
+    expected = guided_denoiser(vel, GuidanceConfig(cfg=4.0), "pos", "neg")(x, sig)
+    torch.testing.assert_close(x0, expected)
+    pairs.clear()
+    guided_denoiser(vel, GuidanceConfig(cfg=1.0), "pos", "neg", pair_fn=pair)(x, sig)
+    assert pairs == [] and [c for c, _, _ in vel.calls][-1] == "pos"
+
+
+def test_cfg_min_sigma_guides_only_the_noisy_steps():
+    vel, x = AffineVelocity(), _x()
+    denoise = guided_denoiser(vel, GuidanceConfig(cfg=4.0, cfg_min_sigma=0.5), positive="pos", negative="neg")
+    x0 = denoise(x, torch.tensor(0.3))  # below the interval: the positive branch alone, as at cfg 1
+    assert [c for c, _, _ in vel.calls] == ["pos"]
+    torch.testing.assert_close(x0, x - vel.v(x, "pos") * 0.3)
+    vel.calls.clear()
+    x0 = denoise(x, torch.tensor(0.8))
+    assert sorted(c for c, _, _ in vel.calls) == ["neg", "pos"]
+    v_pos, v_neg = vel.v(x, "pos"), vel.v(x, "neg")
+    torch.testing.assert_close(x0, x - (v_neg + 4.0 * (v_pos - v_neg)) * 0.8)
+    with pytest.raises(ValueError, match="cfg_min_sigma"):
+        GuidanceConfig(cfg_min_sigma=1.5)
+
+
 def test_cfg_rescale():
     vel, x = AffineVelocity(), _x()
     sig = torch.tensor([0.9, 0.5, 0.2])

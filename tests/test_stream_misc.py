@@ -99,3 +99,37 @@ def test_server_opens_with_the_models_example(stream_pipe, run_with_server):
     assert run_with_server(pipe, fetch, default_prompt="a blue square grows")[0] == "a blue square grows"
     prompt, image = run_with_server(stream_pipe, fetch)
     assert prompt == DEFAULT_PROMPT and image.shape == (384, 512, 3)
+
+
+def test_server_samples_with_the_cfg_it_was_given(stream_pipe, run_with_server):
+    """``serve --cfg`` reaches every session's stream and /api/config; unset, the pipeline's default is used."""
+    import aiohttp
+
+    from framepack_rt.stream.client import StreamClient
+
+    class RecordingPipe:
+        def __init__(self) -> None:
+            self.guidance = []
+
+        def __getattr__(self, name):
+            return getattr(stream_pipe, name)
+
+        def stream(self, image, prompt, **kwargs):
+            self.guidance.append(kwargs.get("guidance"))
+            return stream_pipe.stream(image, prompt, **kwargs)
+
+    async def scenario(server, url):
+        async with aiohttp.ClientSession() as http, http.get(url + "api/config") as r:
+            config = await r.json()
+        client = StreamClient(url)
+        try:
+            await client.connect(prompt="a red ball moves right")
+            await client.wait_frames(5, timeout=30)
+        finally:
+            await client.close()
+        return config["cfg"]
+
+    pipe = RecordingPipe()
+    assert run_with_server(pipe, scenario, cfg=1.5) == 1.5
+    assert run_with_server(pipe, scenario) is None
+    assert pipe.guidance[0].cfg == 1.5 and pipe.guidance[-1] is None

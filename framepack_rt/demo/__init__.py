@@ -21,6 +21,9 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 """Where ``python -m framepack_rt.demo.train export`` writes the shipped weights (published layout)."""
 DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "tiny" bucket (64, 64) of media.py
 DEMO_STEPS = 8  # default sampling steps of the demo model
+DEMO_CFG = 1.0
+"""Real classifier-free guidance scale the demo samples with by default (1.0: off; the shipped weights were
+trained without an unconditional branch, and guiding them against zero text turns the red ball yellow)."""
 EXAMPLE_PROMPT = "a red ball moves right"
 
 

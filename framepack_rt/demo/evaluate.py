@@ -2,6 +2,7 @@
 
     python -m framepack_rt.demo.evaluate                         # the shipped demo weights, all three criteria
     python -m framepack_rt.demo.evaluate --model runs/demo/weights --runs 10 --drift-seconds 20 --json eval.json
+    python -m framepack_rt.demo.evaluate --cfg 1 --drift-seconds 0    # without classifier-free guidance
 
 Criteria (issue 9), each measured on generated frames by tracking colours (no model internals are read):
 
@@ -132,8 +133,9 @@ def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps
     from framepack_rt.vae import StreamingDecoder
 
     start, embeds, _ = pipe.encode_image(image)
+    sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
     gen = SectionGenerator(pipe.parts.transformer(), vanilla_schedule(), start, pipe.conditioning(prompts[0], embeds),
-                           sampler=SamplerConfig(steps=steps or pipe.default_steps), seed=seed)
+                           sampler=sampler, seed=seed)
     decoder = StreamingDecoder(pipe.parts.vae(), direction="forward")
     chunks = [decoder.push(start[0]).frames]
     for k, prompt in enumerate(prompts):
@@ -157,17 +159,26 @@ class Result:
         return self.passed / max(self.runs, 1)
 
 
+def end_quality(frames: np.ndarray, area: np.ndarray, clip, last: int = 12) -> dict[str, float]:
+    """How the picture holds up at the end of a run: red area of the last ``last`` frames relative to the
+    start frame's (a ball that fades or changes colour shrinks it; one that smears grows it) and their palette
+    error. Reported next to the pass rates: the centroid alone cannot tell a red ball from a red smear."""
+    palette = [clip.background] + [o.rgb for o in clip.objects]
+    return {"red_area_end": float(area[-last:].mean() / max(float(area[0]), 1e-6)),
+            "palette_error_end": float(palette_error(frames[-last:], palette).mean())}
+
+
 def eval_direction(pipe, runs: int = 50, sections: int = 2, steps: int | None = None) -> Result:
     prompt, details, passed = "a red ball moves right", [], 0
     for seed in range(runs):
-        image, _ = start_image(seed, prompt, x=0.25)
+        image, clip = start_image(seed, prompt, x=0.25)
         frames = stream_f1(pipe, image, [prompt] * sections, seed, steps)
-        centroids, _ = track(frames)
+        centroids, area = track(frames)
         ok = moved(centroids, "right", frames.shape[2])
         passed += ok
         valid = centroids[~np.isnan(centroids).any(axis=1)]
         dx = float(valid[-1, 0] - valid[0, 0]) if len(valid) >= 2 else None
-        details.append({"seed": seed, "passed": ok, "dx_px": dx})
+        details.append({"seed": seed, "passed": ok, "dx_px": dx, **end_quality(frames, area, clip)})
     return Result("direction", passed, runs, 0.9, details)
 
 
@@ -179,12 +190,12 @@ def eval_prompt_change(pipe, runs: int = 50, before: int = 2, after: int = 2, st
     change = video_frames_for_latents(1 + before * window) - 1  # the last frame before the new prompt's section
     details, passed = [], 0
     for seed in range(runs):
-        image, _ = start_image(seed, right, x=0.3)
+        image, clip = start_image(seed, right, x=0.3)
         frames = stream_f1(pipe, image, [right] * before + [left] * after, seed, steps)
-        centroids, _ = track(frames)
+        centroids, area = track(frames)
         ok, lag = reversed_after(centroids, change, after * 4 * window, frames.shape[2])
         passed += ok
-        details.append({"seed": seed, "passed": ok, "frames_to_reverse": lag})
+        details.append({"seed": seed, "passed": ok, "frames_to_reverse": lag, **end_quality(frames, area, clip)})
     return Result("prompt_change", passed, runs, 0.9, details)
 
 
@@ -214,10 +225,15 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
 
 
 def table(results: list[Result], drift: dict | None) -> str:
-    lines = [f"{'criterion':<16}{'passed':>10}{'rate':>8}{'target':>8}  ok"]
+    lines = [f"{'criterion':<16}{'passed':>10}{'rate':>8}{'target':>8}  ok    end of run (median): red area / start, "
+             "palette error"]
     for r in results:
+        quality = ""
+        if r.details and "red_area_end" in r.details[0]:
+            quality = (f"{np.median([d['red_area_end'] for d in r.details]):.2f}, "
+                       f"{np.median([d['palette_error_end'] for d in r.details]):.1f}")
         lines.append(f"{r.name:<16}{f'{r.passed}/{r.runs}':>10}{r.rate:>8.0%}{r.target:>8.0%}  "
-                     f"{'yes' if r.rate >= r.target else 'NO'}")
+                     f"{'yes' if r.rate >= r.target else 'NO ':<5} {quality}")
     if drift:
         lines.append(f"drift over {drift['seconds']:.0f} s ({drift['runs']} runs): palette error first 5 s -> "
                      "last 5 s; red area (last 5 s / start)")
@@ -228,15 +244,19 @@ def table(results: list[Result], drift: dict | None) -> str:
     return "\n".join(lines)
 
 
-def load_pipeline(model: str):
-    """"demo" (the shipped weights folder) or a weights folder in the published layout."""
-    from framepack_rt.demo import DEMO_STEPS
+def load_pipeline(model: str, cfg: float | None = None):
+    """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
+    demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off)."""
+    from framepack_rt.demo import DEMO_CFG, DEMO_STEPS
     from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.sampling import GuidanceConfig
 
     if model == "demo":
-        return FramePackPipeline.from_pretrained("demo")
-    pipe = FramePackPipeline.from_pretrained(model, buckets="demo")  # a folder: a run's weights
-    pipe.default_steps = DEMO_STEPS
+        pipe = FramePackPipeline.from_pretrained("demo")
+    else:
+        pipe = FramePackPipeline.from_pretrained(model, buckets="demo")  # a folder: a run's weights
+        pipe.default_steps = DEMO_STEPS
+    pipe.default_guidance = GuidanceConfig(cfg=DEMO_CFG if cfg is None else cfg)
     return pipe
 
 
@@ -245,16 +265,19 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--model", default="demo")
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=None, help="real-CFG scale (default: the demo's, DEMO_CFG; 1: off)")
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model)
+    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg)
     began = time.perf_counter()
     results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
-    report = {"model": args.model, "steps": args.steps or pipe.default_steps, "wall_s": time.perf_counter() - began,
+    report = {"model": args.model, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
+              "wall_s": time.perf_counter() - began,
               **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift}
+    print(f"{args.model}: {report['steps']} steps, cfg {report['cfg']:g}, {report['wall_s']:.0f} s")
     print(table(results, drift))
     if args.json:
         with open(args.json, "w") as f:

@@ -242,10 +242,13 @@ def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Genera
 
 
 def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: torch.Generator,
-                       shift: float, motion_weight: float = 0.0, history_noise: float = 0.0) -> torch.Tensor:
+                       shift: float, motion_weight: float = 0.0, history_noise: float = 0.0,
+                       text_dropout: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true velocity for one batch of windows, at random sigmas; with
     ``motion_weight`` > 0 the positions that change are weighted up (:func:`motion_weights`); with
-    ``history_noise`` > 0 the context history is corrupted a little (:func:`noisy_history`)."""
+    ``history_noise`` > 0 the context history is corrupted a little (:func:`noisy_history`); with
+    ``text_dropout`` > 0 that fraction of samples sees zero text and pooled embeddings, the engine's default
+    negative prompt, so that real classifier-free guidance has a trained unconditional branch."""
     device = next(model.parameters()).device
     x0 = batch["target"].to(device)
     b = x0.shape[0]
@@ -256,10 +259,14 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     x = (1 - s) * x0 + s * noise
     start, history = batch["start"].to(device), batch["history"].to(device)
     context = pack_context(layout, start, noisy_history(history, history_noise, generator))
+    keep = torch.ones(b, device=device)  # 0: this sample sees no text (drawn only when on: same noise otherwise)
+    if text_dropout:
+        keep = (torch.rand(b, generator=generator) >= text_dropout).float().to(device)
     v = model(
         hidden_states=x, timestep=sigma * 1000.0, guidance=torch.full((b,), DISTILLED_GUIDANCE * 1000.0, device=device),
-        encoder_hidden_states=batch["text"].to(device), encoder_attention_mask=batch["text_mask"].to(device),
-        pooled_projections=batch["pooled"].to(device), image_embeds=batch["image_embeds"].to(device),
+        encoder_hidden_states=batch["text"].to(device) * keep.view(b, 1, 1),
+        encoder_attention_mask=batch["text_mask"].to(device),
+        pooled_projections=batch["pooled"].to(device) * keep.view(b, 1), image_embeds=batch["image_embeds"].to(device),
         **context.as_kwargs(),
     )
     err = (v.float() - (noise - x0)).pow(2)
@@ -370,7 +377,7 @@ def train_transformer(args: argparse.Namespace) -> Path:
             autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=args.bf16 and not args.fsdp)
             with use_kernels(False), autocast:  # the Triton kernels are inference-only: torch ops for training
                 loss = flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(seed), shift,
-                                          args.motion_weight, args.history_noise)
+                                          args.motion_weight, args.history_noise, args.text_dropout)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             norm = D.clip_grad_norm(model, args.clip)
@@ -466,6 +473,8 @@ def parser() -> argparse.ArgumentParser:
                         help="extra loss weight where the video changes (0: plain MSE)")
         sp.add_argument("--history-noise", dest="history_noise", type=float, default=0.15,
                         help="max std of the noise added to context history latents (0: clean history)")
+        sp.add_argument("--text-dropout", dest="text_dropout", type=float, default=0.0,
+                        help="fraction of samples trained without text (zero embeddings), for real CFG")
         sp.add_argument("--vanilla-fraction", dest="vanilla_fraction", type=float, default=0.15)
         sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
         sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
