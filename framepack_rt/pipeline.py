@@ -217,7 +217,7 @@ class FramePackPipeline:
 
             path = demo.weights_dir()
             settings = {"buckets": "demo", "default_steps": demo.DEMO_STEPS, "example": demo.example_start(),
-                        "default_guidance": GuidanceConfig(cfg=demo.DEMO_CFG)}
+                        "default_guidance": demo.demo_guidance()}
         roots = [] if str(path) == "tiny" else [path]
         budget = None
         if low_vram:

@@ -247,16 +247,15 @@ def table(results: list[Result], drift: dict | None) -> str:
 def load_pipeline(model: str, cfg: float | None = None):
     """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
     demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off)."""
-    from framepack_rt.demo import DEMO_CFG, DEMO_STEPS
+    from framepack_rt.demo import DEMO_STEPS, demo_guidance
     from framepack_rt.pipeline import FramePackPipeline
-    from framepack_rt.sampling import GuidanceConfig
 
     if model == "demo":
         pipe = FramePackPipeline.from_pretrained("demo")
     else:
         pipe = FramePackPipeline.from_pretrained(model, buckets="demo")  # a folder: a run's weights
         pipe.default_steps = DEMO_STEPS
-    pipe.default_guidance = GuidanceConfig(cfg=DEMO_CFG if cfg is None else cfg)
+    pipe.default_guidance = demo_guidance(cfg)
     return pipe
 
 
