@@ -34,6 +34,8 @@ def test_weights_are_complete_small_and_trained():
     assert config["num_attention_heads"] == TRANSFORMER_CONFIG.num_attention_heads
     vae = json.loads((root / "vae" / "config.json").read_text())
     assert vae["scaling_factor"] != 1.0  # measured after VAE training (train.py), not the untrained default
+    # No path of the machine that trained them (save_demo_models drops diffusers' "_name_or_path").
+    assert not any("_name_or_path" in json.loads(f.read_text()) for f in root.rglob("config.json"))
 
 
 def test_the_package_build_carries_the_weights(tmp_path):

@@ -149,8 +149,20 @@ def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = 
         if isinstance(part, torch.nn.Module):
             part = copy.deepcopy(part).to(dtype)
         part.save_pretrained(root / name)
+        _drop_source_path(root / name / "config.json")
         sizes[name] = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
     return sizes
+
+
+def _drop_source_path(config: Path) -> None:
+    """diffusers records the folder a model was loaded from ("_name_or_path"): a path on the machine that trained
+    it, meaningless in the package."""
+    import json
+
+    if config.is_file():
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def parameter_counts(models: TinyModels) -> dict[str, int]:
