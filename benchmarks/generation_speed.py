@@ -24,10 +24,9 @@ from framepack_rt.stream import DEFAULT_MODEL
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
         device: str = "cpu", cfg: float | None = None) -> dict:
     from framepack_rt.pipeline import FramePackPipeline
-    from framepack_rt.sampling import GuidanceConfig
 
     pipe = FramePackPipeline.from_pretrained(model, device=device)
-    guidance = pipe.default_guidance if cfg is None else GuidanceConfig(cfg=cfg)
+    guidance = pipe.guidance(cfg)
     if pipe.example is not None:  # the demo model's own start: what it was trained to continue
         image, prompt = pipe.example
     else:

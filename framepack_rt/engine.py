@@ -236,7 +236,6 @@ class SectionGenerator:
 
         return velocity
 
-
     def _paired_velocity_fn(self, context: ContextInputs, positive: Conditioning, negative: Conditioning):
         """Both CFG branches as one batch of 2B: the context is repeated once per section, not per step."""
         model, both = self.model, _stacked(positive, negative)

@@ -46,7 +46,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--end-image needs --mode inverted")
     if args.steps is not None and args.steps < 1:
         raise ValueError("--steps must be >= 1")
-    if getattr(args, "cfg", None) is not None and args.cfg <= 0:
+    if args.cfg is not None and args.cfg <= 0:
         raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
     load_image(args.image)  # readable?
     if args.end_image:
@@ -64,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from framepack_rt.pipeline import FramePackPipeline
-    from framepack_rt.sampling import GuidanceConfig
 
     began = time.perf_counter()
     pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, low_vram=args.low_vram,
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     stream = pipe.stream(args.image, args.prompt or schedule[0].prompt, seed=args.seed, steps=steps,
                          window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
                          end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
-                         guidance=None if args.cfg is None else GuidanceConfig(cfg=args.cfg))
+                         guidance=pipe.guidance(args.cfg))
     chunks = []
     with Mp4Writer(args.out, fps=FPS) as writer:
         for section in stream:

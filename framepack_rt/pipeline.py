@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -175,7 +175,7 @@ class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
-                 default_guidance: GuidanceConfig = GuidanceConfig(), default_negative_prompt: str = "",
+                 default_guidance: GuidanceConfig = GuidanceConfig(),
                  example: tuple[np.ndarray, str] | None = None) -> None:
         """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
@@ -184,7 +184,6 @@ class FramePackPipeline:
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
         self.default_guidance = default_guidance
-        self.default_negative_prompt = default_negative_prompt
         self.example = example
 
     # -- loading ---------------------------------------------------------------------------------------------
@@ -224,6 +223,11 @@ class FramePackPipeline:
             budget = int((memory_budget_gb or 6.0) * 2**30)
         parts = FolderParts(roots, part_paths, device=device, dtype=dtype, low_vram=low_vram, budget_bytes=budget)
         return cls(parts, **settings)
+
+    def guidance(self, cfg: float | None = None) -> GuidanceConfig:
+        """The model's default guidance with real CFG at ``cfg`` (None: unchanged); its other settings, such as
+        the demo's sigma interval, stay."""
+        return self.default_guidance if cfg is None else replace(self.default_guidance, cfg=cfg)
 
     # -- encoding --------------------------------------------------------------------------------------------
     def frame_size(self, image) -> tuple[int, int]:
@@ -276,8 +280,8 @@ class FramePackPipeline:
         mode "f1": forward, endless unless ``seconds``. mode "inverted": anti-drifting, needs ``seconds``, may
         end on ``end_image``; its sections come end-first (``Section.first_frame`` says where they go).
         teacache: a threshold (e.g. 0.15) or a config; None turns it off. guidance: None, the model's default
-        (``default_guidance``). negative_prompt: what real CFG steers away from (None: the model's default
-        negative prompt, ``default_negative_prompt``; none at all: zero text embeddings).
+        (``default_guidance``; :meth:`guidance` changes only its scale). negative_prompt: what real CFG steers
+        away from (None or empty: zero text embeddings).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -314,7 +318,6 @@ class FramePackPipeline:
                 preview = latent_preview(event.denoised[:, :, -1:])[0, 0].numpy()
                 on_step(StepProgress(event.section, event.step, event.steps, preview))
 
-        negative_prompt = negative_prompt if negative_prompt is not None else self.default_negative_prompt
         negative = None
         if sampler.guidance.cfg != 1.0 and negative_prompt:
             negative = self.conditioning(negative_prompt, image_embeds)

@@ -226,7 +226,8 @@ def guided_denoiser(
         sigma = sigma.to(x.device).reshape(-1).expand(batch)  # 0-d or (B,) -> (B,)
         timestep = sigma.float() * 1000.0
         g = torch.full((batch,), guidance.distilled * 1000.0, dtype=torch.float32, device=x.device)
-        guide = use_cfg and float(sigma.max()) >= guidance.cfg_min_sigma
+        # The interval test reads sigma on the host: only when there is an interval (a device sync otherwise).
+        guide = use_cfg and (guidance.cfg_min_sigma == 0.0 or float(sigma.max()) >= guidance.cfg_min_sigma)
         if guide and pair_fn is not None:
             v_pos, v_neg = (v.to(work) for v in pair_fn(x, timestep, g, positive, negative))
         else:

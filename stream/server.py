@@ -36,7 +36,6 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from framepack_rt.sampling import GuidanceConfig
 from framepack_rt.stream import DEFAULT_MODEL
 from framepack_rt.stream.buffer import rgb_to_yuv420
 from framepack_rt.stream.generation import DeviceWorker
@@ -234,7 +233,7 @@ class StreamServer:
         prompt = prompt or self.default_prompt
 
         def build(on_step: Callable[[Any], None]):
-            guidance = None if s.cfg is None else GuidanceConfig(cfg=s.cfg)
+            guidance = None if s.cfg is None else self.pipe.guidance(s.cfg)
             return self.pipe.stream(image, prompt, seed=seed, steps=s.steps, window=s.window, mode=s.mode,
                                     teacache=s.teacache, on_step=on_step, guidance=guidance)
 

@@ -153,7 +153,7 @@ def test_missing_part_names_the_folder(tmp_path):
 
 def test_guidance_and_negative_prompt_reach_the_generator(pipe, image):
     """No guidance: the model's default (cfg 1: no negative is encoded). Real CFG: the negative prompt given,
-    else the model's default negative prompt, else none (the engine then uses zero embeddings)."""
+    else none (the engine then uses zero embeddings)."""
     from framepack_rt.sampling import GuidanceConfig
 
     plain = pipe.stream(image, "a ball", steps=1)

@@ -109,13 +109,13 @@ def test_server_samples_with_the_cfg_it_was_given(stream_pipe, run_with_server):
 
     class RecordingPipe:
         def __init__(self) -> None:
-            self.guidance = []
+            self.requested = []  # the guidance each stream() was asked for
 
         def __getattr__(self, name):
             return getattr(stream_pipe, name)
 
         def stream(self, image, prompt, **kwargs):
-            self.guidance.append(kwargs.get("guidance"))
+            self.requested.append(kwargs.get("guidance"))
             return stream_pipe.stream(image, prompt, **kwargs)
 
     async def scenario(server, url):
@@ -132,4 +132,4 @@ def test_server_samples_with_the_cfg_it_was_given(stream_pipe, run_with_server):
     pipe = RecordingPipe()
     assert run_with_server(pipe, scenario, cfg=1.5) == 1.5
     assert run_with_server(pipe, scenario) is None
-    assert pipe.guidance[0].cfg == 1.5 and pipe.guidance[-1] is None
+    assert pipe.requested[0].cfg == 1.5 and pipe.requested[-1] is None

@@ -159,13 +159,17 @@ class Result:
         return self.passed / max(self.runs, 1)
 
 
+def scene_palette(clip) -> list[tuple[int, int, int]]:
+    """The colours a clean render of ``clip``'s scene holds: its background and its objects'."""
+    return [clip.background] + [o.rgb for o in clip.objects]
+
+
 def end_quality(frames: np.ndarray, area: np.ndarray, clip, last: int = 12) -> dict[str, float]:
     """How the picture holds up at the end of a run: red area of the last ``last`` frames relative to the
     start frame's (a ball that fades or changes colour shrinks it; one that smears grows it) and their palette
     error. Reported next to the pass rates: the centroid alone cannot tell a red ball from a red smear."""
-    palette = [clip.background] + [o.rgb for o in clip.objects]
     return {"red_area_end": float(area[-last:].mean() / max(float(area[0]), 1e-6)),
-            "palette_error_end": float(palette_error(frames[-last:], palette).mean())}
+            "palette_error_end": float(palette_error(frames[-last:], scene_palette(clip)).mean())}
 
 
 def eval_direction(pipe, runs: int = 50, sections: int = 2, steps: int | None = None) -> Result:
@@ -208,7 +212,7 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
     curves: dict[str, list] = {"f1": [], "vanilla": []}
     for seed in range(runs):
         image, clip = start_image(seed, prompts[0], x=0.3)
-        palette = [clip.background] + [o.rgb for o in clip.objects]
+        palette = scene_palette(clip)
         for name, run in (("f1", stream_f1), ("vanilla", stream_vanilla)):
             frames = run(pipe, image, prompts, seed, steps)[: int(seconds * 30)]
             curves[name].append(drift_curve(frames, palette))
