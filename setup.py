@@ -15,13 +15,19 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["framepack_rt", "framepack_rt.demo", "framepack_rt.kernels", "framepack_rt.stream"],
-    package_dir={
-        "framepack_rt": "framepack_rt",
-        "framepack_rt.demo": "framepack_rt/demo",
-        "framepack_rt.kernels": "kernels",
-        "framepack_rt.stream": "stream",
-    },
+    # The layers, bottom up: model (and its kernels) <- engine <- pipeline <- commands, server, bench, demo.
+    packages=[
+        "framepack_rt",
+        "framepack_rt.model",
+        "framepack_rt.kernels",
+        "framepack_rt.engine",
+        "framepack_rt.pipeline",
+        "framepack_rt.commands",
+        "framepack_rt.stream",
+        "framepack_rt.bench",
+        "framepack_rt.demo",
+    ],
+    package_dir={"framepack_rt": "framepack_rt", "framepack_rt.kernels": "kernels", "framepack_rt.stream": "stream"},
     # The trained demo model (about 12 MB of fp16 safetensors) ships inside the package: `--model demo`.
     package_data={"framepack_rt.stream": ["static/*"], "framepack_rt.demo": ["weights/*/*"]},
     install_requires=[
@@ -45,5 +51,5 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "playwright>=1.40"],
         "flash": ["flash-attn>=2.6"],
     },
-    entry_points={"console_scripts": ["framepack-rt=framepack_rt.cli:main"]},
+    entry_points={"console_scripts": ["framepack-rt=framepack_rt.commands.cli:main"]},
 )

@@ -29,7 +29,7 @@ def main() -> None:
 
     from framepack_rt.kernels import bench
     from framepack_rt.kernels import packed_attention as pa
-    from framepack_rt.packing import cu_seqlens_of
+    from framepack_rt.model.packing import cu_seqlens_of
 
     env = bench.environment()
     bench.print_environment(env)

@@ -18,9 +18,9 @@ import time
 import torch
 
 from framepack_rt import FramePackTransformer
-from framepack_rt.engine import Conditioning, SamplerConfig, SectionGenerator
-from framepack_rt.sampling import GuidanceConfig, NoiseSource, flow_seq_len, flow_shift, flow_sigmas, guided_denoiser, sample
-from framepack_rt.schedules import f1_schedule
+from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGenerator
+from framepack_rt.engine.sampling import GuidanceConfig, NoiseSource, flow_seq_len, flow_shift, flow_sigmas, guided_denoiser, sample
+from framepack_rt.engine.schedules import f1_schedule
 
 
 class NaiveFullHistory:

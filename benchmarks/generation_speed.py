@@ -23,7 +23,7 @@ from framepack_rt.stream import DEFAULT_MODEL
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
         device: str = "cpu", cfg: float | None = None) -> dict:
-    from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     pipe = FramePackPipeline.from_pretrained(model, device=device)
     guidance = pipe.guidance(cfg)

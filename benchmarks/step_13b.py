@@ -31,7 +31,7 @@ def random_model(preset: str = "framepack-13b", device: str = "cuda"):
     import torch
 
     from framepack_rt import FramePackTransformer
-    from framepack_rt.layers import RMSNorm
+    from framepack_rt.model.layers import RMSNorm
 
     model = FramePackTransformer.from_config(preset, dtype=torch.bfloat16, device="meta")
     model = model.to_empty(device=device).eval()

@@ -142,8 +142,8 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 def residual_gate_modulate_reference(
     x: torch.Tensor, y: torch.Tensor | None, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's torch lines: ``x = x + y * gate`` then ``framepack_rt.layers.modulate``."""
-    from framepack_rt.layers import modulate as torch_modulate
+    """The model's torch lines: ``x = x + y * gate`` then ``framepack_rt.model.layers.modulate``."""
+    from framepack_rt.model.layers import modulate as torch_modulate
 
     if y is not None:
         x = x + y * gate

@@ -4,7 +4,7 @@ Decision, in order:
   1. ``use_kernels(True | False)`` (a context manager, this thread/task only), else
   2. ``FRAMEPACK_KERNELS=1 | 0`` in the environment, else
   3. auto: the kernel when every tensor of the call is on CUDA and triton imports, the torch path otherwise.
-Forced on (1 or 2) means the kernels run on any device, attention included (``framepack_rt.attention`` asks
+Forced on (1 or 2) means the kernels run on any device, attention included (``framepack_rt.model.attention`` asks
 :func:`kernels_forced`). On the CPU that needs Triton's interpreter: ``TRITON_INTERPRET=1`` set before triton
 is first imported. That is what tests/kernels does; anything else gets an error saying so, never a silent
 fallback. Forced off keeps every call on torch, on CUDA too.
@@ -84,7 +84,7 @@ def patch_embed(pieces: Sequence[tuple[nn.Conv3d, torch.Tensor]]) -> torch.Tenso
         from framepack_rt.kernels.patchify import fused_patchify
 
         return fused_patchify([(latents, conv.weight, conv.bias) for conv, latents in pieces])
-    from framepack_rt.model import patchify
+    from framepack_rt.model.transformer import patchify
 
     tokens = [patchify(conv, latents) for conv, latents in pieces]
     return torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
@@ -101,7 +101,7 @@ def norm_rope(
         return qk_norm_rope(x, norm.weight, cos, sin, eps=norm.eps)
     if rope is None:
         return norm(x)
-    from framepack_rt.rope import apply_rope
+    from framepack_rt.model.rope import apply_rope
 
     return apply_rope(norm(x), *rope)
 
@@ -112,7 +112,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
         from framepack_rt.kernels.adaln import modulate as fused_modulate
 
         return fused_modulate(x, shift, scale)
-    from framepack_rt.layers import modulate as torch_modulate
+    from framepack_rt.model.layers import modulate as torch_modulate
 
     return torch_modulate(x, shift, scale)
 
@@ -125,7 +125,7 @@ def residual_gate_modulate(
         from framepack_rt.kernels.adaln import residual_gate_modulate as fused
 
         return fused(x, y, gate, shift, scale)
-    from framepack_rt.layers import modulate as torch_modulate
+    from framepack_rt.model.layers import modulate as torch_modulate
 
     x = x + y * gate
     return x, torch_modulate(x, shift, scale)

@@ -186,8 +186,8 @@ def fused_patchify(scales: Sequence[Scale]) -> torch.Tensor:
 
 # -- reference -----------------------------------------------------------------------------------------------
 def fused_patchify_reference(scales: Sequence[Scale]) -> torch.Tensor:
-    """The model's torch path: ``framepack_rt.model.patchify`` per scale, then one concatenation."""
-    from framepack_rt.model import patchify  # late: the model imports the kernels' dispatch
+    """The model's torch path: ``framepack_rt.model.transformer.patchify`` per scale, then one concatenation."""
+    from framepack_rt.model.transformer import patchify  # late: the model imports the kernels' dispatch
 
     tokens = []
     for latents, weight, bias in scales:

@@ -114,7 +114,7 @@ def qk_norm_rope(
 
 # -- reference -----------------------------------------------------------------------------------------------
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """``framepack_rt.layers.RMSNorm.forward``: fp32 statistics, cast to the weight dtype, times the weight."""
+    """``framepack_rt.model.layers.RMSNorm.forward``: fp32 statistics, cast to the weight dtype, times the weight."""
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return (x.float() * torch.rsqrt(variance + eps)).to(weight.dtype) * weight
 
@@ -123,8 +123,8 @@ def qk_norm_rope_reference(
     x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
     eps: float = EPS,
 ) -> torch.Tensor:
-    """The model's torch path: RMSNorm, then ``framepack_rt.rope.apply_rope``."""
-    from framepack_rt.rope import apply_rope
+    """The model's torch path: RMSNorm, then ``framepack_rt.model.rope.apply_rope``."""
+    from framepack_rt.model.rope import apply_rope
 
     y = rms_norm_reference(x, weight, eps)
     return y if cos is None else apply_rope(y, cos, sin)

@@ -381,9 +381,9 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 def load_pipeline(model: str) -> Any:
     """``FramePackPipeline.from_pretrained(model)``; a clear error if the pipeline module is missing."""
     try:
-        from framepack_rt.pipeline import FramePackPipeline
+        from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
     except ImportError as exc:
-        raise RuntimeError(f"cannot import framepack_rt.pipeline ({exc}); reinstall framepack-rt") from None
+        raise RuntimeError(f"cannot import framepack_rt.pipeline.framepack_pipeline ({exc}); reinstall framepack-rt") from None
     return FramePackPipeline.from_pretrained(model)
 
 

@@ -72,7 +72,7 @@ STREAM_STEPS = 2  # few steps: the tiny model then generates above 30 fps on a C
 @pytest.fixture(scope="session")
 def stream_pipe():
     """The tiny pipeline, warmed up once (torch's first calls are slow), shared by the server tests."""
-    from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
     from framepack_rt.stream.images import default_scene
 
     pipe = FramePackPipeline.from_pretrained("tiny")
@@ -115,7 +115,7 @@ def launch_serve():
     procs = []
 
     def launch(*args: str, env: dict | None = None, timeout: float = 90.0):
-        proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.cli", "serve", "--port", "0", *args],
+        proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.commands.cli", "serve", "--port", "0", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         procs.append(proc)
         lines: list[str] = []

@@ -38,12 +38,34 @@ def test_nothing_touches_cuda_at_import():
                      "_lazy_init", "synchronize", "get_device_capability"):
             setattr(torch.cuda, name, boom)
         import framepack_rt
-        for pkg in ("framepack_rt", "framepack_rt.kernels", "framepack_rt.stream"):
-            module = importlib.import_module(pkg)
-            for info in pkgutil.iter_modules(module.__path__, pkg + "."):
-                if info.name.endswith("__main__"):
-                    continue
-                importlib.import_module(info.name)
+        count = 0
+        for pkg in ("framepack_rt", "framepack_rt.kernels", "framepack_rt.stream"):  # see setup.py's mapping
+            for info in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + "."):
+                if not info.name.endswith("__main__"):
+                    importlib.import_module(info.name)
+                    count += 1
+        assert count > 60, count  # every layer's modules, kernels and stream included
+        print("ok")
+        """
+    )
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_the_public_api_is_at_the_top_and_imported_lazily():
+    result = run_python(
+        """
+        import sys
+        import framepack_rt
+        assert "torch" not in sys.modules, "import framepack_rt must stay cheap"
+        from framepack_rt import FramePackConfig, FramePackPipeline, FramePackTransformer
+        from framepack_rt.model.transformer import FramePackTransformer as T
+        from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline as P
+        assert FramePackTransformer is T and FramePackPipeline is P and FramePackConfig.preset("tiny")
+        assert {"FramePackConfig", "FramePackPipeline", "FramePackTransformer"} <= set(dir(framepack_rt))
+        try:
+            framepack_rt.NoSuchThing
+        except AttributeError as exc:
+            assert "NoSuchThing" in str(exc)
         print("ok")
         """
     )

@@ -3,7 +3,7 @@
 A :class:`LatentCache` holds encoded clips (scaled VAE latents, the prompt of every latent frame, the start
 frame's image embeddings) and a prompt table (text features, mask length, pooled vector per prompt). It is what
 stage 2 of train.py reads; ``encode_clip`` builds one entry with any parts provider (the demo's, or the 13B
-set through ``framepack_rt.parts.FolderParts``), so the same trainer fine-tunes the 13B on real videos.
+set through ``framepack_rt.pipeline.parts.FolderParts``), so the same trainer fine-tunes the 13B on real videos.
 
 A training example is one F1 section taken from a clip: the target is the window of ``w`` latents starting at
 latent ``s``; the context is what the F1 stream would hold right before generating it: the start latent and
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from framepack_rt.context import ContextInputs
-from framepack_rt.schedules import CLEAN_1X, HISTORY_2X, HISTORY_4X, Order, SectionLayout
+from framepack_rt.engine.context import ContextInputs
+from framepack_rt.engine.schedules import CLEAN_1X, HISTORY_2X, HISTORY_4X, Order, SectionLayout
 
 
 @dataclass
@@ -76,7 +76,7 @@ def encode_video(vae_model: torch.nn.Module, frames: np.ndarray, scaling_factor:
 
 
 def encode_clip(parts, frames: np.ndarray, prompts_per_latent: list[str]) -> LatentClip:
-    """One clip with a parts provider (``encode_image``, ``encode_latent``, ``vae()``; see framepack_rt.parts).
+    """One clip with a parts provider (``encode_image``, ``encode_latent``, ``vae()``; see framepack_rt.pipeline.parts).
 
     frames (T, H, W, 3) uint8 with T = 4N - 3; prompts_per_latent: N prompts, the one in force at each latent.
     """

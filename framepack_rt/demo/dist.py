@@ -65,7 +65,7 @@ def teardown() -> None:
 
 
 def block_classes() -> set[type]:
-    from framepack_rt.blocks import DoubleStreamBlock, SingleStreamBlock
+    from framepack_rt.model.blocks import DoubleStreamBlock, SingleStreamBlock
 
     return {DoubleStreamBlock, SingleStreamBlock}
 

@@ -128,9 +128,9 @@ def stream_f1(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int
 
 def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None) -> np.ndarray:
     """The same with the vanilla schedule (no start slot), through the engine: the pipeline has no such mode."""
-    from framepack_rt.engine import SamplerConfig, SectionGenerator
-    from framepack_rt.schedules import vanilla_schedule
-    from framepack_rt.vae import StreamingDecoder
+    from framepack_rt.engine.generator import SamplerConfig, SectionGenerator
+    from framepack_rt.engine.schedules import vanilla_schedule
+    from framepack_rt.pipeline.vae import StreamingDecoder
 
     start, embeds, _ = pipe.encode_image(image)
     sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
@@ -188,7 +188,7 @@ def eval_direction(pipe, runs: int = 50, sections: int = 2, steps: int | None = 
 
 def eval_prompt_change(pipe, runs: int = 50, before: int = 2, after: int = 2, steps: int | None = None,
                        window: int = 9) -> Result:
-    from framepack_rt.schedules import video_frames_for_latents
+    from framepack_rt.engine.schedules import video_frames_for_latents
 
     right, left = "a red ball moves right", "a red ball moves left"
     change = video_frames_for_latents(1 + before * window) - 1  # the last frame before the new prompt's section
@@ -252,7 +252,7 @@ def load_pipeline(model: str, cfg: float | None = None):
     """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
     demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off)."""
     from framepack_rt.demo import DEMO_STEPS, demo_guidance
-    from framepack_rt.pipeline import FramePackPipeline
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     if model == "demo":
         pipe = FramePackPipeline.from_pretrained("demo")

@@ -29,11 +29,11 @@ from transformers import (
 )
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-from framepack_rt.config import FramePackConfig
+from framepack_rt.model.config import FramePackConfig
 from framepack_rt.demo import DEMO_SIZE, DEMO_STEPS  # noqa: F401  (re-exported: the demo's constants)
 from framepack_rt.demo.world import vocabulary
-from framepack_rt import tiny_models
-from framepack_rt.tiny_models import TinyModels, _seeded, _vocabulary
+from framepack_rt.pipeline import tiny_models
+from framepack_rt.pipeline.tiny_models import TinyModels, _seeded, _vocabulary
 
 ENCODER_SEED = 0  # the frozen encoders' weights: the transformer is trained on their features, so fixed
 TEXT_DIM = 64
@@ -84,7 +84,7 @@ def build_vae(**overrides) -> torch.nn.Module:
 def build_demo_models(seed: int = 0, transformer_config: FramePackConfig = TRANSFORMER_CONFIG,
                       vae_overrides: dict | None = None) -> TinyModels:
     """Every demo part with seeded random weights (fp32, eval mode); training replaces VAE and transformer."""
-    from framepack_rt.model import FramePackTransformer
+    from framepack_rt.model.transformer import FramePackTransformer
 
     cfg = transformer_config
     tok, tok2 = build_llama_tokenizer(), build_clip_tokenizer()
@@ -136,14 +136,19 @@ def _round_to_fp16(module: torch.nn.Module) -> None:
 
 
 def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = torch.float16) -> dict[str, int]:
-    """Write every part under ``root`` in the published layout, weights cast to ``dtype``; bytes per part.
+    """Write every part under ``root`` in the published layout, weights cast to ``dtype``, and the example
+    start; bytes per part.
 
     The in-memory models are not changed (each part is copied for the cast).
     """
     import copy
 
+    from framepack_rt.demo import example_start
+    from framepack_rt.pipeline.builtin import write_example
+
     root = Path(root)
     sizes = {}
+    write_example(root, *example_start())  # what a server opens this model with
     for name in PARTS:
         part = getattr(models, name)
         if isinstance(part, torch.nn.Module):
@@ -172,15 +177,15 @@ def parameter_counts(models: TinyModels) -> dict[str, int]:
 
 
 class InMemoryParts:
-    """A parts provider (the API of framepack_rt.parts.TinyParts) over a model set held in memory.
+    """A parts provider (the API of framepack_rt.pipeline.parts.TinyParts) over a model set held in memory.
 
     ``FramePackPipeline(InMemoryParts(models), buckets="tiny", default_steps=DEMO_STEPS)`` runs a model set that
     is being trained or was just loaded, without writing it to disk first.
     """
 
     def __init__(self, models: TinyModels, device: torch.device | str = "cpu") -> None:
-        from framepack_rt.encoders import CLIPTextEncoder, ImageEncoder, TextEncoder
-        from framepack_rt.vae import VideoVAE
+        from framepack_rt.pipeline.encoders import CLIPTextEncoder, ImageEncoder, TextEncoder
+        from framepack_rt.pipeline.vae import VideoVAE
 
         self.device = torch.device(device)
         self.text = TextEncoder(models.text_encoder.to(self.device), models.tokenizer)

@@ -5,7 +5,7 @@
         --then "a red ball moves left" --sections 4 --out gen.png
 
 Each sheet row is one second of video (every 5th frame); the prompt in force is printed per row in the log.
-With --mp4, the frames are also written as an H.264 file (framepack_rt.media.Mp4Writer).
+With --mp4, the frames are also written as an H.264 file (framepack_rt.pipeline.media.Mp4Writer).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     Image.fromarray(contact_sheet(frames)).save(args.out)
     print(f"{len(frames)} frames -> {args.out}")
     if args.mp4:
-        from framepack_rt.media import Mp4Writer
+        from framepack_rt.pipeline.media import Mp4Writer
 
         with Mp4Writer(Path(args.out).with_suffix(".mp4")) as writer:
             writer.write(frames)

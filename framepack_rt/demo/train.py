@@ -58,7 +58,7 @@ Fine-tuning the 13B on an 8-GPU node (FSDP, one unit per block, bf16 compute, fp
 Only rank 0 reads the checkpoint (fp32 in host memory: about 52 GB); the other ranks build the model on the
 meta device and receive the weights unit by unit (sync_module_states; CUDA only: on the CPU every rank reads
 the folder). The caches are LatentCache files written by data.encode_clip / data.encode_prompts with the 13B
-parts (framepack_rt.parts.FolderParts) on your videos and prompt timelines. Every rank draws its own windows
+parts (framepack_rt.pipeline.parts.FolderParts) on your videos and prompt timelines. Every rank draws its own windows
 through a DistributedSampler; checkpoints are torch.distributed.checkpoint folders (each rank writes its
 shards) and resume with the same command. No EMA under FSDP (it would need a full copy per rank); ``export``
 is not needed there: OUT/transformer is written in the diffusers layout at the end.
@@ -87,8 +87,8 @@ from framepack_rt.demo.models import (
     build_vae,
 )
 from framepack_rt.demo.world import WorldConfig, all_prompts, frames_for_latents, make_clip
-from framepack_rt.sampling import flow_seq_len, flow_shift
-from framepack_rt.schedules import f1_layout, vanilla_layout
+from framepack_rt.engine.sampling import flow_seq_len, flow_shift
+from framepack_rt.engine.schedules import f1_layout, vanilla_layout
 
 DISTILLED_GUIDANCE = 10.0  # the sampler's default embedded guidance (GuidanceConfig.distilled): trained at it
 
@@ -195,7 +195,7 @@ def encode_world(args: argparse.Namespace) -> Path:
     """World clips -> OUT/latents.pt with the trained VAE and the demo's (frozen) encoders."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from framepack_rt.cpu_conv import use_tap_convs
+    from framepack_rt.pipeline.cpu_conv import use_tap_convs
 
     out = Path(args.out)
     models = build_demo_models(ENCODER_SEED)  # the encoders the shipped set will hold, whatever --seed is
@@ -312,8 +312,8 @@ def broadcasts_init(args: argparse.Namespace, info: D.DistInfo) -> bool:
 
 def build_transformer(args: argparse.Namespace, info: D.DistInfo) -> torch.nn.Module:
     """The demo config from scratch, or ``--init`` (a diffusers folder, e.g. the 13B F1) to fine-tune."""
-    from framepack_rt.config import FramePackConfig
-    from framepack_rt.model import FramePackTransformer
+    from framepack_rt.model.config import FramePackConfig
+    from framepack_rt.model.transformer import FramePackTransformer
 
     if args.init is None:
         cfg = TRANSFORMER_CONFIG
@@ -411,7 +411,7 @@ def train_transformer(args: argparse.Namespace) -> Path:
 
 def save_transformer_folder(model: torch.nn.Module, ema: dict | None, path: Path, info: D.DistInfo) -> None:
     """Diffusers-layout folder of the trained (or EMA) weights, written by the main rank."""
-    from framepack_rt.model import FramePackTransformer
+    from framepack_rt.model.transformer import FramePackTransformer
 
     state = ema if ema is not None else D.full_state_dict(model)
     if not info.is_main:
@@ -428,7 +428,7 @@ def export(args: argparse.Namespace) -> Path:
     from diffusers import AutoencoderKLHunyuanVideo
 
     from framepack_rt.demo.models import save_demo_models
-    from framepack_rt.model import FramePackTransformer
+    from framepack_rt.model.transformer import FramePackTransformer
 
     out = Path(args.out)
     target = Path(args.to) if args.to else WEIGHTS_DIR

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from framepack_rt.kernels.adaln import modulate, residual_gate_modulate, residual_gate_modulate_reference
-from framepack_rt.layers import modulate as torch_modulate
+from framepack_rt.model.layers import modulate as torch_modulate
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

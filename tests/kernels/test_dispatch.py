@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from framepack_rt import attention
+from framepack_rt.model import attention
 from framepack_rt.kernels import _common, dispatch, kernels_forced, use_kernels
-from framepack_rt.layers import RMSNorm, modulate
-from framepack_rt.rope import apply_rope
+from framepack_rt.model.layers import RMSNorm, modulate
+from framepack_rt.model.rope import apply_rope
 
 
 @pytest.fixture(autouse=True)

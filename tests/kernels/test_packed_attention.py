@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from framepack_rt.kernels import packed_attention as pa
 from framepack_rt.kernels._common import SM90_MAX_SHARED_BYTES
-from framepack_rt.packing import cu_seqlens_of
+from framepack_rt.model.packing import cu_seqlens_of
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Interpreter blocks are 64 x 64: 37 and 130 leave partial query and key blocks, 64 is exact, 1 is one token.

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from framepack_rt.kernels.patchify import fused_patchify, fused_patchify_reference, token_count
-from framepack_rt.rope import replicate_pad_to_multiple
+from framepack_rt.model.rope import replicate_pad_to_multiple
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # (kernel, frames) per scale, in packed order [4x | 2x | 1x | noisy].

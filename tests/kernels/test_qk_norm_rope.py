@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from framepack_rt.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
-from framepack_rt.layers import RMSNorm
-from framepack_rt.rope import apply_rope, rope_table
+from framepack_rt.model.layers import RMSNorm
+from framepack_rt.model.rope import apply_rope, rope_table
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 AXES = {16: (4, 6, 6), 64: (16, 24, 24), 128: (16, 56, 56)}

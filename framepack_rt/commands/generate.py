@@ -1,0 +1,96 @@
+"""``framepack-rt generate``: image + prompt(s) -> an H.264 MP4, with a progress bar over sections and steps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from framepack_rt.pipeline.media import Mp4Writer, load_image, parse_prompt_schedule
+from framepack_rt.pipeline.framepack_pipeline import FPS, MODES
+from framepack_rt.engine.schedules import num_sections
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
+    parser.add_argument("--model", default=default_model, help=f"demo | tiny | PATH to model folders (default: {default_model})")
+    parser.add_argument("--image", required=True, help="start image (PNG/JPEG)")
+    parser.add_argument("--prompt", help="what happens in the video")
+    parser.add_argument("--prompt-schedule", help='prompts over time, "0:a ball rolls;3.5:the ball stops"')
+    parser.add_argument("--seconds", type=float, required=True, help="video length in seconds")
+    parser.add_argument("--mode", default="f1", help="f1 (forward) or inverted (anti-drifting)")
+    parser.add_argument("--end-image", help="end frame (inverted mode)")
+    parser.add_argument("--out", required=True, help="output .mp4 path")
+    parser.add_argument("--steps", type=int, help="sampling steps per section (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacache", type=float, metavar="THRESH", help="TeaCache threshold, e.g. 0.15")
+    parser.add_argument("--cfg", type=float, metavar="SCALE",
+                        help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
+    parser.add_argument("--window", type=int, default=9, help="latent frames per section")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--low-vram", action="store_true", help="stream weights; see --memory-budget-gb")
+    parser.add_argument("--memory-budget-gb", type=float, help="device memory for weights in low-VRAM mode")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Everything checkable before loading a model, so mistakes cost nothing. Raises ValueError."""
+    if args.seconds <= 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds:g}")
+    if args.mode not in MODES:
+        raise ValueError(f"--mode {args.mode!r}: choose one of {', '.join(MODES)}")
+    if (args.prompt is None) == (args.prompt_schedule is None):
+        raise ValueError("give exactly one of --prompt and --prompt-schedule")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    if args.end_image and args.mode != "inverted":
+        raise ValueError("--end-image needs --mode inverted")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError("--steps must be >= 1")
+    if args.cfg is not None and args.cfg <= 0:
+        raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
+    load_image(args.image)  # readable?
+    if args.end_image:
+        load_image(args.end_image)
+    out = Path(args.out)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {out}: the output is an MP4, give a .mp4 path")
+    if not out.parent.exists():
+        raise ValueError(f"--out {out}: folder {out.parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    from tqdm import tqdm
+
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+    began = time.perf_counter()
+    pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, low_vram=args.low_vram,
+                                             memory_budget_gb=args.memory_budget_gb)
+    steps = args.steps or pipe.default_steps
+    sections = num_sections(args.seconds, args.window)
+    bar = tqdm(total=sections * steps, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def on_step(progress) -> None:
+        bar.set_description(f"section {progress.section + 1}/{sections}")
+        bar.update(1)
+
+    stream = pipe.stream(args.image, args.prompt or schedule[0].prompt, seed=args.seed, steps=steps,
+                         window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
+                         end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
+                         guidance=pipe.guidance(args.cfg))
+    chunks = []
+    with Mp4Writer(args.out, fps=FPS) as writer:
+        for section in stream:
+            if args.mode == "f1":
+                writer.write(section.frames)  # forward sections arrive in playback order: write as they come
+            else:
+                chunks.append((section.first_frame, section.frames))
+        for _, frames in sorted(chunks, key=lambda c: c[0]):
+            writer.write(frames)
+        frames_written = writer.frames_written
+    bar.close()
+    elapsed = time.perf_counter() - began
+    print(f"wrote {args.out}: {frames_written} frames ({frames_written / FPS:.2f} s at {FPS} fps) in {elapsed:.1f} s")
+    return 0

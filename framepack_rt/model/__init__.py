@@ -1,0 +1,14 @@
+"""The transformer layer: FramePack's HunyuanVideo DiT and what it is made of (imports nothing above it).
+
+* ``config``      -- FramePackConfig: the released config as a dataclass; presets "framepack-13b", "tiny".
+* ``transformer`` -- FramePackTransformer: embedding, packing, blocks, output head, StepCache hook.
+* ``blocks``      -- double- and single-stream blocks on the packed layout.
+* ``layers``      -- embedders, token refiner, norms, feed-forward.
+* ``rope``        -- 3D RoPE tables from explicit frame indices (full resolution and pooled).
+* ``packing``     -- the varlen layout: cu_seqlens, join/split of video and context tokens.
+* ``attention``   -- the attention dispatch point (flash-attn / Triton / SDPA).
+* ``checkpoint``  -- mmap'd safetensors loading, sharded saving.
+* ``offload``     -- BlockStreamer: transformer blocks streamed under a memory budget.
+
+The Triton kernels (``framepack_rt.kernels``) belong to this layer: they replace its torch ops.
+"""

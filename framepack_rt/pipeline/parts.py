@@ -1,0 +1,127 @@
+"""Where the pipeline's models come from: built in (tiny) or local folders, kept loaded or loaded per use.
+
+Both providers answer the same calls: encode_text, encode_pooled, encode_image, encode_latent, transformer(),
+vae(). The low-VRAM folder provider loads each encoder only for the call that needs it and streams the
+transformer's blocks from CPU memory (framepack_rt.model.offload).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framepack_rt.pipeline.encoders import CLIPTextEncoder, ImageEncoder, TextEncoder
+from framepack_rt.pipeline.vae import VideoVAE
+
+
+class TinyParts:
+    """The built-in tiny model set (framepack_rt.pipeline.tiny_models), seeded, in memory, fp32."""
+
+    DEFAULT_STEPS = 8  # few steps: the built-in model is meant to stream in real time on a CPU
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        from framepack_rt.pipeline.tiny_models import build_tiny_models
+
+        self.device = torch.device(device)
+        tiny = build_tiny_models(seed)
+        self.text = TextEncoder(tiny.text_encoder.to(self.device), tiny.tokenizer)
+        self.clip = CLIPTextEncoder(tiny.text_encoder_2.to(self.device), tiny.tokenizer_2)
+        self.image = ImageEncoder(tiny.image_encoder.to(self.device), tiny.feature_extractor)
+        self._vae = VideoVAE(tiny.vae.to(self.device))
+        self._transformer = tiny.transformer.to(self.device)
+
+    @functools.lru_cache(maxsize=64)  # prompts repeat (a server's sessions, prompt timelines): encode once
+    def encode_text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.text.encode(prompt)
+
+    @functools.lru_cache(maxsize=64)
+    def encode_pooled(self, prompt: str) -> torch.Tensor:
+        return self.clip.encode(prompt)
+
+    def encode_image(self, fitted: np.ndarray) -> torch.Tensor:
+        return self.image.encode(fitted)
+
+    def encode_latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._vae.encode(pixels)
+
+    def transformer(self) -> torch.nn.Module:
+        return self._transformer
+
+    def vae(self) -> VideoVAE:
+        return self._vae
+
+
+class FolderParts:
+    """Parts read from local folders in the published layouts (framepack_rt.pipeline.model_folders)."""
+
+    def __init__(self, roots: list[str | Path], part_paths: dict, *, device: torch.device | str,
+                 dtype: torch.dtype | None, low_vram: bool, budget_bytes: int | None) -> None:
+        from framepack_rt.pipeline.model_folders import ModelLoader, resolve_model_paths
+
+        self.device = torch.device(device)
+        self.loader = ModelLoader(resolve_model_paths(*roots, **part_paths), device=self.device, dtype=dtype,
+                                  spatial_tiling=low_vram)
+        self.low_vram, self.budget_bytes = low_vram, budget_bytes
+        self._loaded: dict[str, object] = {}
+        self._transformer = None
+        self._vae = None
+
+    def _part(self, name: str):
+        """Kept loaded normally; in low-VRAM mode loaded for this one use and freed (a context manager)."""
+        if self.low_vram:
+            return self.loader.using(name)
+        if name not in self._loaded:
+            self._loaded[name] = getattr(self.loader, name)()
+        return _Borrowed(self._loaded[name])
+
+    @functools.lru_cache(maxsize=64)
+    def encode_text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._part("text_encoder") as encoder:
+            return encoder.encode(prompt)
+
+    @functools.lru_cache(maxsize=64)
+    def encode_pooled(self, prompt: str) -> torch.Tensor:
+        with self._part("clip_text_encoder") as encoder:
+            return encoder.encode(prompt)
+
+    def encode_image(self, fitted: np.ndarray) -> torch.Tensor:
+        with self._part("image_encoder") as encoder:
+            return encoder.encode(fitted)
+
+    def encode_latent(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.vae().encode(pixels)
+
+    def vae(self) -> VideoVAE:
+        if self._vae is None:
+            self._vae = self.loader.vae()  # used every section: kept (tiled in low-VRAM mode)
+        return self._vae
+
+    def transformer(self) -> torch.nn.Module:
+        if self._transformer is None:
+            if self.low_vram:
+                from framepack_rt.model.transformer import FramePackTransformer
+                from framepack_rt.model.offload import BlockStreamer
+
+                model = FramePackTransformer.from_pretrained(self.loader.paths.transformer, device="cpu",
+                                                             dtype=self.loader._dtype(torch.bfloat16, None))
+                self.streamer = BlockStreamer(model, self.device, self.budget_bytes)
+            else:
+                model = self.loader.transformer()
+            self._transformer = model.eval()
+        return self._transformer
+
+
+class _Borrowed:
+    """A kept part used in a ``with`` block like a loaded-for-one-use part, but not freed after."""
+
+    def __init__(self, part: object) -> None:
+        self.part = part
+
+    def __enter__(self):
+        return self.part
+
+    def __exit__(self, *exc) -> None:
+        return None

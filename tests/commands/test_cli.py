@@ -1,0 +1,76 @@
+"""The framepack-rt command: generate writes playable MP4s; bad arguments give one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from framepack_rt.commands.cli import main
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "start.png"
+    img = np.full((64, 64, 3), 30, np.uint8)
+    img[24:40, 8:24] = (220, 40, 40)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def decoded_frames(path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert stream.codec_context.name == "h264" and stream.average_rate == 30
+        return sum(1 for _ in container.decode(stream))
+
+
+@pytest.mark.parametrize("mode, extra", [("f1", []), ("inverted", ["--end-image", "IMAGE"])], ids=["f1", "inverted-end-image"])
+def test_generate_writes_a_playable_mp4(tmp_path, image, mode, extra, capsys):
+    out = tmp_path / "out.mp4"
+    extra = [str(image) if a == "IMAGE" else a for a in extra]
+    rc = main(["generate", "--image", str(image), "--prompt", "a red ball moves right", "--seconds", "2",
+               "--mode", mode, "--steps", "2", "--out", str(out), *extra])
+    assert rc == 0
+    assert decoded_frames(out) == 73  # 2 sections x 9 latents + start = 19 latents -> 73 frames
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_generate_with_a_prompt_schedule(tmp_path, image):
+    out = tmp_path / "sched.mp4"
+    assert main(["generate", "--image", str(image), "--prompt-schedule", "0:a ball rolls;1.2:the ball stops",
+                 "--seconds", "2", "--steps", "1", "--cfg", "1.5", "--out", str(out)]) == 0
+    assert decoded_frames(out) == 73
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--seconds", "0"], "--seconds must be > 0"), (["--seconds", "-1"], "--seconds must be > 0"),
+     (["--mode", "sideways"], "choose one of f1, inverted"), (["--image", "/no/such.png"], "no such image file"),
+     (["--image", "NOTIMAGE"], "not a readable image"), (["--end-image", "IMAGE"], "needs --mode inverted"),
+     (["--out", "/no/such/dir/x.mp4"], "does not exist"), (["--prompt-schedule", "2:late"], "one of --prompt"),
+     (["--cfg", "0"], "--cfg must be > 0")],
+    ids=["zero-seconds", "negative-seconds", "bad-mode", "missing-image", "unreadable-image", "end-image-f1",
+         "bad-out-dir", "prompt-and-schedule", "zero-cfg"],
+)
+def test_bad_arguments_one_line_nonzero(tmp_path, image, args, message, capsys):
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    base = {"--image": str(image), "--prompt": "a ball", "--seconds": "2", "--out": str(tmp_path / "o.mp4")}
+    for i in range(0, len(args), 2):
+        base[args[i]] = args[i + 1].replace("NOTIMAGE", str(not_image)).replace("IMAGE", str(image))
+    argv = ["generate"] + [x for kv in base.items() for x in kv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_runs_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "framepack_rt.commands.cli", "generate", "--image", "/nope.png",
+                             "--prompt", "x", "--seconds", "1", "--out", str(tmp_path / "o.mp4")],
+                            capture_output=True, text=True, cwd="/")
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "no such image" in result.stderr

@@ -1,0 +1,276 @@
+"""The demo trainer at tiny size on the CPU: F1 context packing, windows, the flow-matching loop, resume, FSDP."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from framepack_rt.engine.context import ContextRing
+from framepack_rt.demo import train as T
+from framepack_rt.demo.data import (
+    LatentCache,
+    LatentClip,
+    WindowDataset,
+    collate,
+    history_before,
+    pack_context,
+    valid_windows,
+)
+from framepack_rt.engine.schedules import f1_layout, f1_schedule, vanilla_layout, vanilla_schedule
+
+
+def synthetic_cache(clips: int = 2, latents: int = 30, hw: int = 4, text_dim: int = 32, seed: int = 0) -> LatentCache:
+    """Random latents with a prompt change in the middle of every clip; a random prompt table."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = {"a red ball moves right": (torch.randn(5, text_dim, generator=g), torch.randn(text_dim, generator=g)),
+               "a red ball moves left": (torch.randn(6, text_dim, generator=g), torch.randn(text_dim, generator=g))}
+    cache = LatentCache(prompts=prompts)
+    for _ in range(clips):
+        names = ["a red ball moves right"] * (latents // 2) + ["a red ball moves left"] * (latents - latents // 2)
+        cache.clips.append(LatentClip(torch.randn(latents, 16, hw, hw, generator=g).half(), names,
+                                      torch.randn(3, text_dim, generator=g)))
+    return cache
+
+
+@pytest.mark.parametrize("schedule, layout", [(f1_schedule(9), f1_layout(9)), (vanilla_schedule(9), vanilla_layout(9))])
+def test_packed_windows_equal_what_the_stream_packs(schedule, layout):
+    """A window at s = 1 + k w packs exactly as ContextRing packs section k of a stream over the same latents."""
+    lat = torch.randn(50, 16, 4, 6)
+    ring = ContextRing.for_schedule(schedule, height=4, width=6)
+    ring.reset(lat[0][None, :, None])
+    for k in range(5):
+        s = 1 + k * 9
+        want = ring.inputs(layout).clone()
+        got = pack_context(layout, lat[0][None, :, None], history_before(lat, s, 19).transpose(0, 1)[None])
+        for name, value in want.as_kwargs().items():
+            other = getattr(got, name)
+            assert (value is None) == (other is None), name
+            if value is not None:
+                assert torch.equal(value, other), (name, k)
+        ring.push(lat[s : s + 9].transpose(0, 1)[None])
+
+
+def test_history_is_zero_padded_before_the_clip():
+    lat = torch.arange(1, 11, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 16, 2, 2)
+    h = history_before(lat, 3, 19)
+    assert h.shape == (19, 16, 2, 2) and h[:16].abs().sum() == 0
+    assert [float(h[i, 0, 0, 0]) for i in (16, 17, 18)] == [1.0, 2.0, 3.0]
+    assert torch.equal(history_before(lat, 10, 5)[:, 0, 0, 0], torch.tensor([6.0, 7, 8, 9, 10]))
+
+
+def test_windows_keep_one_prompt_and_favour_changes_and_first_sections():
+    cache = synthetic_cache(latents=30)
+    clip = cache.clips[0]
+    starts = valid_windows(clip, 9)
+    assert all(len(set(clip.prompts[s : s + 9])) == 1 for s in starts)
+    assert 15 in starts and 14 not in starts and 7 not in starts and 6 in starts  # change at latent 15
+    ds = WindowDataset(cache, window=9, change_repeat=3, first_repeat=2)
+    counts = {s: sum(1 for c, t in ds.index if c == 0 and t == s) for s in (1, 2, 15)}
+    assert counts == {1: 3, 2: 1, 15: 4}
+    item = ds[ds.index.index((0, 15))]
+    assert item["prompt"] == "a red ball moves left" and item["target"].shape == (16, 9, 4, 4)
+    assert torch.equal(item["target"], clip.latents[15:24].float().transpose(0, 1))
+    assert item["history"].shape == (16, 19, 4, 4) and item["start"].shape == (16, 1, 4, 4)
+    batch = collate([ds[0], item], cache.prompts)
+    assert batch["text"].shape == (2, 6, 32) and batch["text_mask"].sum(1).tolist() == [5, 6]
+    assert batch["text"][0, 5].abs().sum() == 0
+
+
+def tiny_model(text_dim: int = 32):
+    from framepack_rt.model.config import FramePackConfig
+    from framepack_rt.model.transformer import FramePackTransformer
+
+    return FramePackTransformer.from_config(FramePackConfig.preset("tiny"), seed=0)
+
+
+def test_loss_is_finite_and_falls_on_a_fixed_batch():
+    cache = synthetic_cache()
+    ds = WindowDataset(cache)
+    batch = collate([ds[i] for i in range(4)], cache.prompts)
+    model = tiny_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        for layout in (f1_layout(9), vanilla_layout(9)):  # both layouts the trainer mixes
+            loss = T.flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(0), shift=1.6)
+            assert torch.isfinite(loss)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5, 1.0], ids=lambda p: f"text_dropout_{p}")
+def test_text_dropout_zeroes_the_text_of_that_fraction_of_samples(dropout):
+    """Dropped samples see exactly the engine's default negative (zero text and pooled embeddings, the mask
+    kept); with dropout off no extra random number is drawn, so earlier recipes reproduce."""
+    cache = synthetic_cache()
+    ds = WindowDataset(cache)
+    batch = collate([ds[i] for i in range(8)], cache.prompts)
+    model, seen = tiny_model(), {}
+    original = model.forward
+
+    def recording(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    model.forward = recording
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        T.flow_matching_loss(model, batch, f1_layout(9), generator, shift=1.6, text_dropout=dropout)
+    dropped = seen["encoder_hidden_states"].flatten(1).abs().amax(dim=1) == 0
+    assert torch.equal(dropped, seen["pooled_projections"].abs().amax(dim=1) == 0)
+    assert torch.equal(seen["encoder_attention_mask"], batch["text_mask"])
+    kept = ~dropped
+    torch.testing.assert_close(seen["encoder_hidden_states"][kept], batch["text"][kept].to(seen["encoder_hidden_states"].dtype))
+    expected = {0.0: 0, 1.0: 8}.get(dropout)
+    assert int(dropped.sum()) == expected if expected is not None else 0 < int(dropped.sum()) < 8
+    if dropout == 0.0:  # the generator advanced exactly as without the option
+        reference = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            T.flow_matching_loss(tiny_model(), batch, f1_layout(9), reference, shift=1.6)
+        assert torch.equal(generator.get_state(), reference.get_state())
+
+
+def test_motion_weights_mark_what_changes_against_the_latent_before_the_window():
+    start = torch.zeros(2, 16, 1, 6, 6)
+    history = torch.zeros(2, 16, 19, 6, 6)
+    history[1, :, -1] = 0.3  # clip 1 is mid-clip: its reference is the last history latent, not the start
+    target = torch.zeros(2, 16, 3, 6, 6)
+    target[1] = 0.3
+    target[0, :, 1, 2, 2] = 2.0  # one latent pixel changes in frame 1 of clip 0 (first section: vs the start)
+    w = T.motion_weights(target, start, history, strength=4.0)
+    assert w.shape == (2, 1, 3, 6, 6)
+    assert torch.all(w[1] == 1.0)  # nothing moved relative to the latent before it
+    assert torch.all(w[0, :, 0] == 1.0) and torch.all(w[0, :, 2] == 1.0)
+    assert torch.all(w[0, 0, 1, 1:4, 1:4] == 5.0)  # the changed pixel and its 3x3 neighbourhood
+    assert w[0, 0, 1].sum() == 36 + 4 * 9
+
+
+def test_motion_weighted_loss_equals_plain_mse_when_nothing_moves():
+    cache = synthetic_cache()
+    ds = WindowDataset(cache)
+    batch = collate([ds[i] for i in range(2)], cache.prompts)
+    for x in ("target", "start", "history"):
+        batch[x] = torch.zeros_like(batch[x])
+    model = tiny_model()
+    with torch.no_grad():
+        plain = T.flow_matching_loss(model, batch, f1_layout(9), torch.Generator().manual_seed(0), shift=1.6)
+        weighted = T.flow_matching_loss(model, batch, f1_layout(9), torch.Generator().manual_seed(0), shift=1.6,
+                                        motion_weight=4.0)
+    assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
+
+
+def test_history_noise_leaves_empty_slots_exact_and_stays_within_its_std():
+    history = torch.zeros(64, 16, 19, 4, 4)
+    history[:, :, 16:] = 1.0  # three real latents at the newest end, zeros before the clip start
+    g = torch.Generator().manual_seed(0)
+    noisy = T.noisy_history(history, 0.2, g)
+    assert torch.equal(noisy[:, :, :16], history[:, :, :16])  # the stream holds exact zeros there
+    diff = noisy[:, :, 16:] - 1.0
+    stds = diff.flatten(1).std(dim=1)
+    assert stds.max() <= 0.2 * 1.1 and stds.min() < 0.05 and stds.max() > 0.15  # per-sample std in [0, 0.2]
+    assert T.noisy_history(history, 0.0, g) is history
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    rates = [T.learning_rate(step, 1e-3, 10, 110, 0.05) for step in range(120)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)  # linear warmup
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:]))  # then never rises
+    assert rates[60] == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5))  # half-way down the cosine
+    assert rates[110] == rates[119] == pytest.approx(5e-5)  # the floor, and it stays there
+
+
+def _args(tmp_path, *extra: str):
+    return T.parser().parse_args(["transformer", "--out", str(tmp_path), "--tiny", "--batch", "2", "--warmup", "2",
+                                  "--log-every", "1", "--save-every", "2", "--device", "cpu", *extra])
+
+
+def _tiny_cache(tmp_path):
+    cache = synthetic_cache(text_dim=64, latents=24)
+    cache.save(tmp_path / "latents.pt")
+
+
+def _log(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
+
+
+def test_train_transformer_checkpoints_and_resumes(tmp_path):
+    from framepack_rt.model.transformer import FramePackTransformer
+
+    _tiny_cache(tmp_path)
+    T.train_transformer(_args(tmp_path, "--steps", "3"))  # EMA on by default (single process)
+    first = _log(tmp_path)
+    assert [r["step"] for r in first] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in first)
+    assert torch.load(tmp_path / "transformer_ckpt" / "state.pt", weights_only=False)["step"] == 3
+    T.train_transformer(_args(tmp_path, "--steps", "5"))
+    assert [r["step"] for r in _log(tmp_path)][3:] == [4, 5]  # picked up at step 4, not from scratch
+    assert _log(tmp_path)[-1]["lr"] == pytest.approx(T.learning_rate(4, 5e-4, 2, 5, 0.05))  # the schedule's
+    model = FramePackTransformer.from_pretrained(tmp_path / "transformer")
+    state = torch.load(tmp_path / "transformer_ckpt" / "state.pt", weights_only=False)
+    assert state["step"] == 5
+    for k, v in model.state_dict().items():  # the folder holds the EMA weights
+        assert torch.equal(v, state["ema"][k])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fsdp_path_on_gloo_world_size_1(tmp_path, monkeypatch):
+    """FullyShardedDataParallel (torch 2.13 runs it on the CPU over gloo; with one rank it does not shard),
+    DistributedSampler, sharded torch.distributed.checkpoint save and resume, the gathered export."""
+    from framepack_rt.model.transformer import FramePackTransformer
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _tiny_cache(tmp_path)
+    # Fine-tuning path: --init reads a diffusers folder (the 13B's role here), rank 0 broadcasts it.
+    start = T.build_transformer(_args(tmp_path), T.D.DistInfo())
+    start.save_pretrained(tmp_path / "init")
+    flags = ["--fsdp", "--ema", "0", "--grad-checkpoint", "--init", str(tmp_path / "init")]
+    T.train_transformer(_args(tmp_path, "--steps", "2", *flags))
+    assert (tmp_path / "transformer_ckpt" / "sharded").is_dir()
+    T.train_transformer(_args(tmp_path, "--steps", "3", *flags))
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3]
+    model = FramePackTransformer.from_pretrained(tmp_path / "transformer")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    before = start.state_dict()
+    after = model.state_dict()
+    assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in before)  # it trained
+
+
+def test_batches_split_windows_across_ranks():
+    cache = synthetic_cache(latents=30)
+    ds = WindowDataset(cache)
+    seen = []
+    for rank in (0, 1):
+        info = T.D.DistInfo(rank=rank, world_size=2)
+        stream = T.batches(ds, cache.prompts, 2, info, seed=0, start_step=0)
+        seen.append([next(stream)[1]["target"] for _ in range(3)])
+    assert not torch.equal(seen[0][0], seen[1][0])
+    # resuming at a step yields the batch that step had
+    again = T.batches(ds, cache.prompts, 2, T.D.DistInfo(rank=0, world_size=2), seed=0, start_step=2)
+    step, batch = next(again)
+    assert step == 2 and torch.equal(batch["target"], seen[0][2])
+
+
+def test_vae_stage_trains_and_sets_the_scaling_factor(tmp_path):
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    args = T.parser().parse_args(["vae", "--out", str(tmp_path), "--size", "32", "--frames", "5", "--vae-steps", "2",
+                                  "--vae-batch", "1", "--log-every", "1"])
+    T.train_vae(T.vae_stage_args(args))
+    log = [json.loads(line) for line in (tmp_path / "vae_log.jsonl").read_text().splitlines()]
+    assert [r.get("step") for r in log[:2]] == [1, 2] and all(np.isfinite(r["loss"]) for r in log[:2])
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(tmp_path / "vae")
+    assert vae.config.scaling_factor == pytest.approx(log[-1]["scaling_factor"]) and vae.config.scaling_factor != 1.0

@@ -1,0 +1,165 @@
+"""FramePackPipeline end to end on the tiny models: stream, prompt changes, modes, folders, low-VRAM."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return FramePackPipeline.from_pretrained("tiny")
+
+
+@pytest.fixture
+def image():
+    img = np.full((64, 64, 3), 30, np.uint8)
+    img[24:40, 8:24] = (220, 40, 40)
+    return img
+
+
+def test_stream_f1_frames_and_prompt_change(pipe, image):
+    stream = pipe.stream(image, "a red ball moves right", steps=2)
+    first = next(stream)
+    assert first.frames.dtype == np.uint8 and first.frames.shape == (25, 64, 64, 3)  # 33 minus 8 held back
+    assert first.first_frame == 0 and first.prompt == "a red ball moves right"
+    assert stream.set_prompt("a red ball moves left") == 1
+    second, third = next(stream), next(stream)
+    assert (second.first_frame, len(second.frames)) == (25, 36)
+    assert (third.first_frame, len(third.frames)) == (61, 36)
+    assert second.prompt == third.prompt == "a red ball moves left"
+    assert second.sample_ms > 0 and second.decode_ms > 0 and second.ms == pytest.approx(second.sample_ms + second.decode_ms)
+
+
+def test_prompt_set_mid_section_applies_from_the_next(pipe, image):
+    acks = []
+    holder = {}
+
+    def on_step(progress):
+        assert progress.preview.dtype == np.uint8 and progress.preview.shape[-1] == 3
+        if progress.section == 0 and progress.step == 0:
+            acks.append(holder["s"].set_prompt("the ball stops"))
+
+    holder["s"] = stream = pipe.stream(image, "a red ball moves right", steps=2, on_step=on_step)
+    prompts = [next(stream).prompt for _ in range(2)]
+    assert acks == [1] and prompts == ["a red ball moves right", "the ball stops"]
+
+
+def test_prompt_set_while_decoding_applies_from_the_next(pipe, image):
+    stream = pipe.stream(image, "a red ball moves right", steps=2)
+    decode = stream._decode
+    acks = []
+
+    def decode_and_set(latents):
+        acks.append(stream.set_prompt("the ball stops"))  # section 0 is sampled, not yet decoded
+        return decode(latents)
+
+    stream._decode = decode_and_set
+    first = next(stream)
+    stream._decode = decode
+    assert acks == [1] and first.prompt == "a red ball moves right"
+    assert next(stream).prompt == "the ball stops"
+
+
+@pytest.mark.parametrize("mode", ["f1", "inverted"])
+def test_finite_clip_frame_count(pipe, image, mode):
+    # 2 s -> round(60 / 36) = 2 sections of 9 latents + the start latent = 19 latents -> 73 frames
+    frames = pipe.generate(image, "a ball", seconds=2, steps=2, mode=mode)
+    assert frames.shape == (73, 64, 64, 3)
+
+
+def test_inverted_with_end_image_and_sections_come_end_first(pipe, image):
+    sections = list(pipe.stream(image, "a ball", seconds=2, steps=2, mode="inverted", end_image=image[::-1]))
+    assert [s.index for s in sections] == [0, 1] and sections[-1].is_last
+    assert sections[0].first_frame > sections[1].first_frame == 0
+
+
+def test_stream_frames_equal_whole_clip_decode(pipe, image):
+    """The joins are the decoder's own: streaming output equals decoding all latents at once."""
+    latents = []
+    stream = pipe.stream(image, "a ball", seconds=3, steps=2)
+    gen = stream._gen
+    original = gen._generate
+
+    def recording(k, cond):
+        out = original(k, cond)
+        latents.append(out.output_latents)
+        return out
+
+    gen._generate = recording
+    chunks = [s.frames for s in stream]
+    clip = torch.cat([gen.start_latent] + latents, dim=2)
+    whole = pipe.parts.vae().decode_frames(clip)[0].numpy()
+    assert np.array_equal(np.concatenate(chunks), whole)
+
+
+def test_pause_resume_and_stop(pipe, image):
+    holder = {}
+
+    def on_step(progress):
+        if progress.section == 1:
+            holder["s"].stop()
+
+    holder["s"] = stream = pipe.stream(image, "a ball", steps=2, on_step=on_step)
+    stream.pause()
+    stream.resume()
+    assert next(stream).index == 0
+    with pytest.raises(StopIteration):  # stopped inside section 1's first step
+        next(stream)
+    assert stream.sections_done == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(mode="sideways"), "unknown mode"), (dict(seconds=0), "seconds must be > 0"),
+     (dict(mode="inverted"), "pass seconds"), (dict(end_image=np.zeros((8, 8, 3), np.uint8)), "needs mode 'inverted'")],
+    ids=["bad-mode", "zero-seconds", "inverted-without-seconds", "end-image-in-f1"],
+)
+def test_bad_arguments_explain(pipe, image, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.stream(image, "a ball", **kwargs)
+
+
+@pytest.mark.parametrize("low_vram", [False, True], ids=["kept-loaded", "low-vram"])
+def test_folder_layout_loads_through_the_real_path(tmp_path, pipe, image, low_vram):
+    from framepack_rt.pipeline.tiny_models import write_tiny_models
+
+    write_tiny_models(tmp_path)  # same seed as the built-in tiny set
+    folder_pipe = FramePackPipeline.from_pretrained(
+        tmp_path, buckets="tiny", low_vram=low_vram, memory_budget_gb=0.001 if low_vram else None  # ~1 MiB: every tiny block streams
+    )
+    if low_vram:
+        folder_pipe.parts.transformer()
+        assert len(folder_pipe.parts.streamer.streamed) == 4
+    a = next(pipe.stream(image, "a ball", steps=2, seed=3)).frames
+    b = next(folder_pipe.stream(image, "a ball", steps=2, seed=3)).frames
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # fp32 reassociation at most
+
+
+def test_missing_part_names_the_folder(tmp_path):
+    from framepack_rt.pipeline.model_folders import MissingModelPart
+    from framepack_rt.pipeline.tiny_models import write_tiny_models
+
+    write_tiny_models(tmp_path)
+    import shutil
+
+    shutil.rmtree(tmp_path / "vae")
+    with pytest.raises(MissingModelPart, match="vae"):
+        FramePackPipeline.from_pretrained(tmp_path)
+
+
+def test_guidance_and_negative_prompt_reach_the_generator(pipe, image):
+    """No guidance: the model's default (cfg 1: no negative is encoded). Real CFG: the negative prompt given,
+    else none (the engine then uses zero embeddings)."""
+    from framepack_rt.engine.sampling import GuidanceConfig
+
+    plain = pipe.stream(image, "a ball", steps=1)
+    assert plain._gen.sampler.guidance == pipe.default_guidance and plain._gen._negative is None
+    guided = pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0), negative_prompt="a blur")
+    assert guided._gen.sampler.guidance.cfg == 2.0 and guided._gen._negative.prompt == "a blur"
+    assert next(guided).frames.shape[0] > 0
+    assert pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0))._gen._negative is None
+    assert pipe.stream(image, "a ball", steps=1, negative_prompt="a blur")._gen._negative is None  # cfg 1: unused
