@@ -9,6 +9,9 @@ the cubin would not be the one the GPU runs. ``ptxas`` ships with triton, so the
     python -m framepack_rt.kernels.aot [--shard 0/2] [--json out.json]
 
 Must run without ``TRITON_INTERPRET`` (under the interpreter ``triton.jit`` gives no compilable function).
+It uses Triton's compiler entry points (``native_specialize_impl``, ``ASTSource(constexprs=, attrs=)``), which
+older Triton releases lack: :func:`missing_compiler_support` says so instead of failing deep inside a compile
+(the kernels themselves run on Triton 3.0 and later; this was written against 3.9).
 """
 
 from __future__ import annotations
@@ -127,6 +130,23 @@ def jobs() -> list[Job]:
     return out
 
 
+def missing_compiler_support() -> str | None:
+    """None when this Triton has what the ahead-of-time compile uses, else what it lacks."""
+    import inspect
+
+    import triton
+
+    try:
+        from triton._C.libtriton import native_specialize_impl  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource, make_backend  # noqa: F401
+    except ImportError as error:
+        return f"triton {triton.__version__} lacks a compiler entry point ({error})"
+    if "constexprs" not in inspect.signature(ASTSource).parameters:
+        return f"triton {triton.__version__}: ASTSource takes no constexprs= (an older compiler interface)"
+    return None
+
+
 def specialize(job: Job, backend) -> tuple[dict, dict, dict]:
     """(signature, constexprs, attrs) for ASTSource, as the JIT launcher would build them."""
     from triton._C.libtriton import native_specialize_impl
@@ -182,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("aot: TRITON_INTERPRET is set; unset it (the interpreter cannot compile)", file=sys.stderr)
+        return 2
+    missing = missing_compiler_support()
+    if missing:
+        print(f"aot: {missing}; ahead-of-time compiles need a newer Triton (written against 3.9)", file=sys.stderr)
         return 2
     index, count = (int(x) for x in opts.shard.split("/"))
     selected = jobs()[index::count]

@@ -110,17 +110,23 @@ def _config(block_m: int, block_n: int, warps: int, stages: int) -> triton.Confi
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Hopper candidates (head_dim 128): wide query blocks with 8 warps for long sequences, small ones for the
-# text refiner's short segments. The pruning below drops what a given call cannot use.
+# Candidates (head_dim 128): wide query blocks with 8 warps for long sequences, small ones for the text
+# refiner's short segments. Shared memory (bf16, head_dim 128, shared_bytes_estimate) runs from 36 KiB to
+# 224 KiB: Hopper (227 KiB a block) can take them all, A100 (163 KiB) most, Ada and consumer Ampere (99 KiB)
+# the 96 KiB-and-smaller ones, two-stage 128 x 64 tiles among them. The pruning below drops what the device's
+# real limit (_common.max_shared_bytes) or a given call cannot use; the autotuner skips any config that still
+# fails to compile or launch (OutOfResources), and the self-check catches a kernel with none left.
 CONFIGS = [
     _config(128, 128, 8, 2),
     _config(128, 128, 8, 3),
+    _config(128, 64, 4, 2),
     _config(128, 64, 4, 3),
     _config(128, 64, 8, 3),
     _config(128, 64, 4, 4),
     _config(128, 64, 8, 4),
     _config(128, 32, 4, 4),
     _config(64, 128, 4, 3),
+    _config(64, 64, 4, 2),
     _config(64, 64, 4, 3),
     _config(64, 64, 4, 4),
     _config(64, 32, 4, 4),
@@ -156,6 +162,7 @@ def prune_configs(
 
 
 def _early_prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's hook (Triton 3.0 to 3.9 call it alike): prune for the device Q is on."""
     args = {**named_args, **kwargs}
     q = args["Q"]
     smem = max_shared_bytes(q.device)

@@ -217,41 +217,33 @@ class SectionGenerator:
             is_last=self.schedule.is_last(k),
         )
 
+    def _latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        return (batch, self.schedule.window, self.height, self.width)
+
     def _velocity_fn(self, context: ContextInputs, caches: dict[str, TeaCache]):
-        model, context_kwargs = self.model, context.as_kwargs()
+        """One model call per branch and step; each branch's StepPlan is prepared once, at its first step."""
+        model, context_kwargs, plans = self.model, context.as_kwargs(), {}
 
         def velocity(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, branch) -> torch.Tensor:
             name, cond = branch
-            return model(
-                hidden_states=x,
-                timestep=timestep,
-                guidance=guidance,
-                encoder_hidden_states=cond.text,
-                encoder_attention_mask=cond.text_mask,
-                pooled_projections=cond.pooled,
-                image_embeds=cond.image_embeds,
-                step_cache=caches.get(name),
-                **context_kwargs,
-            )
+            if name not in plans:
+                plans[name] = model.prepare(
+                    self._latent_shape(x.shape[0]), cond.text, cond.text_mask, cond.pooled, cond.image_embeds,
+                    **context_kwargs,
+                )
+            return model.step(plans[name], x, timestep, guidance, step_cache=caches.get(name))
 
         return velocity
 
     def _paired_velocity_fn(self, context: ContextInputs, positive: Conditioning, negative: Conditioning):
-        """Both CFG branches as one batch of 2B: the context is repeated once per section, not per step."""
+        """Both CFG branches as one batch of 2B: the context is repeated and prepared once per section."""
         model, both = self.model, _stacked(positive, negative)
         context_kwargs = {k: v if v is None or v.ndim == 1 else torch.cat([v, v]) for k, v in context.as_kwargs().items()}
+        plan = model.prepare(self._latent_shape(2 * self.batch), both.text, both.text_mask, both.pooled,
+                             both.image_embeds, **context_kwargs)
 
         def pair(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, _pos, _neg):
-            v = model(
-                hidden_states=torch.cat([x, x]),
-                timestep=torch.cat([timestep, timestep]),
-                guidance=torch.cat([guidance, guidance]),
-                encoder_hidden_states=both.text,
-                encoder_attention_mask=both.text_mask,
-                pooled_projections=both.pooled,
-                image_embeds=both.image_embeds,
-                **context_kwargs,
-            )
+            v = model.step(plan, torch.cat([x, x]), torch.cat([timestep, timestep]), torch.cat([guidance, guidance]))
             return v.chunk(2)
 
         return pair

@@ -10,12 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_rt.model.attention import packed_attention
-from framepack_rt.kernels import dispatch as kd  # Triton kernels on CUDA, the torch lines elsewhere
 from framepack_rt.model.layers import FeedForward, RMSNorm, heads, modulate
-from framepack_rt.model.packing import JointPacking
+from framepack_rt.model.step_plan import StepPlan
 
-RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (1 or B, Lv, head_dim) fp32
+# The ops that may run fused (``plan.ops``: Triton kernels on CUDA, the torch lines elsewhere) and the attention
+# backend (``plan.attention``) were chosen once per section, in the transformer's prepare().
 
 
 class AdaLNZero(nn.Module):
@@ -34,11 +33,12 @@ def joint_attention(
     q: tuple[torch.Tensor, torch.Tensor],
     k: tuple[torch.Tensor, torch.Tensor],
     v: tuple[torch.Tensor, torch.Tensor],
-    packing: JointPacking,
+    plan: StepPlan,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each argument is (video (B, Lv, H, D), context (Tc, H, D)); returns the outputs flattened to (.., H*D)."""
+    packing = plan.packing
     joint = packing.joint
-    out = packed_attention(
+    out = plan.attention(
         packing.join(*q), packing.join(*k), packing.join(*v), joint.cu_seqlens, joint.max_len, joint.lengths
     )
     video, context = packing.split(out)
@@ -56,17 +56,15 @@ class DoubleStreamAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, rope: RopeTables, packing: JointPacking
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.num_heads
-        q = kd.norm_rope(heads(self.to_q(x), n), self.norm_q, rope)
-        k = kd.norm_rope(heads(self.to_k(x), n), self.norm_k, rope)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        n, norm_rope = self.num_heads, plan.ops.norm_rope
+        q = norm_rope(heads(self.to_q(x), n), self.norm_q, plan.rope)
+        k = norm_rope(heads(self.to_k(x), n), self.norm_k, plan.rope)
         v = heads(self.to_v(x), n)
-        cq = kd.norm_rope(heads(self.add_q_proj(c), n), self.norm_added_q)
-        ck = kd.norm_rope(heads(self.add_k_proj(c), n), self.norm_added_k)
+        cq = norm_rope(heads(self.add_q_proj(c), n), self.norm_added_q)
+        ck = norm_rope(heads(self.add_k_proj(c), n), self.norm_added_k)
         cv = heads(self.add_v_proj(c), n)
-        out_x, out_c = joint_attention((q, cq), (k, ck), (v, cv), packing)
+        out_x, out_c = joint_attention((q, cq), (k, ck), (v, cv), plan)
         return self.to_out[0](out_x), self.to_add_out(out_c)
 
 
@@ -87,15 +85,16 @@ class DoubleStreamBlock(nn.Module):
         return modulate(x, shift[:, None], scale[:, None])
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope: RopeTables, packing: JointPacking
+        self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, plan: StepPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        ops, packing = plan.ops, plan.packing
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = (m[:, None] for m in self.norm1(temb))
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = (
             packing.per_context_token(m) for m in self.norm1_context(temb)
         )
-        attn_x, attn_c = self.attn(kd.modulate(x, shift, scale), kd.modulate(c, c_shift, c_scale), rope, packing)
-        x, mx = kd.residual_gate_modulate(x, attn_x, gate, shift_mlp, scale_mlp)  # x + attn_x * gate, modulated
-        c, mc = kd.residual_gate_modulate(c, attn_c, c_gate, c_shift_mlp, c_scale_mlp)
+        attn_x, attn_c = self.attn(ops.modulate(x, shift, scale), ops.modulate(c, c_shift, c_scale), plan)
+        x, mx = ops.residual_gate_modulate(x, attn_x, gate, shift_mlp, scale_mlp)  # x + attn_x * gate, modulated
+        c, mc = ops.residual_gate_modulate(c, attn_c, c_gate, c_shift_mlp, c_scale_mlp)
         x = x + gate_mlp * self.ff(mx)
         c = c + c_gate_mlp * self.ff_context(mc)
         return x, c
@@ -109,12 +108,12 @@ class SingleStreamAttention(nn.Module):
         self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
 
     def qkv(
-        self, x: torch.Tensor, rope: RopeTables | None = None
+        self, x: torch.Tensor, plan: StepPlan, rope: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q and k normalized (and rotated when ``rope`` is given), v."""
-        n = self.num_heads
-        q = kd.norm_rope(heads(self.to_q(x), n), self.norm_q, rope)
-        k = kd.norm_rope(heads(self.to_k(x), n), self.norm_k, rope)
+        """q and k normalized (and rotated when ``rope``: the video tokens), v."""
+        n, norm_rope, tables = self.num_heads, plan.ops.norm_rope, plan.rope if rope else None
+        q = norm_rope(heads(self.to_q(x), n), self.norm_q, tables)
+        k = norm_rope(heads(self.to_k(x), n), self.norm_k, tables)
         return q, k, heads(self.to_v(x), n)
 
 
@@ -130,14 +129,15 @@ class SingleStreamBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
     def forward(
-        self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope: RopeTables, packing: JointPacking
+        self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, plan: StepPlan
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        ops, packing = plan.ops, plan.packing
         shift, scale, gate = self.norm(temb)
-        nx = kd.modulate(x, shift[:, None], scale[:, None])
-        nc = kd.modulate(c, packing.per_context_token(shift), packing.per_context_token(scale))
-        q, k, v = self.attn.qkv(nx, rope)
-        cq, ck, cv = self.attn.qkv(nc)
-        attn_x, attn_c = joint_attention((q, cq), (k, ck), (v, cv), packing)
+        nx = ops.modulate(x, shift[:, None], scale[:, None])
+        nc = ops.modulate(c, packing.per_context_token(shift), packing.per_context_token(scale))
+        q, k, v = self.attn.qkv(nx, plan, rope=True)
+        cq, ck, cv = self.attn.qkv(nc, plan, rope=False)
+        attn_x, attn_c = joint_attention((q, cq), (k, ck), (v, cv), plan)
         mlp_x = F.gelu(self.proj_mlp(nx), approximate="tanh")
         mlp_c = F.gelu(self.proj_mlp(nc), approximate="tanh")
         x = x + gate[:, None] * self.proj_out(torch.cat([attn_x, mlp_x], dim=-1))

@@ -8,13 +8,18 @@ Module and parameter names follow the released checkpoint exactly (``attn.to_out
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from framepack_rt.model.attention import packed_attention
 from framepack_rt.model.packing import Segments
+
+if TYPE_CHECKING:
+    from framepack_rt.model.step_plan import TextPlan
+
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, cu_seqlens, max_seqlen, seqlens, scale) -> out
 
 LN_EPS = 1e-6
 
@@ -117,9 +122,9 @@ class RefinerAttention(nn.Module):
         self.to_q, self.to_k, self.to_v = (nn.Linear(dim, dim) for _ in range(3))
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, segments: Segments) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: Segments, attend: AttentionFn) -> torch.Tensor:
         q, k, v = (heads(proj(x), self.num_heads) for proj in (self.to_q, self.to_k, self.to_v))
-        out = packed_attention(q, k, v, segments.cu_seqlens, segments.max_len, segments.lengths)
+        out = attend(q, k, v, segments.cu_seqlens, segments.max_len, segments.lengths)
         return self.to_out[0](out.flatten(-2))
 
 
@@ -144,9 +149,11 @@ class RefinerBlock(nn.Module):
         self.ff = FeedForward(dim, int(dim * mlp_ratio), "silu")
         self.norm_out = AdaGates(dim)
 
-    def forward(self, x: torch.Tensor, temb_per_token: torch.Tensor, segments: Segments) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb_per_token: torch.Tensor, segments: Segments, attend: AttentionFn
+    ) -> torch.Tensor:
         gate_msa, gate_mlp = self.norm_out(temb_per_token)
-        x = x + self.attn(self.norm1(x), segments) * gate_msa
+        x = x + self.attn(self.norm1(x), segments, attend) * gate_msa
         return x + self.ff(self.norm2(x)) * gate_mlp
 
 
@@ -164,20 +171,14 @@ class TokenRefiner(nn.Module):
         self.proj_in = nn.Linear(text_dim, dim)
         self.token_refiner = self._Blocks(dim, num_heads, num_layers, mlp_ratio)
 
-    def forward(
-        self, text: torch.Tensor, timestep: torch.Tensor, mask: torch.Tensor, segments: Segments
-    ) -> torch.Tensor:
-        """text (B, L, text_dim); mask (B, L) bool; segments: the real-token count of each sample."""
-        mask_f = mask.float().unsqueeze(-1)
-        pooled = ((text * mask_f).sum(dim=1) / mask_f.sum(dim=1)).to(text.dtype)  # masked mean
-        temb = self.time_text_embed(timestep, pooled)
-        x = self.proj_in(text[mask])  # (T_text, C): padding dropped here, never computed on
-        sample_of_token = torch.repeat_interleave(
-            torch.arange(len(segments.lengths), device=x.device), mask.sum(dim=1)
-        )
-        temb_per_token = temb.index_select(0, sample_of_token)
+    def forward(self, text: "TextPlan", timestep: torch.Tensor, attend: AttentionFn) -> torch.Tensor:
+        """The prompt's real tokens, packed and already projected in (``text.tokens``, (T_text, C), built once
+        per section by the transformer's prepare), refined for this timestep."""
+        temb = self.time_text_embed(timestep, text.pooled)
+        temb_per_token = temb.index_select(0, text.token_sample)
+        x = text.tokens
         for block in self.token_refiner.refiner_blocks:
-            x = block(x, temb_per_token, segments)
+            x = block(x, temb_per_token, text.segments, attend)
         return x
 
 

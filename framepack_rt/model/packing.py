@@ -46,7 +46,10 @@ class Segments:
 
 
 class JointPacking:
-    """Joins (B, Lv, ...) video and (Tc, ...) context tensors into one packed sequence, and splits back."""
+    """Joins (B, Lv, ...) video and (Tc, ...) context tensors into one packed sequence, and splits back.
+
+    Built on the host from Python lengths (once per section: the transformer's prepare), so joining and
+    splitting are index_selects with no host sync."""
 
     def __init__(self, batch: int, video_len: int, context_lengths: list[int], device: torch.device) -> None:
         if len(context_lengths) != batch:
@@ -56,9 +59,7 @@ class JointPacking:
         self.context = Segments.of(context_lengths, device)
         self.joint = Segments.of([video_len + n for n in context_lengths], device)
         # Sample id of each context token: per-sample modulation vectors are gathered with it.
-        self.context_sample = torch.repeat_interleave(
-            torch.arange(batch, device=device), torch.tensor(context_lengths, device=device)
-        )
+        self.context_sample = torch.repeat_interleave(torch.arange(batch), torch.tensor(context_lengths)).to(device)
         self._order = self._inverse = None
         if batch > 1:
             # order[j] = row of cat([video.flatten(0, 1), context]) that lands at joint position j.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from framepack_rt.model.blocks import DoubleStreamBlock, SingleStreamBlock
 from framepack_rt.model.checkpoint import load_transformer, save_transformer
 from framepack_rt.model.config import FramePackConfig
-from framepack_rt.kernels import dispatch as kernel_dispatch  # Triton kernels on CUDA, torch elsewhere
+from framepack_rt.kernels.dispatch import KernelPlan, kernel_plan  # Triton kernels on CUDA, torch elsewhere
+from framepack_rt.model.attention import attention_for
 from framepack_rt.model.layers import ConditionEmbedding, ImageProjection, TokenRefiner, layer_norm
 from framepack_rt.model.packing import JointPacking, Segments
 from framepack_rt.model.rope import replicate_pad_to_multiple, rope_table
+from framepack_rt.model.step_plan import RopeTables, StepPlan, TextPlan
 
 
 class StepCache(Protocol):
@@ -40,6 +42,16 @@ class StepCache(Protocol):
     def residual(self) -> torch.Tensor: ...
 
     def remember(self, residual: torch.Tensor) -> None: ...
+
+
+class StepBranch(NamedTuple):
+    """One branch of :meth:`FramePackTransformer.step_branches`: step()'s arguments."""
+
+    plan: StepPlan
+    hidden_states: torch.Tensor
+    timestep: torch.Tensor
+    guidance: torch.Tensor | None = None
+    step_cache: StepCache | None = None
 
 
 class CleanLatentEmbedder(nn.Module):
@@ -68,12 +80,12 @@ class OutputNorm(nn.Module):
         super().__init__()
         self.linear = nn.Linear(dim, 2 * dim)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, fp32: bool) -> torch.Tensor:
-        if fp32:
-            emb = F.linear(F.silu(temb.float()), self.linear.weight.float(), self.linear.bias.float())
-            x = x.float()
-        else:
-            emb = self.linear(F.silu(temb).to(x.dtype))
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return self.modulated(x, self.linear(F.silu(temb).to(x.dtype)))
+
+    @staticmethod
+    def modulated(x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """layer_norm(x) modulated by ``emb`` = linear(silu(temb)) (the fp32 head computes emb itself)."""
         scale, shift = emb.chunk(2, dim=-1)
         return layer_norm(x) * (1 + scale[:, None]) + shift[:, None]
 
@@ -89,13 +101,6 @@ def patchify(conv: nn.Conv3d, latents: torch.Tensor) -> torch.Tensor:
     b, c, t, h, w = x.shape
     patches = x.reshape(b, c, t // kt, kt, h // kh, kh, w // kw, kw).permute(0, 2, 4, 6, 1, 3, 5, 7)
     return F.linear(patches.reshape(b, -1, c * kt * kh * kw), conv.weight.flatten(1), conv.bias)
-
-
-@dataclass
-class VideoTokens:
-    tokens: torch.Tensor  # (B, Lv, C) in packed order [4x | 2x | clean 1x | noisy]
-    rope: tuple[torch.Tensor, torch.Tensor]  # (1 or B, Lv, head_dim) fp32 each
-    noisy_len: int
 
 
 def _indices_per_sample(indices: torch.Tensor, batch: int) -> list[torch.Tensor] | torch.Tensor:
@@ -188,7 +193,7 @@ class FramePackTransformer(nn.Module):
     def device(self) -> torch.device:
         return self.proj_out.weight.device
 
-    # -- forward pieces --------------------------------------------------------------------------------------
+    # -- one section's constant inputs -----------------------------------------------------------------------
     def _rope(self, indices: torch.Tensor, height: int, width: int, pool: tuple[int, int, int], batch: int):
         cfg = self.config
         per_sample = _indices_per_sample(indices.to(self.device), batch)
@@ -197,18 +202,18 @@ class FramePackTransformer(nn.Module):
         tables = [rope_table(idx, gh, gw, cfg.rope_axes_dim, cfg.rope_theta, pool) for idx in samples]
         return torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
 
-    def embed_video(
+    def _video_layout(
         self,
-        hidden_states: torch.Tensor,
+        latent_shape: tuple[int, int, int, int],
         indices_latents: torch.Tensor | None,
         context: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]],
-    ) -> VideoTokens:
-        """Patchify noisy and clean latents into one token sequence [4x | 2x | clean 1x | noisy] with RoPE."""
-        batch, _, frames, height, width = hidden_states.shape
+        ops: KernelPlan,
+    ) -> tuple[torch.Tensor | None, RopeTables, int]:
+        """The clean latents' tokens [4x | 2x | clean 1x] (embedded once), RoPE over [clean | noisy], noisy_len."""
+        batch, frames, height, width = latent_shape
         if indices_latents is None:
             indices_latents = torch.arange(frames)
-        # (conv, latents) per scale, embedded together into one packed buffer by kernel_dispatch.patch_embed.
-        pieces = [(self.x_embedder.proj, hidden_states)]
+        pieces = []
         ropes = [self._rope(indices_latents, height, width, (1, 1, 1), batch)]
         kt, kh, kw = self.x_embedder.proj.kernel_size
         noisy_len = -(-frames // kt) * -(-height // kh) * -(-width // kw)  # patches of the padded grid
@@ -222,53 +227,186 @@ class FramePackTransformer(nn.Module):
             if latents.shape[0] != batch or latents.shape[-2:] != (height, width):
                 raise ValueError(
                     f"clean latents of shape {tuple(latents.shape)} do not match hidden_states "
-                    f"{tuple(hidden_states.shape)} in batch or height/width"
+                    f"{(batch, self.config.in_channels, frames, height, width)} in batch or height/width"
                 )
-            pieces.insert(0, (getattr(self.clean_x_embedder, name), latents))
+            pieces.insert(0, (getattr(self.clean_x_embedder, name), latents.to(self.device)))
             ropes.insert(0, self._rope(indices, height, width, pools[name], batch))
         rope_batch = max(r[0].shape[0] for r in ropes)  # B when some indices differ per sample, else 1
         cos = torch.cat([r[0].expand(rope_batch, -1, -1) for r in ropes], dim=1)
         sin = torch.cat([r[1].expand(rope_batch, -1, -1) for r in ropes], dim=1)
-        video = kernel_dispatch.patch_embed(pieces)
-        return VideoTokens(video, (cos, sin), noisy_len)
+        clean = ops.patch_embed(pieces) if pieces else None
+        return clean, (cos, sin), noisy_len
 
-    def embed_context(
-        self,
-        encoder_hidden_states: torch.Tensor,
-        encoder_attention_mask: torch.Tensor | None,
-        image_embeds: torch.Tensor | None,
-        timestep: torch.Tensor,
-    ) -> tuple[torch.Tensor, list[int]]:
-        """Image tokens then the prompt's real text tokens, per sample, packed: ((Tc, C), lengths)."""
-        batch, text_len = encoder_hidden_states.shape[:2]
-        if encoder_attention_mask is None:
-            mask = torch.ones(batch, text_len, dtype=torch.bool, device=encoder_hidden_states.device)
-        else:
-            mask = encoder_attention_mask.to(encoder_hidden_states.device).bool()
-        text_lengths = [int(n) for n in mask.sum(dim=1).tolist()]
-        if min(text_lengths) == 0:
+    def _text_layout(self, text: torch.Tensor, mask: torch.Tensor | None) -> TextPlan:
+        """The real text tokens packed (one host read of the mask, here), projected in, and their pooled mean."""
+        batch, text_len = text.shape[:2]
+        text = text.to(device=self.device, dtype=self.dtype)
+        if mask is None:
+            mask = torch.ones(batch, text_len, dtype=torch.bool)
+        mask = mask.bool().cpu()
+        lengths = [int(n) for n in mask.sum(dim=1).tolist()]
+        if min(lengths) == 0:
             raise ValueError("a sample has no text tokens: encoder_attention_mask must keep at least one")
-        text = self.context_embedder(
-            encoder_hidden_states.to(self.dtype), timestep, mask, Segments.of(text_lengths, self.device)
-        )
-        if image_embeds is None:
-            return text, text_lengths
-        if self.image_projection is None:
-            raise ValueError("this config has has_image_proj=False: it takes no image_embeds")
-        image = self.image_projection(image_embeds.to(self.dtype))
-        texts = text.split(text_lengths)
-        packed = torch.cat([piece for i in range(batch) for piece in (image[i], texts[i])])
-        return packed, [image.shape[1] + n for n in text_lengths]
+        flat_index = mask.flatten().nonzero().squeeze(1).to(self.device)
+        mask_f = mask.to(device=self.device, dtype=torch.float32).unsqueeze(-1)
+        pooled = ((text * mask_f).sum(dim=1) / mask_f.sum(dim=1)).to(text.dtype)  # masked mean
+        tokens = self.context_embedder.proj_in(text.flatten(0, 1).index_select(0, flat_index))
+        sample = torch.repeat_interleave(torch.arange(batch), torch.tensor(lengths)).to(self.device)
+        return TextPlan(tokens, pooled, sample, Segments.of(lengths, self.device))
 
-    def run_blocks(
-        self, video: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope, packing: JointPacking
-    ) -> torch.Tensor:
+    def prepare(
+        self,
+        latent_shape: tuple[int, int, int, int],
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        pooled_projections: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        indices_latents: torch.Tensor | None = None,
+        latents_clean: torch.Tensor | None = None,
+        indices_latents_clean: torch.Tensor | None = None,
+        latents_history_2x: torch.Tensor | None = None,
+        indices_latents_history_2x: torch.Tensor | None = None,
+        latents_history_4x: torch.Tensor | None = None,
+        indices_latents_history_4x: torch.Tensor | None = None,
+    ) -> StepPlan:
+        """Everything a section's steps share, for noisy latents of ``latent_shape`` (B, T, H, W): see
+        :class:`StepPlan`. The keywords are forward()'s; the engine calls this once per section and branch."""
+        cfg = self.config
+        batch, frames, height, width = latent_shape
+        if height % cfg.patch_size or width % cfg.patch_size:
+            raise ValueError(f"latent height/width {height}x{width} must be multiples of {cfg.patch_size}")
+        if pooled_projections is None:
+            raise ValueError("pooled_projections (the CLIP pooled text vector, (B, 768)) is required")
+        context_inputs = {}
+        for name, latents, indices in (
+            ("proj", latents_clean, indices_latents_clean),
+            ("proj_2x", latents_history_2x, indices_latents_history_2x),
+            ("proj_4x", latents_history_4x, indices_latents_history_4x),
+        ):
+            if (latents is None) != (indices is None):
+                raise ValueError(f"clean latents and their frame indices come in pairs ({name}: one is missing)")
+            context_inputs[name] = (latents, indices)
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(f"encoder_hidden_states has batch {encoder_hidden_states.shape[0]}, latents {batch}")
+
+        device, dtype = self.device, self.dtype
+        ops = kernel_plan(device, dtype, head_dim=cfg.attention_head_dim, dim=cfg.inner_dim,
+                          in_channels=cfg.in_channels)  # cached: decided at the first section, then looked up
+        clean, rope, noisy_len = self._video_layout(latent_shape, indices_latents, context_inputs, ops)
+        text = self._text_layout(encoder_hidden_states, encoder_attention_mask)
+        image = context_order = None
+        context_lengths = text.segments.lengths
+        if image_embeds is not None:
+            if self.image_projection is None:
+                raise ValueError("this config has has_image_proj=False: it takes no image_embeds")
+            image = self.image_projection(image_embeds.to(device=device, dtype=dtype))
+            context_order = _interleave_order(image.shape[1], context_lengths).to(device)
+            context_lengths = [image.shape[1] + n for n in context_lengths]
+        video_len = noisy_len + (clean.shape[1] if clean is not None else 0)
+        packing = JointPacking(batch, video_len, context_lengths, device)
+        head_dim = cfg.attention_head_dim
+        head = None
+        if cfg.fp32_output_head:
+            head = tuple(t.detach().float() for t in (self.norm_out.linear.weight, self.norm_out.linear.bias,
+                                                      self.proj_out.weight, self.proj_out.bias))
+        return StepPlan(
+            batch=batch, frames=frames, height=height, width=width, noisy_len=noisy_len, clean_tokens=clean,
+            rope=rope, pooled=pooled_projections.to(device=device, dtype=dtype), text=text, image_tokens=image,
+            context_order=context_order, packing=packing, ops=ops,
+            attention=attention_for(device, dtype, head_dim, packing.joint.max_len).fn,
+            text_attention=attention_for(device, dtype, head_dim, text.segments.max_len).fn,
+            head_fp32=head,
+        )
+
+    def compile_blocks(self, **compile_kwargs) -> "FramePackTransformer":
+        """torch.compile each transformer block in place (as the ecosystem does for HunyuanVideo: one graph per
+        block class, reused by all 60; the plan's host-side layout keeps the graphs free of syncs). Compiles
+        lazily, at the first step; returns self."""
+        for block in (*self.transformer_blocks, *self.single_transformer_blocks):
+            block.compile(**compile_kwargs)
+        return self
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def run_blocks(self, video: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         """All 20 + 40 blocks; returns the video tokens (the context stream is not needed after them)."""
         for block in self.transformer_blocks:
-            video, context = block(video, context, temb, rope, packing)
+            video, context = block(video, context, temb, plan)
         for block in self.single_transformer_blocks:
-            video, context = block(video, context, temb, rope, packing)
+            video, context = block(video, context, temb, plan)
         return video
+
+    def step(
+        self,
+        plan: StepPlan,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        step_cache: StepCache | None = None,
+    ) -> torch.Tensor:
+        """The velocity for ``hidden_states`` (B, 16, T, H, W) at ``timestep`` (B,) = sigma * 1000, with the
+        section's constant inputs from :meth:`prepare`. No host sync, no dispatch decision (a step cache
+        decides on the host by nature: it is the one exception)."""
+        return self.step_branches([StepBranch(plan, hidden_states, timestep, guidance, step_cache)])[0]
+
+    def step_branches(self, branches: Sequence[StepBranch]) -> list[torch.Tensor]:
+        """:meth:`step` for several branches at once (CFG's two branches when each keeps its own step cache),
+        running each block for every branch before the next block: the same velocities as one step() per
+        branch, and in low-VRAM mode (model/offload.py) each streamed block is copied in once for all."""
+        inputs, running = [], []
+        for branch in branches:
+            plan, x = branch.plan, branch.hidden_states
+            if (x.shape[0], *x.shape[2:]) != plan.latent_shape:
+                raise ValueError(f"hidden_states {tuple(x.shape)} do not match the plan's latents "
+                                 f"(B, T, H, W) = {plan.latent_shape}: prepare a plan for this shape")
+            tokens, context, temb = self._step_inputs(branch)
+            cache = branch.step_cache
+            run = cache is None or cache.should_run(self.transformer_blocks[0].modulated_input(tokens, temb))
+            inputs.append([tokens, context, temb, run])
+            if run:
+                running.append(len(inputs) - 1)
+        if len(running) <= 1:
+            outs = {i: self.run_blocks(*inputs[i][:3], branches[i].plan) for i in running}
+        else:  # block by block, every running branch in turn
+            video = {i: inputs[i][0] for i in running}
+            context = {i: inputs[i][1] for i in running}
+            for block in (*self.transformer_blocks, *self.single_transformer_blocks):
+                for i in running:
+                    video[i], context[i] = block(video[i], context[i], inputs[i][2], branches[i].plan)
+            outs = video
+        velocities = []
+        for i, (branch, (tokens, _, temb, run)) in enumerate(zip(branches, inputs)):
+            if not run:
+                tokens = tokens + branch.step_cache.residual()
+            else:
+                if branch.step_cache is not None:
+                    branch.step_cache.remember(outs[i] - tokens)
+                tokens = outs.pop(i)
+            velocities.append(self._step_output(branch.plan, tokens, temb))
+        return velocities
+
+    def _step_inputs(self, branch: StepBranch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The video tokens [clean | noisy], the refined context tokens and temb of one step."""
+        plan, device = branch.plan, self.device
+        timestep = _per_sample(branch.timestep, plan.batch, device)
+        guidance = None if branch.guidance is None else _per_sample(branch.guidance, plan.batch, device)
+        noisy = plan.ops.patch_embed([(self.x_embedder.proj, branch.hidden_states.to(device))])
+        tokens = noisy if plan.clean_tokens is None else torch.cat([plan.clean_tokens, noisy], dim=1)
+        temb = self.time_text_embed(timestep, plan.pooled, guidance)
+        context = self.context_embedder(plan.text, timestep, plan.text_attention)
+        if plan.image_tokens is not None:
+            context = torch.cat([plan.image_tokens.flatten(0, 1), context]).index_select(0, plan.context_order)
+        return tokens, context, temb
+
+    def _step_output(self, plan: StepPlan, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """The output head on the noisy tokens: the velocity (B, 16, T, H, W)."""
+        tokens = tokens[:, -plan.noisy_len :]
+        if plan.head_fp32 is not None:
+            norm_w, norm_b, proj_w, proj_b = plan.head_fp32
+            tokens = self.norm_out.modulated(tokens.float(), F.linear(F.silu(temb.float()), norm_w, norm_b))
+            tokens = F.linear(tokens, proj_w, proj_b)
+        else:
+            tokens = self.proj_out(self.norm_out(tokens, temb))
+        return unpatchify(tokens, plan.frames, plan.height, plan.width, self.config)
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(
@@ -291,64 +429,38 @@ class FramePackTransformer(nn.Module):
         return_dict: bool | None = None,
         step_cache: StepCache | None = None,
     ):
-        """Predict the flow-matching velocity for the noisy latents.
+        """Predict the flow-matching velocity for the noisy latents: ``step(prepare(...), ...)`` in one call.
 
         Shapes: hidden_states (B, 16, T, H, W) latents; timestep (B,) = sigma * 1000; encoder_hidden_states
         (B, L, 4096) LLaMA features with encoder_attention_mask (B, L) (None: all real); pooled_projections
         (B, 768) CLIP; image_embeds (B, 729, 1152) SigLIP; guidance (B,) = distilled scale * 1000;
         latents_clean (B, 16, Tc, H, W), latents_history_2x / _4x likewise; indices_* (T,) or (B, T) frame
         positions. Returns the velocity (B, 16, T, H, W): fp32 when the fp32 output head is on, else the model
-        dtype. ``return_dict=False`` gives a 1-tuple, as diffusers pipelines expect.
+        dtype. ``return_dict=False`` gives a 1-tuple, as diffusers pipelines expect. Samplers that call the
+        model many times with one context should prepare once and call :meth:`step`.
         """
         if attention_kwargs:
             raise ValueError("attention_kwargs (LoRA scale) is not supported by FramePackTransformer")
-        cfg = self.config
         batch, _, frames, height, width = hidden_states.shape
-        if height % cfg.patch_size or width % cfg.patch_size:
-            raise ValueError(f"latent height/width {height}x{width} must be multiples of {cfg.patch_size}")
-        if pooled_projections is None:
-            raise ValueError("pooled_projections (the CLIP pooled text vector, (B, 768)) is required")
-        device = self.device
-        timestep = _per_sample(timestep, batch, device)
-        guidance = None if guidance is None else _per_sample(guidance, batch, device)
-
-        context_inputs = {}
-        for name, latents, indices in (
-            ("proj", latents_clean, indices_latents_clean),
-            ("proj_2x", latents_history_2x, indices_latents_history_2x),
-            ("proj_4x", latents_history_4x, indices_latents_history_4x),
-        ):
-            if (latents is None) != (indices is None):
-                raise ValueError(f"clean latents and their frame indices come in pairs ({name}: one is missing)")
-            context_inputs[name] = (latents, indices)
-
-        video = self.embed_video(hidden_states, indices_latents, context_inputs)
-        temb = self.time_text_embed(timestep, pooled_projections.to(self.dtype), guidance)
-        context, context_lengths = self.embed_context(
-            encoder_hidden_states, encoder_attention_mask, image_embeds, timestep
+        plan = self.prepare(
+            (batch, frames, height, width), encoder_hidden_states, encoder_attention_mask, pooled_projections,
+            image_embeds, indices_latents, latents_clean, indices_latents_clean, latents_history_2x,
+            indices_latents_history_2x, latents_history_4x, indices_latents_history_4x,
         )
-        packing = JointPacking(batch, video.tokens.shape[1], context_lengths, device)
-
-        tokens = video.tokens
-        if step_cache is not None and not step_cache.should_run(
-            self.transformer_blocks[0].modulated_input(tokens, temb)
-        ):
-            tokens = tokens + step_cache.residual()
-        else:
-            out = self.run_blocks(tokens, context, temb, video.rope, packing)
-            if step_cache is not None:
-                step_cache.remember(out - tokens)
-            tokens = out
-
-        tokens = self.norm_out(tokens[:, -video.noisy_len :], temb, fp32=cfg.fp32_output_head)
-        if cfg.fp32_output_head:
-            tokens = F.linear(tokens, self.proj_out.weight.float(), self.proj_out.bias.float())
-        else:
-            tokens = self.proj_out(tokens)
-        velocity = unpatchify(tokens, frames, height, width, cfg)
+        velocity = self.step(plan, hidden_states, timestep, guidance, step_cache)
         if return_dict is False:
             return (velocity,)
         return velocity
+
+
+def _interleave_order(image_len: int, text_lengths: list[int]) -> torch.Tensor:
+    """Rows of cat([image (B*Li), text (sum Lt)]) in the order [img_0; txt_0; img_1; txt_1; ...]."""
+    pieces, text_start = [], len(text_lengths) * image_len
+    for i, n in enumerate(text_lengths):
+        pieces.append(torch.arange(i * image_len, (i + 1) * image_len))
+        pieces.append(torch.arange(text_start, text_start + n))
+        text_start += n
+    return torch.cat(pieces)
 
 
 def unpatchify(tokens: torch.Tensor, frames: int, height: int, width: int, cfg: FramePackConfig) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import inspect
 
 import pytest
 import torch
@@ -47,14 +48,18 @@ def live_tensor_bytes() -> int:
 
 
 def test_200_sections_constant_inputs_and_memory(model):
+    """Every section prepares the model's constant inputs once (StepPlan) with the same shapes, and nothing
+    is kept beyond the ring's fixed buffers."""
     shapes: list[tuple] = []
-    original_forward = model.forward
+    original_prepare = model.prepare
+    parameters = inspect.signature(original_prepare).parameters
 
-    def recording_forward(**kwargs):
-        shapes.append(tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)))
-        return original_forward(**kwargs)
+    def recording_prepare(*args, **kwargs):
+        named = {**dict(zip(parameters, args)), **kwargs}
+        shapes.append(tuple((k, tuple(v.shape)) for k, v in sorted(named.items()) if isinstance(v, torch.Tensor)))
+        return original_prepare(*args, **kwargs)
 
-    model.forward = recording_forward
+    model.prepare = recording_prepare
     try:
         gen = SectionGenerator(
             model, f1_schedule(window=2), start_latent(), conditioning(model, "a ball"),
@@ -68,7 +73,7 @@ def test_200_sections_constant_inputs_and_memory(model):
                 break
         final = live_tensor_bytes()
     finally:
-        del model.forward
+        del model.prepare
     assert len(shapes) == 200
     assert len(set(shapes)) == 1, "model input shapes changed between sections"
     # Everything kept is the ring's fixed buffers: no growth between section 10 and 200 (a few hundred
@@ -149,8 +154,8 @@ def test_teacache_first_and_last_steps_always_run():
 
 def test_real_cfg_runs_the_negative_branch_only_when_asked_batched_with_the_positive(model):
     rows = []  # batch rows per model call
-    original_forward = model.forward
-    model.forward = lambda **kw: rows.append(kw["hidden_states"].shape[0]) or original_forward(**kw)
+    original_step = model.step
+    model.step = lambda plan, x, *a, **kw: rows.append(x.shape[0]) or original_step(plan, x, *a, **kw)
     try:
         for cfg, expected in ((1.0, [1] * 3), (3.0, [2] * 3)):
             rows.clear()
@@ -166,7 +171,7 @@ def test_real_cfg_runs_the_negative_branch_only_when_asked_batched_with_the_posi
         next(gen)
         assert rows == [1] * 6
     finally:
-        del model.forward
+        del model.step
 
 
 @pytest.mark.parametrize("negative_text_len", [None, 3, 6, 9], ids=lambda n: f"neg_text_{n or 'zeros'}")

@@ -18,17 +18,13 @@ if "framepack_rt.kernels._common" in sys.modules and not sys.modules["framepack_
         "run tests/kernels in its own pytest process, or set TRITON_INTERPRET=1"
     )
 
-FP32_ATOL = 1e-5  # fp32 inputs: the kernel and the fp32 reference differ only in summation order
-LOWP_ATOL = 1e-4
-
-
-def max_error(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return (got.float() - ref.float()).abs().max().item() if got.numel() else 0.0
+from framepack_rt.kernels.selfcheck import max_error, tolerance  # noqa: E402
 
 
 @pytest.fixture
 def check() -> Callable[..., None]:
-    """check(got, ref32, lowp=None, scale=1.0): the project's tolerance rule.
+    """check(got, ref32, lowp=None, scale=1.0): the project's tolerance rule, the one the kernels' self-check
+    applies (framepack_rt.kernels.selfcheck.tolerance).
 
     fp32 inputs (lowp None): |got - ref32| <= FP32_ATOL * scale. Low precision: the kernel's max error
     against the fp32 reference is at most twice torch's own error in that dtype (``lowp``: the torch
@@ -38,10 +34,11 @@ def check() -> Callable[..., None]:
         assert got.shape == ref32.shape, (tuple(got.shape), tuple(ref32.shape))
         err = max_error(got, ref32)
         if lowp is None:
-            assert err <= FP32_ATOL * scale, f"fp32 error {err:.3g} > {FP32_ATOL * scale:.3g}"
+            bound = tolerance(None, scale)
+            assert err <= bound, f"fp32 error {err:.3g} > {bound:.3g}"
             return
         torch_err = max_error(lowp, ref32)
-        bound = 2 * torch_err + LOWP_ATOL * scale
+        bound = tolerance(torch_err, scale)
         assert err <= bound, f"kernel error {err:.3g} > 2 x torch {lowp.dtype} error {torch_err:.3g} + atol"
 
     return run

@@ -18,6 +18,8 @@ import pytest
 from framepack_rt.kernels import aot
 
 JOBS = {job.name: job for job in aot.jobs()}
+MISSING = aot.missing_compiler_support()  # an older Triton: the ahead-of-time entry points are not there
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"aot: {MISSING}")
 SHARDS = 2
 
 
@@ -37,7 +39,7 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
     ]
     results = {}
     for i, proc in enumerate(procs):
-        output, _ = proc.communicate(timeout=300)
+        output, _ = proc.communicate(timeout=900)  # minutes when other work shares the cores
         assert proc.returncode == 0, f"aot shard {i} failed:\n{output[-4000:]}"
         results.update({r["name"]: r for r in json.loads((tmp / f"{i}.json").read_text())})
     return results

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from framepack_rt import FramePackConfig, FramePackTransformer
-from framepack_rt.kernels import adaln, packed_attention, patchify, qk_norm_rope, use_kernels
+from framepack_rt.kernels import adaln, dispatch, packed_attention, patchify, qk_norm_rope, use_kernels
+from framepack_rt.model import attention
 
 KERNELS = {  # name: (module, the jitted kernel the launcher calls)
     "attention": (packed_attention, "_packed_attention_fwd"),
@@ -38,6 +39,11 @@ def launches(monkeypatch) -> dict[str, Launches]:
     return counters
 
 
+# One self-check per kernel (framepack_rt.kernels.selfcheck): patchify probes its 3 patch sizes in one call
+# each, q/k norm with and without RoPE, AdaLN modulate and residual+modulate on a video and a context shape.
+PROBE_LAUNCHES = {"attention": 1, "patchify": 3, "qk_norm_rope": 2, "adaln": 4}
+
+
 def expected_launches(cfg: FramePackConfig) -> dict[str, int]:
     double, single, refiner = cfg.num_layers, cfg.num_single_layers, cfg.num_refiner_layers
     return {
@@ -54,9 +60,15 @@ def test_fp32_kernels_match_the_torch_path(check, launches, make_inputs, tiny_co
     kwargs = make_inputs(tiny_config, text_lengths=(10, 6))  # batch 2, ragged text: per-token context rows
     reference = model(**kwargs)
     assert all(c.count == 0 for c in launches.values()), "the CPU default must be the torch path"
+    dispatch.reset_decisions()  # so that this forward is every kernel's first use: its self-check probes it
+    attention.SELECTOR.clear()
     with use_kernels(True):
         got = model(**kwargs)
-    assert {name: c.count for name, c in launches.items()} == expected_launches(tiny_config)
+    expected = expected_launches(tiny_config)
+    assert {name: c.count for name, c in launches.items()} == {n: expected[n] + PROBE_LAUNCHES[n] for n in expected}
+    with use_kernels(True):
+        model(**kwargs)  # decided: no probe runs again, every launch is the model's own
+    assert {name: c.count for name, c in launches.items()} == {n: 2 * expected[n] + PROBE_LAUNCHES[n] for n in expected}
     check(got, reference, scale=max(1.0, reference.abs().max().item()))
 
 
