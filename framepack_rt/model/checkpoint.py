@@ -18,6 +18,13 @@ from typing import TYPE_CHECKING, Callable, TypeVar
 import torch
 
 from framepack_rt.model.config import FramePackConfig
+from framepack_rt.model.quantize import (
+    QUANTIZE_CHOICES,
+    Fp8Linear,
+    quantize_blocks,
+    quantize_weight,
+    quantized_linear_names,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -90,9 +97,13 @@ def load_transformer(
     dtype: torch.dtype | None,
     device: torch.device | str,
     fp32_output_head: bool,
+    quantize: str | None = None,
 ) -> "ModelT":
     """The model ``build(config)`` makes (on the meta device) with the folder's weights assigned, checked by name
-    and shape. Takes the constructor, so this module needs no import of the model (no import cycle)."""
+    and shape. Takes the constructor, so this module needs no import of the model (no import cycle).
+
+    ``quantize="fp8"`` stores the blocks' linear weights as fp8 (quantize.py), converting one tensor at a time
+    on the target device: the full-precision weights are never all resident there."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder; pass a FramePack transformer folder (config.json + weights)")
     config = FramePackConfig.from_file(folder / CONFIG_NAME, fp32_output_head=fp32_output_head)
@@ -109,6 +120,11 @@ def load_transformer(
         listed = INDEX_NAME if (folder / INDEX_NAME).exists() else WEIGHTS_NAME
         raise CheckpointError(f"missing key {missing[0]!r}: not in {listed} ({len(missing)} missing in all)")
 
+    quantized = set()
+    if quantize is not None:
+        if quantize not in QUANTIZE_CHOICES:
+            raise ValueError(f"quantize={quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}, or None")
+        quantized = {f"{name}.weight" for name in quantized_linear_names(model)}
     mapped: dict[Path, dict[str, torch.Tensor]] = {}
     state = {}
     for name, file in files.items():
@@ -123,7 +139,15 @@ def load_transformer(
             raise CheckpointError(
                 f"key {name!r} in {file.name} has shape {tuple(tensor.shape)}, the config expects {tuple(expected[name])}"
             )
-        state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        if name in quantized:
+            state[name], state[name + "_scale"] = quantize_weight(tensor.to(device))
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+    if quantize is not None:
+        quantize_blocks(model, quantize)  # on the meta device: the structure only, filled by the assign below
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                module.compute_dtype = dtype or state[next(iter(state))].dtype
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
