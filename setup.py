@@ -45,6 +45,7 @@ setup(
         "av>=12",
         "pillow>=10",
         "matplotlib>=3.5",  # framepack-rt bench draws its latency plot
+        "prometheus_client>=0.17",  # serve's /metrics
     ],
     extras_require={
         # playwright: the Python package only; it drives Debian's /usr/bin/chromium (no `playwright install`).

@@ -18,14 +18,15 @@ import time
 import numpy as np
 import torch
 
+from framepack_rt.pipeline import devices
 from framepack_rt.stream import DEFAULT_MODEL
 
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
-        device: str = "cpu", cfg: float | None = None) -> dict:
+        device: str = "auto", cfg: float | None = None, dtype: str = "auto") -> dict:
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
-    pipe = FramePackPipeline.from_pretrained(model, device=device)
+    pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype)
     guidance = pipe.guidance(cfg)
     if pipe.example is not None:  # the demo model's own start: what it was trained to continue
         image, prompt = pipe.example
@@ -46,7 +47,7 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
     h, w = rows and stream._decoder._hw
     return dict(
         config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, cfg=guidance.cfg,
-                    teacache=teacache, device=device, frame_size=[h, w]),
+                    teacache=teacache, device=pipe.placement.describe(), frame_size=[h, w]),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         fps=frames / wall,
         frames=frames,
@@ -64,11 +65,14 @@ def main() -> None:
     parser.add_argument("--sections", type=int, default=6)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--teacache", type=float)
-    parser.add_argument("--device", default="cpu")
+    devices.add_arguments(parser)  # --device, --dtype: auto by default, as every command
     parser.add_argument("--cfg", type=float, help="real-CFG scale (default: the model's; 1: off)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg)
+    try:
+        r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg, args.dtype)
+    except (FileNotFoundError, ValueError) as exc:  # a bad --device/--dtype, too little memory, no such model
+        parser.exit(2, f"generation_speed.py: {exc}\n")
     c = r["config"]
     print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, cfg {c['cfg']:g}, "
           f"{c['device']} ({r['machine']})")

@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import itertools
+import ipaddress
 import json
 import time
 from dataclasses import dataclass
@@ -26,11 +27,13 @@ from typing import Any, Callable
 
 import aiohttp
 import numpy as np
+from yarl import URL
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from framepack_rt.stream import control
-from framepack_rt.stream.ice import ensure_host_candidates
+from framepack_rt.stream.candidates import CandidatePolicy
+from framepack_rt.stream.ice import IcePolicy, ensure_host_candidates, policy_scope
 from framepack_rt.stream.stamp import read_stamp_luma, unwrap
 
 
@@ -86,6 +89,18 @@ class StreamClient:
         image: a path, an (H, W, 3) uint8 array or a data URL.
         """
         ensure_host_candidates()
+        with policy_scope(_loopback_policy(self.base_url)):
+            opened = await self._negotiate(session, prompt, image, seed)
+        try:
+            await asyncio.wait_for(opened.wait(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"control channel did not open within {timeout} s (ICE state "
+                               f"{self.pc.iceConnectionState}); is the server reachable on this machine?") from None
+        return self.session
+
+    async def _negotiate(self, session: str | None, prompt: str | None, image: Any,
+                         seed: int | None) -> asyncio.Event:
+        """Offer, post, apply the answer; returns the event set once the control channel opens."""
         # No STUN server: a local server needs none, and the default one is unreachable offline.
         self.pc = pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         pc.addTransceiver("video", direction="recvonly")
@@ -113,12 +128,7 @@ class StreamClient:
         answer = await self.post_json("/offer", body)
         self.session = answer["session"]
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        try:
-            await asyncio.wait_for(opened.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"control channel did not open within {timeout} s (ICE state "
-                               f"{pc.iceConnectionState}); is the server reachable on this machine?") from None
-        return self.session
+        return opened
 
     async def close(self) -> None:
         if self.pc is not None:
@@ -255,6 +265,15 @@ async def _json_or_raise(resp: aiohttp.ClientResponse, path: str) -> Any:
         detail = data.get("error") if isinstance(data, dict) else data
         raise RuntimeError(f"{path}: HTTP {resp.status}: {detail}")
     return data
+
+
+def _loopback_policy(base_url: str) -> IcePolicy | None:
+    """A server on a loopback address is reached over loopback only: gather and probe nothing else."""
+    try:
+        loopback = ipaddress.ip_address(URL(base_url).host or "").is_loopback
+    except ValueError:
+        loopback = URL(base_url).host == "localhost"
+    return IcePolicy(addresses=("127.0.0.1",), remote=CandidatePolicy(loopback=True)) if loopback else None
 
 
 def _image_data_url(image: Any) -> str:

@@ -44,9 +44,11 @@ class Generation:
     PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress messages a second per session (plus first/last step)
     PREVIEW_INTERVAL_S = 0.25  # previews are JPEGs: a few a second are plenty
 
-    def __init__(self, buffer: FrameBuffer, post: Post) -> None:
+    def __init__(self, buffer: FrameBuffer, post: Post,
+                 on_section: Callable[[int, float], None] | None = None) -> None:
         self.buffer = buffer
         self.post = post
+        self.on_section = on_section  # (frames, pipeline seconds) per section, on this thread: the metrics
         self.stream: VideoStreamLike | None = None  # attached once the pipeline has built it
         self.paused = False
         self.watched = True  # False while the session has no viewers: nobody to generate for
@@ -104,6 +106,8 @@ class Generation:
         self.frames += count
         self.section_frames = max(count, 1)
         self.last_section_ms = float(section.ms)
+        if self.on_section is not None:
+            self.on_section(count, self.last_section_ms / 1000)
         self.post(control.section(section.index, section.prompt, section.first_frame,
                                   section.first_frame + count - 1, section.ms, section.steps_run,
                                   section.steps_skipped, bool(section.is_last)))

@@ -21,6 +21,9 @@ from typing import Callable
 MAX_SESSIONS = 4  # sessions generating at once share one device: each more slows all of them
 MAX_IMAGE_BYTES = 12 * 2**20  # a phone photo fits
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded, that is 48 MB of RGB
+MAX_SESSIONS_PER_CLIENT = 2  # one address cannot take every session slot
+MAX_PENDING_PER_CLIENT = 16  # offers answered whose connection is not up yet, per address
+CONTROL_SLOTS = 2  # with a token: places of each session that view-key viewers cannot take
 
 
 class TooLarge(ValueError):
@@ -118,5 +121,36 @@ class Reservations:
             if held[0]:
                 held[0] = False
                 self.count -= 1
+
+        return release
+
+
+class PerClient:
+    """Places held per client address (sessions it started, offers not yet connected), at most ``limit`` each.
+
+    ``take(client)`` raises :class:`LimitExceeded` at the limit, else returns an idempotent release function.
+    Addresses holding nothing are forgotten, so the table is as large as the places held, never larger.
+    """
+
+    def __init__(self, limit: int, what: str, retry_after: int = 10) -> None:
+        self.limit, self.what, self.retry_after = limit, what, retry_after
+        self.held: dict[str, int] = {}
+
+    def take(self, client: str) -> Callable[[], None]:
+        count = self.held.get(client, 0)
+        if count >= self.limit:
+            raise LimitExceeded(f"your address already has {self.limit} {self.what} (the most one client may "
+                                "have); try again when one ends", self.retry_after)
+        self.held[client] = count + 1
+        taken = [True]
+
+        def release() -> None:
+            if taken[0]:
+                taken[0] = False
+                left = self.held.get(client, 1) - 1
+                if left > 0:
+                    self.held[client] = left
+                else:
+                    self.held.pop(client, None)
 
         return release

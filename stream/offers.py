@@ -11,7 +11,7 @@ from typing import Any
 from framepack_rt.stream.control import load_json, validate_prompt
 
 MAX_SDP_CHARS = 64 * 1024  # a browser's offer is 2-6 KB; a much larger "SDP" is not one
-MAX_ID_CHARS = 64  # session ids are 10 hex digits
+MAX_ID_CHARS = 64  # session ids are 22 base64url characters (128 bits)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,9 @@ def parse_offer(body: dict[str, Any], max_prompt_chars: int) -> Offer:
         # A blank prompt means "the default", as leaving it out does.
         prompt = validate_prompt(prompt, max_prompt_chars) if prompt.strip() else None
     image = body.get("image")
-    if image is not None and not isinstance(image, str):
-        raise ValueError("\"image\" must be a data URL such as data:image/png;base64,...")
+    if image is not None and not (isinstance(image, str) and (image == "" or image.startswith("data:image/"))):
+        raise ValueError("\"image\" must be a data URL such as data:image/png;base64,... (read the file with "
+                         "FileReader.readAsDataURL)")
     seed = body.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError("\"seed\" must be a non-negative integer below 2**63")

@@ -1,7 +1,8 @@
-"""The ``framepack-rt serve`` flags for limits and access (kept out of cli.py; imports nothing heavy).
+"""The ``framepack-rt serve`` flags for limits, access, connections, networks and logging (kept out of cli.py;
+imports nothing heavy).
 
 Flags left out keep :class:`~framepack_rt.stream.server.ServerSettings`' defaults, which come from
-:mod:`.limits`; the help texts quote the same values.
+:mod:`.limits` and :mod:`.connections`; the help texts quote the same values.
 """
 
 from __future__ import annotations
@@ -10,14 +11,19 @@ import argparse
 import os
 from typing import Any
 
-from framepack_rt.stream.limits import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_SESSIONS, SessionPolicy
+from framepack_rt.stream.limits import (
+    CONTROL_SLOTS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PENDING_PER_CLIENT, MAX_SESSIONS, MAX_SESSIONS_PER_CLIENT,
+    SessionPolicy)
 
 TOKEN_ENV = "FRAMEPACK_RT_TOKEN"
+# Mirrors connections.ConnectionLimits' defaults (that module imports aiohttp; this one stays light).
+CONNECTION_DEFAULTS = {"max_connections": 256, "max_connections_per_client": 32, "header_timeout": 10.0,
+                       "body_timeout": 60.0, "keepalive_timeout": 10.0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the limit and access flags to the ``serve`` subparser."""
-    d = SessionPolicy()
+    """Add the limit, access, connection, network and logging flags to the ``serve`` subparser."""
+    d, c = SessionPolicy(), CONNECTION_DEFAULTS
     g = parser.add_argument_group("limits (over-limit requests get a 4xx answer with a message)")
     g.add_argument("--max-sessions", type=int, metavar="N", help=f"sessions at once (default: {MAX_SESSIONS})")
     g.add_argument("--max-viewers", type=int, metavar="N", help=f"viewers per session (default: {d.max_viewers})")
@@ -34,22 +40,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--idle-timeout", type=float, metavar="SECONDS",
                    help=f"a paused, stopped or ended session closes after this (default: {d.idle_timeout:g})")
     g.add_argument("--connect-timeout", type=float, metavar="SECONDS",
-                   help=f"drop a viewer not connected by then (default: {d.connect_timeout:g})")
+                   help="drop a viewer not connected by then; a session whose first viewer never connects closes "
+                        f"then (default: {d.connect_timeout:g})")
     g.add_argument("--viewer-timeout", type=float, metavar="SECONDS",
                    help=f"drop a viewer silent this long, e.g. a killed browser (default: {d.viewer_timeout:g})")
+    g.add_argument("--max-sessions-per-client", type=int, metavar="N",
+                   help=f"sessions one address may have started (default: {MAX_SESSIONS_PER_CLIENT})")
+    g.add_argument("--max-pending-per-client", type=int, metavar="N",
+                   help=f"offers from one address whose connection is not up yet (default: {MAX_PENDING_PER_CLIENT})")
+    g.add_argument("--control-slots", type=int, metavar="N",
+                   help=f"with a token: places of each session kept from view-key viewers (default: {CONTROL_SLOTS})")
+
+    g = parser.add_argument_group("connections (HTTP)")
+    g.add_argument("--max-connections", type=int, metavar="N",
+                   help=f"open HTTP connections in all; lowered to half the descriptor limit if need be "
+                        f"(default: {c['max_connections']})")
+    g.add_argument("--max-connections-per-client", type=int, metavar="N",
+                   help=f"open HTTP connections from one address (default: {c['max_connections_per_client']})")
+    g.add_argument("--header-timeout", type=float, metavar="SECONDS",
+                   help=f"a request's headers must arrive within this (default: {c['header_timeout']:g})")
+    g.add_argument("--body-timeout", type=float, metavar="SECONDS",
+                   help=f"a request's body must arrive within this (default: {c['body_timeout']:g})")
+    g.add_argument("--keepalive-timeout", type=float, metavar="SECONDS",
+                   help=f"an idle keep-alive connection is closed after this (default: {c['keepalive_timeout']:g})")
+    g.add_argument("--trusted-proxy", action="append", default=None, metavar="ADDRESS",
+                   help="a reverse proxy's address (repeatable): its X-Forwarded-For names the client for the "
+                        "per-client limits, and it is exempt from the per-address connection cap")
+
+    g = parser.add_argument_group("networks (WebRTC)")
+    g.add_argument("--ice-server", action="append", default=None, metavar="URL",
+                   help="a STUN or TURN server (repeatable), e.g. stun:stun.example.org:3478 or "
+                        "turn:turn.example.org:3478?transport=udp; TURN credentials come from "
+                        "$FRAMEPACK_RT_TURN_USERNAME and $FRAMEPACK_RT_TURN_CREDENTIAL")
+    g.add_argument("--public-ip", metavar="ADDRESS",
+                   help="the address clients reach this machine at, when it is behind a 1:1 NAT (a cloud VM): "
+                        "announced with the same UDP ports")
+    g.add_argument("--udp-ports", metavar="MIN-MAX",
+                   help="UDP ports for WebRTC (one per viewer per address), e.g. 40000-40099 (default: any)")
+    g.add_argument("--allow-mdns", action="store_true",
+                   help="accept clients' *.local ICE candidates (resolved by multicast DNS on this network)")
+
     parser.add_argument("--token", metavar="TOKEN",
                         help=f"require this token to start, list and control sessions (default: ${TOKEN_ENV}; "
                              "prefer the variable, command lines are visible to other users)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
+                        help="what the server logs to stderr (default: info: sessions starting and ending, "
+                             "rejected requests, rate-limited)")
+
+
+def configure_logging(args: argparse.Namespace) -> None:
+    """Set up logging for ``serve`` from --log-level (call before the server starts)."""
+    from framepack_rt.stream.logs import configure_logging as configure
+
+    configure(args.log_level)
 
 
 def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The ServerSettings keywords for the flags given (the rest keep their defaults)."""
     names = ("max_sessions", "max_viewers", "max_image_pixels", "max_prompt_chars", "message_rate", "grace",
-             "idle_timeout", "connect_timeout", "viewer_timeout")
+             "idle_timeout", "connect_timeout", "viewer_timeout", "max_sessions_per_client",
+             "max_pending_per_client", "control_slots", *CONNECTION_DEFAULTS, "public_ip")
     kwargs: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.max_image_mb is not None:
         kwargs["max_image_bytes"] = int(args.max_image_mb * 2**20)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     if token is not None:
         kwargs["token"] = token
+    if args.trusted_proxy:
+        kwargs["trusted_proxies"] = tuple(args.trusted_proxy)
+    if args.ice_server:
+        from framepack_rt.stream.ice import turn_credentials_from_env
+
+        kwargs["ice_servers"] = list(args.ice_server)
+        kwargs["turn_username"], kwargs["turn_credential"] = turn_credentials_from_env()
+    if args.udp_ports is not None:
+        from framepack_rt.stream.ice import parse_port_range
+
+        kwargs["udp_ports"] = parse_port_range(args.udp_ports)
+    if args.allow_mdns:
+        kwargs["allow_mdns"] = True
     return kwargs

@@ -25,25 +25,38 @@ import secrets
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
+
+from framepack_rt.stream.logs import RejectionLog, safe_path
 
 log = logging.getLogger(__name__)
 
 CONTROL, VIEW = "control", "view"
+SERVER_NAME = "framepack-rt"  # the Server header: no versions
 MIN_TOKEN_CHARS = 8
 # The page needs its own scripts and styles, data: images (previews, picked files) and same-origin fetches.
-# No inline script can run (the usual way an injection becomes code). 'unsafe-eval' is allowed because
-# browser automation (playwright's wait_for_function) evaluates expressions in the page; the page never evals.
-CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self' 'unsafe-eval'; style-src 'self'; "
+# No inline script and no eval can run (the usual ways an injection becomes code). Browser automation does
+# not need 'unsafe-eval': playwright's evaluate() goes through the DevTools protocol, and wait_for_function()
+# given a function ("() => ...", not an expression) polls without eval (see tests/stream/test_security_browser).
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; "
                            "img-src 'self' data:; "
                            "connect-src 'self'; media-src 'self'; base-uri 'none'; form-action 'none'; "
                            "frame-ancestors 'none'")
+# The page uses none of these: no other page it could be framed into or script it runs may ask for them.
+PERMISSIONS_POLICY = ("camera=(), microphone=(), geolocation=(), display-capture=(), usb=(), serial=(), "
+                      "payment=(), interest-cohort=()")
 SECURITY_HEADERS = {
+    "Permissions-Policy": PERMISSIONS_POLICY,
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",  # a ?token= URL must not leak to other sites through Referer
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
 }
+
+
+# The one answer to a join that cannot be allowed: a wrong key, or (with a token set) a session that does not
+# exist. Telling the two apart would tell a stranger which session ids are live.
+JOIN_REFUSED = "joining this session needs its join link (?session=...&key=...) or the server token"
 
 
 class Unauthorized(Exception):
@@ -103,7 +116,7 @@ class Access:
             return CONTROL
         if self._token is None or _same(body.get("key"), view_key):
             return VIEW
-        raise Unauthorized("joining this session needs its join link (?session=...&key=...) or the server token")
+        raise Unauthorized(JOIN_REFUSED)
 
     def _missing(self, request: web.Request, body: dict[str, Any] | None) -> str:
         given = "Authorization" in request.headers or (body is not None and "token" in body)
@@ -113,6 +126,10 @@ class Access:
                 "'Authorization: Bearer <token>'")
 
 
+REASONS = {400: "bad request", 401: "unauthorized", 404: "not found", 405: "method not allowed",
+           408: "request timeout", 413: "too large", 415: "unsupported media type", 429: "at capacity"}
+
+
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
 
@@ -120,13 +137,25 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def json_errors(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
-    """Middleware: every error answer is JSON with a message; an unexpected exception is a logged 500."""
+def json_errors(max_body_bytes: int, rejections: RejectionLog | None = None,
+                client: Callable[[web.Request], str] = lambda r: r.remote or "",
+                ) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Middleware: every error answer is JSON with a message; an unexpected exception is a logged 500. Every
+    4xx is reported to ``rejections`` (one rate-limited line: method, path without query, status)."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await answer(request, handler)
+        if rejections is not None and 400 <= response.status < 500:
+            rejections.reject(REASONS.get(response.status, f"status {response.status}"), client(request),
+                              f"{request.method} {safe_path(request.path)} {response.status}")
+        return response
+
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
+        except web_protocol.RequestPayloadError:  # a body that does not parse as what its headers announced
+            return json_error(400, "the request body is malformed (its length or chunks do not match)")
         except Unauthorized as exc:
             return json_error(401, str(exc), {"WWW-Authenticate": 'Bearer realm="framepack-rt"'})
         except web.HTTPRequestEntityTooLarge:
@@ -142,7 +171,7 @@ def json_errors(max_body_bytes: int) -> Callable[[web.Request, Handler], Awaitab
             raise  # the client went away: nobody to answer
         except Exception:  # noqa: BLE001 -- the one place a server fault becomes a 500, logged with a traceback
             # request.path, never the query string: it may hold ?token=.
-            log.exception("%s %s failed", request.method, request.path)
+            log.exception("%s %s failed", request.method, safe_path(request.path))
             return json_error(500, "internal server error; the server log has the details")
 
     return middleware
@@ -152,6 +181,7 @@ async def add_security_headers(request: web.Request, response: web.StreamRespons
     """on_response_prepare: the same headers on every answer (pages, files, errors); never a CORS header."""
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    response.headers["Server"] = SERVER_NAME  # aiohttp's default names Python's and its own version
     response.headers.pop("Access-Control-Allow-Origin", None)
 
 

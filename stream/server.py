@@ -12,19 +12,26 @@ Routes::
     GET  /api/health         liveness, model, counts
     GET  /api/config         defaults the page shows (prompt, fps, steps)
     GET  /api/default-image  the built-in start image (PNG)
+    GET  /metrics            Prometheus text format (stream/metrics.py); needs the token when one is set
 
 Without ``session`` an offer starts a new generation session (from the image and prompt sent, or the built-in
-scene and prompt); with it, the offer joins that session as one more viewer of the same generator.
+scene and prompt); with it, the offer joins that session as one more viewer of the same generator. The
+session runs its encoders only once a viewer's connection is up, and closes at ``--connect-timeout`` if none
+comes up. Before aiortc sees an offer, its media sections are counted and its candidates filtered
+(:mod:`.candidates`); ICE follows ``--host`` and the network flags (:mod:`.ice`).
 
 Who may do what (the token, roles, join links): :mod:`.security`. Limits and their status codes:
-:mod:`.limits` -- 400 malformed input, 401 no valid token or key, 404 no such session or file, 413 too many
-bytes, 415 an offer not sent as application/json, 429 at a capacity (sessions, viewers; with Retry-After),
-503 while shutting down. Other 5xx answers are faults of the server, logged with a traceback.
+:mod:`.limits` -- 400 malformed input, 401 no valid token or key (and, with a token set, an unknown session:
+the same answer), 404 no such session or file, 408 a request too slow, 413 too many bytes, 415 an offer not
+sent as application/json, 429 at a capacity (sessions, viewers, per-client limits; with Retry-After), 431
+headers too large, 503 too many connections or shutting down. Connections: :mod:`.connections`; logs:
+:mod:`.logs`. Other 5xx answers are faults of the server, logged with a traceback.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import threading
@@ -39,13 +46,19 @@ from aiohttp import web
 from framepack_rt.stream import DEFAULT_MODEL
 from framepack_rt.stream.buffer import rgb_to_yuv420
 from framepack_rt.stream.generation import DeviceWorker
-from framepack_rt.stream.ice import ensure_host_candidates
+from framepack_rt.stream import ice
+from framepack_rt.stream.candidates import CandidatePolicy, check_offer
+from framepack_rt.stream.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from framepack_rt.stream.images import DEFAULT_PROMPT, default_scene, png_bytes, resize_rgb
 from framepack_rt.stream.limits import (
-    MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_SESSIONS, LimitExceeded, Reservations, SessionPolicy, TooLarge)
+    CONTROL_SLOTS, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_PENDING_PER_CLIENT, MAX_SESSIONS, MAX_SESSIONS_PER_CLIENT,
+    LimitExceeded, PerClient, Reservations, SessionPolicy, TooLarge)
+from framepack_rt.stream.logs import RejectionLog
+from framepack_rt.stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from framepack_rt.stream.metrics import ServerMetrics
 from framepack_rt.stream.offers import MAX_SDP_CHARS, Offer, parse_json_body, parse_offer
 from framepack_rt.stream.security import (
-    CONTROL, Access, add_security_headers, check_token, json_errors, static_files)
+    CONTROL, JOIN_REFUSED, Access, Unauthorized, add_security_headers, check_token, json_errors, static_files)
 from framepack_rt.stream.session import Session
 from framepack_rt.stream.stamp import StampLog
 from framepack_rt.stream.uploads import decode_start_image
@@ -55,6 +68,7 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 RETRY_AFTER_S = 10  # what a 429 tells clients to wait: sessions and viewers come and go on that scale
 _POLICY = SessionPolicy()  # the per-session defaults, in one place
+_CONNECTIONS = ConnectionLimits()
 TOKEN_HINT = "FRAMEPACK_RT_TOKEN (or --token)"
 
 
@@ -82,9 +96,36 @@ class ServerSettings:
     connect_timeout: float = _POLICY.connect_timeout  # a viewer whose connection is not up by then is dropped
     viewer_timeout: float = _POLICY.viewer_timeout  # silent (no RTCP receiver reports) this long: dropped
     token: str | None = field(default=None, repr=False)  # needed for /offer and control (security.py)
-    ice_servers: list[str] = field(default_factory=list)  # e.g. ["stun:stun.l.google.com:19302"]
+    ice_servers: list[str] = field(default_factory=list)  # --ice-server URLs, e.g. ["stun:stun.example.org"]
     default_prompt: str | None = None  # None: the model's example prompt (the demo's), else images.DEFAULT_PROMPT
     stamp: bool = False  # benchmarks: frame numbers in the pixels' top rows + send times (stream/stamp.py)
+    # Where and how the model loads (framepack_rt.pipeline.devices): --device, --dtype, --low-vram,
+    # --memory-budget-gb, --quantize, --compile.
+    device: str = "auto"
+    dtype: str = "auto"
+    low_vram: bool = False
+    memory_budget_gb: float | None = None
+    quantize: str | None = None
+    compile: bool = False
+    # Real networks (stream/ice.py): TURN credentials (from the environment), a 1:1 NAT's public address,
+    # the UDP ports viewers' connections use, and whether clients' *.local (mDNS) candidates are resolved.
+    turn_username: str | None = field(default=None, repr=False)
+    turn_credential: str | None = field(default=None, repr=False)
+    public_ip: str | None = None
+    udp_ports: tuple[int, int] | None = None
+    allow_mdns: bool = False
+    # Per client (address; behind --trusted-proxy the X-Forwarded-For one): sessions started and offers whose
+    # connection is not up yet. With a token, view-key viewers leave control_slots of each session free.
+    max_sessions_per_client: int = MAX_SESSIONS_PER_CLIENT
+    max_pending_per_client: int = MAX_PENDING_PER_CLIENT
+    control_slots: int = CONTROL_SLOTS
+    trusted_proxies: tuple[str, ...] = ()
+    # HTTP connections (stream/connections.py): caps in total and per address, read deadlines, keep-alive.
+    max_connections: int = _CONNECTIONS.max_connections
+    max_connections_per_client: int = _CONNECTIONS.max_per_client
+    header_timeout: float = _CONNECTIONS.header_timeout
+    body_timeout: float = _CONNECTIONS.body_timeout
+    keepalive_timeout: float = _CONNECTIONS.keepalive_timeout
 
     def __post_init__(self) -> None:
         if not 0 < self.fps <= 60:
@@ -100,16 +141,38 @@ class ServerSettings:
             raise ValueError(f"buffer of {self.buffer_seconds} s: must be positive")
         if self.max_sessions < 1:
             raise ValueError(f"--max-sessions {self.max_sessions}: must be at least 1")
+        for name in ("max_sessions_per_client", "max_pending_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.control_slots < 0:
+            raise ValueError(f"--control-slots {self.control_slots}: must be 0 or more")
+        self.trusted_proxies = tuple(self.trusted_proxies)
+        self.connection_limits()  # validates them
         if self.max_image_bytes < 1024 or self.max_image_pixels < 64:
             raise ValueError("--max-image-mb and --max-image-pixels: too small for any start image")
         self.session_policy()  # validates the per-session limits
         check_token(self.token)
+        ice.ice_servers(self.ice_servers, self.turn_username, self.turn_credential)  # validates the URLs
+        if self.public_ip is not None:
+            self.public_ip = ice.parse_public_ip(self.public_ip)
+        if self.udp_ports is not None:
+            self.udp_ports = ice.parse_port_range(f"{self.udp_ports[0]}-{self.udp_ports[1]}")
 
     def session_policy(self) -> SessionPolicy:
         return SessionPolicy(max_viewers=self.max_viewers, grace=self.grace, idle_timeout=self.idle_timeout,
                              connect_timeout=self.connect_timeout, viewer_timeout=self.viewer_timeout,
                              message_rate=self.message_rate, message_burst=max(1, round(2 * self.message_rate)),
                              max_prompt_chars=self.max_prompt_chars)
+
+    def connection_limits(self) -> ConnectionLimits:
+        return ConnectionLimits(self.max_connections, self.max_connections_per_client, self.header_timeout,
+                                self.body_timeout, self.keepalive_timeout)
+
+    @property
+    def view_slots(self) -> int:
+        """With a token set, view-key viewers are let in while fewer viewers than this watch a session: the
+        last ``control_slots`` places stay free for viewers with control."""
+        return max(1, self.max_viewers - self.control_slots)
 
     @property
     def max_request_bytes(self) -> int:
@@ -134,12 +197,25 @@ class StreamServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-control")
         self.access = Access(self.settings.token)
         self._starting = Reservations()  # sessions being built count against max_sessions too
+        s = self.settings
+        self._client_sessions = PerClient(s.max_sessions_per_client, "sessions", RETRY_AFTER_S)
+        self._pending = PerClient(s.max_pending_per_client, "offers whose connection is not up yet", RETRY_AFTER_S)
+        self._owned: dict[str, Callable[[], None]] = {}  # session id -> release of its creator's place
+        self._tasks: set[asyncio.Task] = set()  # sessions waiting for their first connection
         self._stopping = False
         self._static = static_files(STATIC_DIR)
+        self.connections: ConnectionGuard | None = None  # open HTTP connections, once listening
+        self.metrics = ServerMetrics(sessions=lambda: len(self.sessions), viewers=lambda: self.peer_connections,
+                                     connections=lambda: self.connections.total if self.connections else 0,
+                                     device=self.device)
+        self.rejections = RejectionLog(log, on_reject=self.metrics.reject)  # one line each, rate-limited
         self.app = self._build_app()
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
         self._default_png: bytes | None = None
+        self._ice_servers = ice.ice_servers(self.settings.ice_servers, self.settings.turn_username,
+                                            self.settings.turn_credential)
+        self.ice_policy = self._make_ice_policy(["127.0.0.1"])  # until start() knows the bound addresses
         # The model's own example (the demo model knows only its world of shapes), else the landscape.
         example = getattr(pipe, "example", None)
         self.default_image = example[0] if example else default_scene()
@@ -147,7 +223,9 @@ class StreamServer:
 
     def _build_app(self) -> web.Application:
         limit = self.settings.max_request_bytes
-        app = web.Application(client_max_size=limit, middlewares=[json_errors(limit), self._guard_sessions])
+        app = web.Application(client_max_size=limit,
+                              middlewares=[json_errors(limit, self.rejections, self.client_address),
+                                           self._guard_sessions])
         app.on_response_prepare.append(add_security_headers)
         app.router.add_get("/", self._index)
         app.router.add_get("/static/{name}", self._static_file)
@@ -158,21 +236,38 @@ class StreamServer:
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/config", self._config)
         app.router.add_get("/api/default-image", self._default_image)
+        app.router.add_get("/metrics", self._metrics)
         return app
 
     # -- lifecycle -------------------------------------------------------------------------------------------
+    def _make_ice_policy(self, bound: list[str]) -> ice.IcePolicy:
+        """ICE follows --host: host candidates only on the bound addresses, and remote candidates on loopback
+        only while the server listens there (and never otherwise)."""
+        s = self.settings
+        remote = CandidatePolicy(loopback=ice.listens_on_loopback(bound), allow_mdns=s.allow_mdns)
+        return ice.IcePolicy(addresses=ice.host_addresses(bound), ports=s.udp_ports, public_ip=s.public_ip,
+                             remote=remote)
+
     async def start(self, host: str = "127.0.0.1", port: int = 8188) -> str:
         """Listen; returns the URL to open (with the real port when ``port`` is 0)."""
-        ensure_host_candidates()
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        limits = self.settings.connection_limits()
+        # aiohttp's handler settings; the access log stays off (rejections are logged, rate-limited, instead).
+        handler = dict(access_log=None, keepalive_timeout=limits.keepalive_timeout,
+                       lingering_time=min(2.0, limits.body_timeout))
+        self._runner = web.AppRunner(self.app, handle_signals=False, **handler)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        self.connections = ConnectionGuard(limits.within_descriptors(), self.rejections,
+                                           exempt=self.settings.trusted_proxies)
+        site = GuardedSite(self._runner, host, port, self.connections, handler)
         try:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
             raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
         bound_host, bound_port = self._runner.addresses[0][:2]
+        self.ice_policy = self._make_ice_policy([a[0] for a in self._runner.addresses])
+        log.info("listening on %s; ICE host candidates on %s", ", ".join(str(a[0]) for a in self._runner.addresses),
+                 ", ".join(self.ice_policy.addresses))
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
         shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"http://{shown}:{bound_port}/"
@@ -181,6 +276,8 @@ class StreamServer:
     async def stop(self) -> None:
         """Close every session (hanging up on viewers), stop listening, end the worker threads."""
         self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
         await asyncio.gather(*(s.close("the server is shutting down") for s in list(self.sessions.values())),
                              return_exceptions=True)
         if self._runner is not None:
@@ -191,27 +288,16 @@ class StreamServer:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- sessions --------------------------------------------------------------------------------------------
-    async def new_session(self, image=None, prompt: str | None = None, seed: int = 0) -> Session:
-        """Start generating from ``image`` (HxWx3 uint8; None: the built-in scene) and ``prompt``.
-
-        Raises LimitExceeded when ``max_sessions`` run already.
-        """
-        image = self.default_image if image is None else image
-        release = self._reserve_session()
-        try:
-            session = await self._create_session(image, release)
-        finally:
-            release()
-        await self._start_session(session, image, prompt, seed)
-        return session
-
-    def _reserve_session(self) -> Callable[[], None]:
+    def _reserve_session(self, client: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(release the server-wide place, release the client's place); LimitExceeded at either capacity."""
         if len(self.sessions) + self._starting.count >= self.settings.max_sessions:
             raise LimitExceeded(f"the server runs its maximum of {self.settings.max_sessions} sessions; join "
                                 "one (GET /api/sessions) or try again later", RETRY_AFTER_S)
-        return self._starting.take()
+        owned = self._client_sessions.take(client)
+        return self._starting.take(), owned
 
-    async def _create_session(self, image, release: Callable[[], None]) -> Session:
+    async def _create_session(self, image, release: Callable[[], None], owned: Callable[[], None],
+                              owner: str) -> Session:
         """A listed session that shows ``image`` and generates nothing yet: cheap, no encoder has run."""
         s = self.settings
         loop = asyncio.get_running_loop()
@@ -219,13 +305,32 @@ class StreamServer:
         # Off the loop: resizing a large start image takes long enough to stall every paced track.
         placeholder = await loop.run_in_executor(None, lambda: rgb_to_yuv420(resize_rgb(image, height, width)))
         session = Session(loop=loop, worker=self.worker, executor=self.executor, fps=s.fps,
-                          capacity=s.buffer_frames, placeholder_yuv=placeholder, ice_servers=s.ice_servers,
-                          policy=s.session_policy(), on_closed=self._forget)
+                          capacity=s.buffer_frames, placeholder_yuv=placeholder, ice_servers=self._ice_servers,
+                          ice_policy=self.ice_policy, policy=s.session_policy(), on_closed=self._forget,
+                          view_slots=s.view_slots if self.access.required else None, metrics=self.metrics)
         release()  # the session counts itself from here on
         self.sessions[session.id] = session
+        self._owned[session.id] = owned  # the creating client's place, freed when the session closes
         if s.stamp:
             session.track.stamps = StampLog()
+        session.open()  # from now on it closes by itself if no viewer connects in time
+        log.info("session %s started by %s", session.id, owner)
         return session
+
+    def _start_when_connected(self, session: Session, image, prompt: str | None, seed: int) -> None:
+        """Run the encoders only once a viewer's connection is up (an offer that never connects costs none)."""
+
+        async def start() -> None:
+            if not await session.wait_connected():
+                return
+            try:
+                await self._start_session(session, image, prompt, seed)
+            except Exception:  # noqa: BLE001 -- a fault of the server (the model): logged, the session closed
+                log.exception("session %s: generation could not start", session.id)
+
+        task = asyncio.get_running_loop().create_task(start())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _start_session(self, session: Session, image, prompt: str | None, seed: int) -> None:
         """Build the pipeline's stream (the encoders run: the expensive part) and start generating."""
@@ -240,12 +345,25 @@ class StreamServer:
         try:
             await session.start(build, prompt)
         except Exception:  # noqa: BLE001 -- whatever failed, do not leave a half-started session listed
-            await session.close()
+            await session.close("generation could not start; the server log has the details")
             raise
-        log.info("session %s started: %r", session.id, prompt)
+        log.debug("session %s generating: %r", session.id, prompt[:80])
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        self._owned.pop(session.id, lambda: None)()
+        g = session.generation
+        log.info("session %s ended after %.0f s (%s): %d sections, %d frames generated", session.id, session.age,
+                 session.close_reason, g.sections, g.frames)
+
+    def client_address(self, request: web.Request) -> str:
+        """Who sent ``request``: its peer address, or behind a trusted proxy (--trusted-proxy) the address
+        that proxy appended to X-Forwarded-For."""
+        peer = request.remote or ""
+        if peer in self.settings.trusted_proxies:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
+            return forwarded or peer
+        return peer
 
     # -- handlers --------------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.StreamResponse:
@@ -269,39 +387,71 @@ class StreamServer:
             return _error(400, str(exc))
         except LimitExceeded as exc:
             return _error(429, str(exc), {"Retry-After": str(exc.retry_after)})
+        except LookupError as exc:
+            return _error(404, str(exc.args[0]))
 
     async def _answer(self, request: web.Request, body: dict[str, Any], offer: Offer) -> web.Response:
-        if offer.session is None:
-            role = self.access.role_to_create(request, body)
-            release = self._reserve_session()  # before decoding: a full server spends nothing on the image
-            try:
-                image = self.default_image
-                if offer.image is not None:
-                    s = self.settings
-                    image = await asyncio.get_running_loop().run_in_executor(
-                        None, decode_start_image, offer.image, s.max_image_bytes, s.max_image_pixels)
-                session = await self._create_session(image, release)
-            finally:
-                release()
-        else:
-            session = self.sessions.get(offer.session)
-            if session is None or session.closed:
-                return _error(404, f"no session {offer.session!r}; GET /api/sessions lists the live ones, "
-                                   "or post without \"session\" to start a new one")
-            role = self.access.role_to_join(request, body, session.view_key)
+        client = self.client_address(request)
+        pending = self._pending.take(client)  # freed once the viewer's connection is up, or it is gone
         try:
-            answer = await session.add_viewer(offer.sdp, offer.type, role)
-        except (ValueError, LimitExceeded):
-            if offer.session is None:  # nobody can watch it: do not leave it up until the grace period ends
-                await session.close()
+            if offer.session is None:
+                role = self.access.role_to_create(request, body)
+                offer = self._checked(offer, client)
+                session, image = await self._session_for(offer, client)
+            else:
+                session = self._joinable(request, body, offer.session)
+                role = self.access.role_to_join(request, body, session.view_key)
+                offer = self._checked(offer, client)
+            try:
+                answer = await session.add_viewer(offer.sdp, offer.type, role, settled=pending)
+            except (ValueError, LimitExceeded):
+                if offer.session is None:  # nobody can watch it: do not leave it up until it times out
+                    await session.close()
+                raise
+        except BaseException:
+            pending()
             raise
         if offer.session is None:
-            # Only now, with the offer answered: a malformed one must not cost an encoder run.
-            await self._start_session(session, image, offer.prompt, offer.seed)
+            self._start_when_connected(session, image, offer.prompt, offer.seed)
         reply = {"sdp": answer.sdp, "type": answer.type, "session": session.id, "role": role}
         if role == CONTROL:
             reply["view_key"] = session.view_key  # for the join link: ?session=<id>&key=<view_key>
         return web.json_response(reply)
+
+    def _checked(self, offer: Offer, client: str) -> Offer:
+        """The offer as aiortc may see it: media sections counted, candidates filtered (stream/candidates.py);
+        before anything is spent on it (a session, an image decode, a peer connection)."""
+        checked = check_offer(offer.sdp, self.ice_policy.remote)
+        if checked.dropped:
+            log.debug("offer from %s: candidates refused: %s", client, dict(checked.dropped))
+        return dataclasses.replace(offer, sdp=checked.sdp)
+
+    async def _session_for(self, offer: Offer, client: str) -> tuple[Session, Any]:
+        """A new session for ``offer`` (and its start image), within the server's and the client's limits."""
+        release, owned = self._reserve_session(client)  # before decoding: a full server spends nothing on it
+        try:
+            image = self.default_image
+            if offer.image is not None:
+                s = self.settings
+                image = await asyncio.get_running_loop().run_in_executor(
+                    None, decode_start_image, offer.image, s.max_image_bytes, s.max_image_pixels)
+            return await self._create_session(image, release, owned, client), image
+        except BaseException:
+            owned()
+            raise
+        finally:
+            release()
+
+    def _joinable(self, request: web.Request, body: dict[str, Any], session_id: str) -> Session:
+        """The live session ``session_id``. With a token set, a stranger gets the same 401 for a session that
+        does not exist as for a wrong key: the answer tells nothing about which ids exist."""
+        session = self.sessions.get(session_id)
+        if session is not None and not session.closed:
+            return session
+        if self.access.required and not self.access.has_token(request, body):
+            raise Unauthorized(JOIN_REFUSED)
+        raise LookupError(f"no session {session_id!r}; GET /api/sessions lists the live ones, or post without "
+                          "\"session\" to start a new one")
 
     @web.middleware
     async def _guard_sessions(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -358,8 +508,15 @@ class StreamServer:
                                   "teacache": s.teacache, "cfg": s.cfg, "default_prompt": self.default_prompt,
                                   "buffer_frames": s.buffer_frames, "token_required": self.access.required,
                                   "max_prompt_chars": s.max_prompt_chars, "max_image_bytes": s.max_image_bytes,
-                                  "max_image_pixels": s.max_image_pixels})
+                                  "max_image_pixels": s.max_image_pixels,
+                                  # STUN only: TURN credentials are the server's own, never handed out.
+                                  "ice_servers": [url for url in s.ice_servers if url.startswith("stun:")]})
 
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """Prometheus' text format (stream/metrics.py); with a token set, it needs the token."""
+        self.access.require(request)
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
     async def _default_image(self, request: web.Request) -> web.Response:
         if self._default_png is None:
@@ -378,13 +535,22 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-def load_pipeline(model: str) -> Any:
-    """``FramePackPipeline.from_pretrained(model)``; a clear error if the pipeline module is missing."""
+def load_pipeline(model: str | ServerSettings, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
+                  memory_budget_gb: float | None = None, quantize: str | None = None, compile: bool = False) -> Any:
+    """``FramePackPipeline.from_pretrained(model, device=, dtype=, ...)``; given ServerSettings, its model, device,
+    dtype, low-VRAM, quantize and compile fields. A clear error if the pipeline module is missing; one that says
+    what is needed and free (and the flag that fits) when the device cannot hold the model."""
+    if isinstance(model, ServerSettings):
+        settings = model
+        model, device, dtype = settings.model, settings.device, settings.dtype
+        low_vram, memory_budget_gb = settings.low_vram, settings.memory_budget_gb
+        quantize, compile = settings.quantize, settings.compile
     try:
         from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
     except ImportError as exc:
         raise RuntimeError(f"cannot import framepack_rt.pipeline.framepack_pipeline ({exc}); reinstall framepack-rt") from None
-    return FramePackPipeline.from_pretrained(model)
+    return FramePackPipeline.from_pretrained(model, device=device, dtype=dtype, low_vram=low_vram,
+                                             memory_budget_gb=memory_budget_gb, quantize=quantize, compile=compile)
 
 
 async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8188,
@@ -395,7 +561,7 @@ async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     announce(f"loading model {settings.model!r} ...")
-    pipe = await _load_or_stop(settings.model, stop)
+    pipe = await _load_or_stop(settings, stop)
     if pipe is None:
         announce("stopped before the model finished loading")
         return False
@@ -415,7 +581,7 @@ async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8
     return True
 
 
-async def _load_or_stop(model: str, stop: asyncio.Event) -> Any | None:
+async def _load_or_stop(model: str | ServerSettings, stop: asyncio.Event) -> Any | None:
     """Load on a daemon thread so that Ctrl-C during a long load exits at once (the thread dies with us)."""
     loop = asyncio.get_running_loop()
     result: asyncio.Future = loop.create_future()

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
-import uuid
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -22,9 +22,11 @@ from aiortc.contrib.media import MediaRelay
 from framepack_rt.stream import control
 from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer
 from framepack_rt.stream.generation import DeviceWorker, Generation, VideoStreamLike
+from framepack_rt.stream.ice import IcePolicy, policy_scope
 from framepack_rt.stream.limits import LimitExceeded, SessionPolicy
 from framepack_rt.stream.security import CONTROL, new_key
-from framepack_rt.stream.tracks import SessionTrack
+from framepack_rt.stream.metrics import ServerMetrics
+from framepack_rt.stream.tracks import CountedTrack, SessionTrack
 from framepack_rt.stream.viewers import SDP_ERRORS, Viewer
 
 log = logging.getLogger(__name__)
@@ -44,27 +46,38 @@ class PendingPrompt:
 
 class Session:
     """One generator streamed to any number of viewers (up to ``policy.max_viewers``) through a relay of one
-    paced track. With no viewers it stops generating and closes after ``policy.grace`` seconds."""
+    paced track. With no viewers it stops generating and closes after ``policy.grace`` seconds.
+
+    Its life: created (listed, shows the start image, nothing generated) -> a viewer's connection comes up
+    (:meth:`wait_connected`) -> :meth:`start` builds the pipeline's stream (the encoders run) -> generating.
+    If no viewer connects within ``policy.connect_timeout`` of its creation it closes, with no grace: an
+    offer that never completes ICE holds a session slot for that long at most, and never runs an encoder.
+    """
 
     def __init__(self, *, loop: asyncio.AbstractEventLoop, worker: DeviceWorker, executor: Executor,
-                 fps: float, capacity: int, placeholder_yuv, ice_servers: list[str] | None = None,
-                 policy: SessionPolicy | None = None,
-                 on_closed: Callable[["Session"], None] | None = None) -> None:
-        self.id = uuid.uuid4().hex[:10]
+                 fps: float, capacity: int, placeholder_yuv, ice_servers: list[RTCIceServer] | None = None,
+                 ice_policy: IcePolicy | None = None, policy: SessionPolicy | None = None,
+                 on_closed: Callable[["Session"], None] | None = None, view_slots: int | None = None,
+                 metrics: ServerMetrics | None = None) -> None:
+        self.id = new_session_id()
         self.view_key = new_key()  # the join link's key: watch this session, nothing more
         self.created = time.time()
         self.loop, self.worker, self.executor = loop, worker, executor
         self.fps = fps
         self.policy = policy or SessionPolicy()
+        # View-only viewers are let in while fewer than this many viewers watch: the last places stay for control.
+        self.view_slots = self.policy.max_viewers if view_slots is None else view_slots
         self.state = "starting"
         self.prompt = ""
         self.viewers: dict[str, Viewer] = {}
         self.buffer = FrameBuffer(capacity, on_space=worker.wake)
-        self.generation = Generation(self.buffer, self.post)
+        self.metrics = metrics
+        self.generation = Generation(self.buffer, self.post, on_section=metrics.section if metrics else None)
         self.generation.watched = False  # until the first viewer arrives
         self.track = SessionTrack(self.buffer, fps, placeholder_yuv, on_frame=self._on_frame_played)
         self.relay = MediaRelay()
-        self._ice_servers = ice_servers or []
+        self._ice_servers = list(ice_servers or [])
+        self._ice_policy = ice_policy  # which addresses and ports viewers' connections use (stream/ice.py)
         self._pending: list[PendingPrompt] = []
         self._on_closed = on_closed
         self._closed = False
@@ -72,6 +85,36 @@ class Session:
         self._idle_since: float | None = None  # not generating since then (paused, stopped, ended)
         self._failed_at: float | None = None
         self._ticker: asyncio.Task | None = None
+        self._since = time.monotonic()  # created
+        self.close_reason = ""
+        self._connected = asyncio.Event()  # a viewer's connection came up (at least once)
+        self._closed_event = asyncio.Event()
+        self._started = asyncio.Event()  # the stream is built (or the session closed): control can act
+
+    def open(self) -> None:
+        """Start the housekeeping (stats, dropping gone viewers, closing on the timeouts) from creation on."""
+        if self._ticker is None and not self._closed:
+            self._ticker = self.loop.create_task(self._tick())
+
+    async def wait_connected(self) -> bool:
+        """True once a viewer's connection is up; False if the session closed before any did."""
+        waits = [asyncio.ensure_future(self._connected.wait()), asyncio.ensure_future(self._closed_event.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in waits:
+                task.cancel()
+        return self._connected.is_set() and not self._closed
+
+    @property
+    def age(self) -> float:
+        """Seconds since the session was created."""
+        return time.monotonic() - self._since
+
+    @property
+    def connected(self) -> bool:
+        """A viewer's connection has come up at least once."""
+        return self._connected.is_set()
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     async def start(self, build_stream: Callable[[Callable[[Any], None]], VideoStreamLike], prompt: str) -> None:
@@ -84,15 +127,18 @@ class Session:
         self.generation.attach(stream)
         self.worker.add(self.generation)
         self.state = "running"
-        self._ticker = self.loop.create_task(self._tick())
+        self._started.set()
+        self.open()
 
     async def close(self, reason: str = "") -> None:
         """End generation and playback and hang up on every viewer (telling them ``reason``). Idempotent."""
         if self._closed:
             return
         self._closed = True
+        self._closed_event.set()
+        self._started.set()
+        self.close_reason = reason or "closed"
         if reason:
-            log.info("session %s: closing, %s", self.id, reason)
             self.broadcast(control.state("closed", reason))
         self.generation.done = True
         self.worker.remove(self.generation)
@@ -105,6 +151,8 @@ class Session:
         self.track.stop()
         viewers = list(self.viewers.values())
         self.viewers.clear()
+        for viewer in viewers:
+            viewer.settled()
         await asyncio.gather(*(v.close() for v in viewers))
         if self.state not in ("finished", "error"):
             self.state = "closed"
@@ -116,18 +164,31 @@ class Session:
         return self._closed
 
     # -- viewers ---------------------------------------------------------------------------------------------
-    async def add_viewer(self, sdp: str, kind: str, role: str = CONTROL) -> RTCSessionDescription:
+    async def add_viewer(self, sdp: str, kind: str, role: str = CONTROL,
+                         settled: Callable[[], None] | None = None) -> RTCSessionDescription:
         """Answer one viewer's offer: a relay proxy of the session track plus the control channel.
 
-        Raises LimitExceeded when the session has ``max_viewers`` already, ValueError for an offer that
-        cannot be answered (the half-made connection is closed again).
+        ``settled`` is called once, when the viewer's connection comes up or the viewer goes (the server
+        counts offers pending per client with it). Raises LimitExceeded when the session has ``max_viewers``
+        already (view-only joiners: ``view_slots``), ValueError for an offer that cannot be answered (the
+        half-made connection is closed again).
         """
         if len(self.viewers) >= self.policy.max_viewers:
             raise LimitExceeded(f"session {self.id} has its maximum of {self.policy.max_viewers} viewers; "
                                 "try again when one leaves")
-        config = RTCConfiguration(iceServers=[RTCIceServer(url) for url in self._ice_servers])
-        pc = RTCPeerConnection(config)
+        if role != CONTROL and len(self.viewers) >= self.view_slots:
+            raise LimitExceeded(f"session {self.id} has no place left for view-only viewers (its last "
+                                f"{self.policy.max_viewers - self.view_slots} are kept for viewers with control); "
+                                "try again when one leaves")
+        with policy_scope(self._ice_policy):  # the ICE connections made in here follow the server's policy
+            return await self._answer(sdp, kind, role, settled)
+
+    async def _answer(self, sdp: str, kind: str, role: str,
+                      settled: Callable[[], None] | None) -> RTCSessionDescription:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self._ice_servers))
         viewer = Viewer(pc=pc, role=role, policy=self.policy)
+        if settled is not None:
+            viewer.settled = settled
         # Counted from now, not once answered: concurrent offers cannot overshoot max_viewers.
         self.viewers[viewer.id] = viewer
         self._viewers_changed()
@@ -147,11 +208,15 @@ class Session:
         async def on_state() -> None:
             if pc.connectionState == "connected" and viewer.connected_at is None:
                 viewer.connected_at = time.time()
+                viewer.settled()
+                self._connected.set()
             elif pc.connectionState in ("failed", "closed"):
                 await self.remove_viewer(viewer)
 
         # Unbuffered relay: each viewer gets the latest frame; a slow encoder skips instead of queueing.
         viewer.track = self.relay.subscribe(self.track, buffered=False)
+        if self.metrics is not None:
+            viewer.track = CountedTrack(viewer.track, self.metrics.frame_sent)
         viewer.sender = pc.addTrack(viewer.track)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type=kind))
@@ -160,19 +225,21 @@ class Session:
             for transceiver in pc.getTransceivers():
                 transceiver.direction = "sendonly" if transceiver.sender is viewer.sender else "inactive"
             await pc.setLocalDescription(await pc.createAnswer())
-        except SDP_ERRORS as exc:  # aiortc's reactions to a malformed SDP
+        except SDP_ERRORS as exc:  # aiortc's reactions to a malformed SDP: logged, never sent to the client
+            log.debug("session %s: offer not answerable: %s: %s", self.id, type(exc).__name__, exc)
             await self.remove_viewer(viewer)
-            raise ValueError(f"could not answer the offer ({type(exc).__name__}: {exc}); send the browser's "
+            raise ValueError("could not answer the offer: it is not one a browser sends; send the browser's "
                              "pc.localDescription after ICE gathering completes") from None
         if self._closed or viewer.id not in self.viewers:  # the session ended meanwhile
             await viewer.close()
-            raise ValueError(f"session {self.id} closed while answering; start a new session")
+            raise ValueError("the session closed while answering; start a new session")
         return pc.localDescription
 
     async def remove_viewer(self, viewer: Viewer, reason: str = "") -> None:
         """Forget ``viewer`` and free what it held (its proxy track, its peer connection). Idempotent."""
         if self.viewers.pop(viewer.id, None) is None:
             return
+        viewer.settled()
         if reason:
             log.info("session %s: dropping viewer %s, %s", self.id, viewer.id, reason)
         self._viewers_changed()
@@ -236,6 +303,8 @@ class Session:
         self.loop.create_task(self._act(viewer, msg))
 
     async def _act(self, viewer: Viewer, msg: control.ClientMessage) -> None:
+        if self.state == "starting":  # the encoders run once the first viewer is connected: act after them
+            await self._started.wait()
         stream = self.generation.stream
         if stream is None or self.state not in ("running", "paused"):
             viewer.send(control.error(f"session {self.id} is {self.state}; start a new session to generate"))
@@ -328,14 +397,23 @@ class Session:
     def _why_close(self, now: float) -> str:
         """Why the session should close now ("" while it should go on)."""
         p = self.policy
+        if not self._connected.is_set():  # no viewer ever connected: no grace, nothing was generated
+            if now - self._since > p.connect_timeout:
+                return f"no viewer connected within {p.connect_timeout:g} s"
+            return ""
         if self._failed_at is not None and now - self._failed_at > ERROR_LINGER_S:
             return "generation failed"
         if self._empty_since is not None and now - self._empty_since > p.grace:
             return f"no viewers for {p.grace:g} s"
-        if self.state == "running":
+        if self.state in ("starting", "running"):
             self._idle_since = None
         elif self._idle_since is None:
             self._idle_since = now
         elif now - self._idle_since > p.idle_timeout:
             return f"{self.state} with nothing generated for {p.idle_timeout:g} s"
         return ""
+
+
+def new_session_id() -> str:
+    """128 random bits, URL-safe: an id cannot be guessed (it is not a credential, but it names the session)."""
+    return secrets.token_urlsafe(16)

@@ -163,3 +163,24 @@ class SessionTrack(MediaStreamTrack):
         frame.pts = pts
         frame.time_base = VIDEO_TIME_BASE
         return frame
+
+
+class CountedTrack(MediaStreamTrack):
+    """One viewer's view of the session's relay: counts each frame that viewer's encoder takes (the metrics'
+    frames sent). Stopping it stops the relay proxy underneath, which detaches it from the relay."""
+
+    kind = "video"
+
+    def __init__(self, source: MediaStreamTrack, on_frame: Callable[[], None]) -> None:
+        super().__init__()
+        self._source = source
+        self._on_frame = on_frame
+
+    async def recv(self) -> av.VideoFrame:
+        frame = await self._source.recv()
+        self._on_frame()
+        return frame
+
+    def stop(self) -> None:
+        super().stop()
+        self._source.stop()

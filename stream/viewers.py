@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from aiortc import RTCPeerConnection
 from aiortc.exceptions import InternalError, InvalidAccessError, InvalidStateError, OperationError
@@ -47,6 +47,7 @@ class Viewer:
     since: float = field(default_factory=time.monotonic)  # joined, on the monotonic clock
     connected_at: float | None = None  # time.time() when the connection came up
     stalled: bool = False  # the control channel stopped draining
+    settled: Callable[[], None] = field(default=lambda: None, repr=False)  # called when connected or gone
     limiter: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from framepack_rt.bench import report
+from framepack_rt.pipeline import devices
 
 SWEEP = (1, 2, 4, 8)
 MAX_VIEWERS = 8  # what a server takes per session by default (stream/limits.py)
@@ -34,6 +35,8 @@ class BenchConfig:
     """What to measure. Defaults keep ``--model tiny`` on a 2-core CPU well under two minutes."""
 
     model: str = "tiny"
+    device: str = "auto"  # --device / --dtype: framepack_rt.pipeline.devices names (in-process server only)
+    dtype: str = "auto"
     url: str | None = None  # a running server instead of an in-process one
     token: str | None = field(default=None, repr=False)  # that server's --token (never printed or saved)
     viewers: int = 1
@@ -108,7 +111,7 @@ def load_warm_pipeline(cfg: BenchConfig) -> tuple[Any, float]:
     from framepack_rt.stream.server import load_pipeline
 
     began = time.monotonic()
-    pipe = load_pipeline(cfg.model)
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
     stream = pipe.stream(default_scene(), "warm-up", steps=cfg.steps, window=cfg.window)
     next(stream)
     stream.stop()
@@ -380,6 +383,7 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     parser.add_argument("--model", default=d.model, help="model name or PATH (default: tiny)")
+    devices.add_arguments(parser)  # --device, --dtype
     parser.add_argument("--url", help="measure a running `framepack-rt serve` instead of an in-process server")
     parser.add_argument("--token", default=os.environ.get("FRAMEPACK_RT_TOKEN"),
                         help="that server's access token (default: $FRAMEPACK_RT_TOKEN)")
@@ -407,11 +411,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     began = time.monotonic()
-    cfg = BenchConfig(model=args.model, url=args.url, token=args.token, viewers=args.viewers, seconds=args.seconds,
-                      prompt_after=args.prompt_after, steps=args.steps, fps=args.fps, window=args.window,
-                      buffer_seconds=args.buffer, stamp=not args.no_stamp, browser=args.browser,
-                      scaling=args.scaling, viewers_sweep=args.viewers_sweep, sweep_seconds=args.sweep_seconds,
-                      scaling_sections=args.scaling_sections)
+    cfg = BenchConfig(model=args.model, device=args.device, dtype=args.dtype, url=args.url, token=args.token,
+                      viewers=args.viewers, seconds=args.seconds, prompt_after=args.prompt_after, steps=args.steps,
+                      fps=args.fps, window=args.window, buffer_seconds=args.buffer, stamp=not args.no_stamp,
+                      browser=args.browser, scaling=args.scaling, viewers_sweep=args.viewers_sweep,
+                      sweep_seconds=args.sweep_seconds, scaling_sections=args.scaling_sections)
     plot_path = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
     for path in filter(None, (args.json, plot_path)):
         if not Path(path).resolve().parent.is_dir():

@@ -4,77 +4,57 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit code 2."""
 
 
-def _load_transformer(spec: str):
-    import torch
-
-    from framepack_rt.model.config import PRESETS
-    from framepack_rt.model.transformer import FramePackTransformer
-
-    if spec in PRESETS:
-        # The 13B preset is only described (meta device): random 13B weights would need 51 GB of RAM.
-        device = "meta" if spec == "framepack-13b" else "cpu"
-        return FramePackTransformer.from_config(spec, device=device)
-    if spec == "demo":
-        from framepack_rt import demo
-
-        spec = str(demo.weights_dir() / "transformer")
-    path = Path(spec)
-    if not path.is_dir():
-        raise UsageError(f"--model {spec}: not a preset ({', '.join(PRESETS)}) and not a folder")
-    return FramePackTransformer.from_pretrained(path, dtype=torch.bfloat16)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
-    """Describe a transformer; for a model with real weights, time one forward pass."""
-    import torch
+    """Describe a transformer; for a model with weights on a device, time one forward pass."""
+    from framepack_rt.commands import transformer_step as steps
+    from framepack_rt.pipeline import devices, memory
 
-    model = _load_transformer(args.model)
-    cfg = model.config
+    placement = devices.resolve_placement(args.device, args.dtype)
+    if args.model == "tiny":
+        placement = devices.fp32_only(placement)
+    try:
+        config = steps.model_config(args.model)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    # The 13B preset is described on the meta device on the CPU (random 13B weights would need 48 GiB of RAM);
+    # on a GPU that holds it, it gets random weights made on the device, to time a step.
+    skipped = None
+    if args.model == "framepack-13b" and placement.device.type != "cpu":
+        meta = steps.load_transformer(args.model, placement, random_on_device=False)
+        estimate = memory.with_free_memory(memory.estimate_parts({"transformer": memory.count_module(meta)}, placement))
+        if estimate.fits() is False:
+            skipped = f"the random weights {estimate.summary()}"
+    model = steps.load_transformer(args.model, placement, random_on_device=skipped is None)
     params = sum(p.numel() for p in model.parameters())
     print(f"model        {args.model}")
     print(f"parameters   {params:,}")
-    print(f"blocks       {cfg.num_layers} double-stream + {cfg.num_single_layers} single-stream, "
-          f"{cfg.num_attention_heads} heads x {cfg.attention_head_dim}")
-    if model.device.type == "meta":
+    print(f"blocks       {config.num_layers} double-stream + {config.num_single_layers} single-stream, "
+          f"{config.num_attention_heads} heads x {config.attention_head_dim}")
+    if args.resolution is not None:  # the memory plan (model/memory_plan.py) instead of a timed forward
+        from framepack_rt.model.memory_plan import plan_for_resolution
+
+        try:
+            print(plan_for_resolution(config, args.resolution, window=args.window, quantize=args.quantize,
+                                      budget_gb=args.memory_budget_gb, dtype=placement.compute_dtype))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        return 0
+    if next(model.parameters()).device.type == "meta":
+        if skipped:
+            print(f"forward      skipped: {skipped}")
         return 0
     height, width = args.latent_size
-    inputs = _example_inputs(cfg, height, width, model.dtype)
-    with torch.no_grad():
-        model(**inputs)  # warm-up
-        start = time.perf_counter()
-        out = model(**inputs)
-        elapsed = time.perf_counter() - start
-    print(f"forward      {elapsed * 1000:.1f} ms for latents {tuple(out.shape)} on {model.device}")
+    shapes = steps.StepShapes(height, width, steps.SMALL_TOKENS, steps.SMALL_TOKENS, steps=1)
+    inputs = steps.example_inputs(config, shapes, placement.device, placement.compute_dtype)
+    ms, out = steps.time_forward(model, inputs)
+    print(f"forward      {ms:.1f} ms for latents {tuple(out.shape)} on {placement.describe()}")
     return 0
-
-
-def _example_inputs(cfg, height: int, width: int, dtype) -> dict:
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, cfg.in_channels, 9, height, width, generator=g).to(dtype),
-        timestep=torch.tensor([500.0]),
-        encoder_hidden_states=torch.randn(1, 16, cfg.text_embed_dim, generator=g).to(dtype),
-        pooled_projections=torch.randn(1, cfg.pooled_projection_dim, generator=g).to(dtype),
-        image_embeds=torch.randn(1, 16, cfg.image_proj_dim, generator=g).to(dtype),
-        guidance=torch.tensor([10_000.0]),
-        indices_latents=torch.arange(20, 29),
-        latents_clean=torch.randn(1, cfg.in_channels, 2, height, width, generator=g).to(dtype),
-        indices_latents_clean=torch.tensor([0, 19]),
-        latents_history_2x=torch.randn(1, cfg.in_channels, 2, height, width, generator=g).to(dtype),
-        indices_latents_history_2x=torch.tensor([17, 18]),
-        latents_history_4x=torch.randn(1, cfg.in_channels, 16, height, width, generator=g).to(dtype),
-        indices_latents_history_4x=torch.arange(1, 17),
-    )
 
 
 def _positive_float(text: str) -> float:
@@ -98,11 +78,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve live generation over WebRTC until Ctrl-C / SIGTERM: the page at the printed URL."""
     import asyncio
 
+    from framepack_rt.pipeline import devices
     from framepack_rt.stream import options
     from framepack_rt.stream.server import ServerSettings, serve
 
+    options.configure_logging(args)  # --log-level: sessions, rejections (stream/logs.py)
+    devices.check_memory_flags(args.low_vram, args.memory_budget_gb)
     settings = ServerSettings(model=args.model, fps=args.fps, window=args.window, steps=args.steps,
                               teacache=args.teacache, cfg=args.cfg, buffer_seconds=args.buffer, stamp=args.stamp,
+                              device=args.device, dtype=args.dtype, low_vram=args.low_vram,
+                              memory_budget_gb=args.memory_budget_gb, quantize=args.quantize, compile=args.compile,
                               **options.settings_kwargs(args))
     try:
         asyncio.run(serve(settings, args.host, args.port, announce=lambda line: print(line, flush=True)))
@@ -115,12 +100,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-rt", description="Real-time FramePack video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a transformer and time one forward pass")
-    info.add_argument("--model", default="tiny", help="tiny | demo | framepack-13b | PATH to a transformer folder")
+    info.add_argument("--model", default="tiny",
+                      help="tiny | demo | framepack-13b | PATH (a transformer folder, or a root with transformer/)")
     info.add_argument("--latent-size", type=_latent_size, default=(12, 12), help="latent HxW (image / 8)")
+    info.add_argument("--resolution", type=int, metavar="PX",
+                      help="print the memory plan at PX x PX pixels (weights, activations, buffers, VAE tiles)")
+    info.add_argument("--window", type=int, default=9, help="latent frames per section, for the plan (default: 9)")
+    info.add_argument("--quantize", choices=["fp8"], default=None, help="plan with fp8 block weights")
+    info.add_argument("--memory-budget-gb", type=_positive_float, metavar="GB",
+                      help="plan what stays resident and what streams within this device budget")
+    from framepack_rt.pipeline import devices
+
+    devices.add_arguments(info)
     info.set_defaults(run=cmd_info)
 
-    from framepack_rt.commands import generate
+    from framepack_rt.commands import doctor, generate
     from framepack_rt.stream import DEFAULT_MODEL
+
+    doctor_cmd = sub.add_parser("doctor", help="versions, device, kernel checks, attention, a timed step, memory: "
+                                               "run first on a new GPU")
+    doctor.add_arguments(doctor_cmd, default_model=DEFAULT_MODEL)
+    doctor_cmd.set_defaults(run=doctor.run)
 
     gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
     generate.add_arguments(gen, default_model=DEFAULT_MODEL)
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most generated video waiting to be played, bounding the delay (default: 2)")
     serve.add_argument("--stamp", action="store_true",
                        help="stamp frame numbers into the top rows, for `framepack-rt bench --url` glass-to-glass")
+    devices.add_arguments(serve, memory=True)
     from framepack_rt.stream import options
 
     options.add_arguments(serve)  # limits and --token

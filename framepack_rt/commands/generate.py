@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from framepack_rt.pipeline import devices
 from framepack_rt.pipeline.media import Mp4Writer, load_image, parse_prompt_schedule
 from framepack_rt.pipeline.framepack_pipeline import FPS, MODES
 from framepack_rt.engine.schedules import num_sections
@@ -27,9 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--cfg", type=float, metavar="SCALE",
                         help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
     parser.add_argument("--window", type=int, default=9, help="latent frames per section")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--low-vram", action="store_true", help="stream weights; see --memory-budget-gb")
-    parser.add_argument("--memory-budget-gb", type=float, help="device memory for weights in low-VRAM mode")
+    devices.add_arguments(parser, memory=True)  # --device, --dtype, --low-vram, --memory-budget-gb
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -48,6 +47,7 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--steps must be >= 1")
     if args.cfg is not None and args.cfg <= 0:
         raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
+    devices.check_memory_flags(args.low_vram, args.memory_budget_gb)
     load_image(args.image)  # readable?
     if args.end_image:
         load_image(args.end_image)
@@ -66,8 +66,9 @@ def run(args: argparse.Namespace) -> int:
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     began = time.perf_counter()
-    pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, low_vram=args.low_vram,
-                                             memory_budget_gb=args.memory_budget_gb)
+    pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_vram=args.low_vram,
+                                             memory_budget_gb=args.memory_budget_gb, quantize=args.quantize,
+                                             compile=args.compile)
     steps = args.steps or pipe.default_steps
     sections = num_sections(args.seconds, args.window)
     bar = tqdm(total=sections * steps, unit="step", file=sys.stderr, dynamic_ncols=True)

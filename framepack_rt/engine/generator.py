@@ -27,6 +27,7 @@ from framepack_rt.engine.sampling import (
 )
 from framepack_rt.engine.schedules import Schedule
 from framepack_rt.engine.teacache import TeaCache, TeaCacheConfig
+from framepack_rt.model.transformer import StepBranch
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,8 @@ class SectionGenerator:
         pair = None
         if negative is not None and not caches and _batchable(conditioning, negative[1]):
             pair = self._paired_velocity_fn(context, conditioning, negative[1])  # TeaCache keeps one per branch
+        elif negative is not None and caches:
+            pair = self._branched_velocity_fn(context, caches)  # one cache per branch, blocks visited once
         denoise = guided_denoiser(velocity, self.sampler.guidance, positive, negative, pair_fn=pair)
         shape = (self.batch, self.model.config.in_channels, self.schedule.window, self.height, self.width)
         x = self.noise.noise(shape, device=self.device)
@@ -234,6 +237,22 @@ class SectionGenerator:
             return model.step(plans[name], x, timestep, guidance, step_cache=caches.get(name))
 
         return velocity
+
+    def _branched_velocity_fn(self, context: ContextInputs, caches: dict[str, TeaCache]):
+        """CFG with TeaCache: both branches in one step_branches call, each with its own cache (each block runs
+        for both branches before the next: in low-VRAM mode a streamed block is copied in once per step)."""
+        model, context_kwargs, plans = self.model, context.as_kwargs(), {}
+
+        def pair(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, pos, neg):
+            branches = []
+            for name, cond in (pos, neg):
+                if name not in plans:
+                    plans[name] = model.prepare(self._latent_shape(x.shape[0]), cond.text, cond.text_mask,
+                                                cond.pooled, cond.image_embeds, **context_kwargs)
+                branches.append(StepBranch(plans[name], x, timestep, guidance, caches[name]))
+            return tuple(model.step_branches(branches))
+
+        return pair
 
     def _paired_velocity_fn(self, context: ContextInputs, positive: Conditioning, negative: Conditioning):
         """Both CFG branches as one batch of 2B: the context is repeated and prepared once per section."""

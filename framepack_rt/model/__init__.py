@@ -8,7 +8,10 @@
 * ``packing``     -- the varlen layout: cu_seqlens, join/split of video and context tokens.
 * ``attention``   -- the attention dispatch point (flash-attn / Triton / SDPA).
 * ``checkpoint``  -- mmap'd safetensors loading, sharded saving.
-* ``offload``     -- BlockStreamer: transformer blocks streamed under a memory budget.
+* ``offload``     -- BlockStreamer: transformer blocks streamed from one host arena, copies overlapping compute.
+* ``memory_plan`` -- device memory of a run: weights, activations, buffers, VAE tiles; presets by budget.
+* ``quantize``    -- fp8 weights for the blocks' linears (Fp8Linear, per-output-channel scales).
+* ``step_plan``   -- StepPlan: what a section's steps share, prepared once.
 
 The Triton kernels (``framepack_rt.kernels``) belong to this layer: they replace its torch ops.
 """

@@ -7,6 +7,8 @@
 * ``parts``              -- where the pipeline's models come from: built in, folders, low-VRAM.
 * ``model_folders``      -- published folder layouts, per-part loading.
 * ``builtin``            -- the model sets that ship with the package: "demo" (trained) and "tiny" (random).
+* ``devices``            -- --device / --dtype: names, defaults ("auto") and placement, shared by every command.
+* ``memory``             -- what a model set needs against what is free, checked before loading.
 * ``tiny_models``        -- the built-in tiny model set, tokenizers built in code.
 * ``media``              -- resolution buckets, image fitting, prompt timelines, MP4 writer.
 """

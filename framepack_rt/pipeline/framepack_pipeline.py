@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedu
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
 from framepack_rt.pipeline.vae import StreamingDecoder, latent_preview
+
+if TYPE_CHECKING:
+    from framepack_rt.pipeline.devices import Placement
 
 MODES = ("f1", "inverted")
 FPS = 30
@@ -177,11 +180,13 @@ class FramePackPipeline:
 
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
                  default_guidance: GuidanceConfig = GuidanceConfig(),
-                 example: tuple[np.ndarray, str] | None = None) -> None:
+                 example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None) -> None:
         """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
-        servers and tools open with it. None: the model has no preference."""
+        servers and tools open with it. None: the model has no preference. placement: the device and dtype
+        from_pretrained resolved (None when the parts were built elsewhere)."""
         self.parts = parts
+        self.placement = placement
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
         self.default_guidance = default_guidance
@@ -193,24 +198,42 @@ class FramePackPipeline:
         cls,
         path: str | Path = "tiny",
         *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
+        device: torch.device | str = "auto",
+        dtype: torch.dtype | str | None = "auto",
         low_vram: bool = False,
         memory_budget_gb: float | None = None,
         buckets: str = "640",
+        check_memory: bool = True,
+        quantize: str | None = None,
+        compile: bool = False,
         **part_paths: str | Path,
     ) -> "FramePackPipeline":
         """``"demo"`` (the trained demo model shipped in the package: 64x64, moves shapes as prompts say),
         ``"tiny"`` (built in, random weights: fast, for tests), or a root folder with the published subfolders,
         and/or one path per part (text_encoder=, tokenizer=, text_encoder_2=, tokenizer_2=, vae=,
-        image_encoder=, feature_extractor=, transformer=). Never downloads. ``low_vram`` loads each encoder
-        only while it is used and streams transformer blocks from CPU memory within ``memory_budget_gb``
-        (default 6). ``buckets``: the resolution set for folders ("640", the release's; "tiny" for small test
-        models)."""
-        from framepack_rt.pipeline.parts import FolderParts, TinyParts
+        image_encoder=, feature_extractor=, transformer=). Never downloads.
 
+        device: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:N", "mps" or a torch.device.
+        dtype: "auto" (or None: fp32 on the CPU; on GPUs the transformer in bf16, fp16 where the GPU lacks bf16,
+        encoders and VAE in fp16), "bf16", "fp16", "fp32" or a torch.dtype for every part; the tiny model is fp32.
+        ``low_vram`` loads each encoder only while it is used and streams transformer blocks from CPU memory
+        within ``memory_budget_gb`` (default 6). ``check_memory``: estimate what the folders need first and raise
+        :class:`~framepack_rt.pipeline.memory.InsufficientMemory` (needed, free, the setting that fits) instead
+        of running out while loading. ``buckets``: the resolution set for folders ("640", the release's; "tiny"
+        for small test models). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
+        ``compile``: torch.compile each transformer block (compiled at the first step)."""
+        from framepack_rt.pipeline.devices import check_memory_flags, fp32_only, resolve_placement
+        from framepack_rt.pipeline.memory import DEFAULT_BUDGET_GB, GiB, ensure_fits, estimate_folders
+        from framepack_rt.pipeline.model_folders import resolve_model_paths
+        from framepack_rt.pipeline.parts import FolderParts, TinyParts, TransformerOptions
+
+        check_memory_flags(low_vram, memory_budget_gb)
+        options = TransformerOptions(quantize=quantize, compile=compile)
+        placement = resolve_placement(device, dtype)
         if str(path) == "tiny" and not part_paths:
-            return cls(TinyParts(device=device), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS)
+            placement = fp32_only(placement)
+            return cls(TinyParts(device=placement.device, options=options), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS,
+                       placement=placement)
         settings: dict = {"buckets": buckets}
         if str(path) == "demo" and not part_paths:
             path = builtin.demo_weights_dir()
@@ -219,11 +242,13 @@ class FramePackPipeline:
         roots = [] if str(path) == "tiny" else [path]
         if roots and (example := builtin.read_example(roots[0])) is not None:
             settings["example"] = example
-        budget = None
-        if low_vram:
-            budget = int((memory_budget_gb or 6.0) * 2**30)
-        parts = FolderParts(roots, part_paths, device=device, dtype=dtype, low_vram=low_vram, budget_bytes=budget)
-        return cls(parts, **settings)
+        paths = resolve_model_paths(*roots, **part_paths)
+        budget = int((memory_budget_gb or DEFAULT_BUDGET_GB) * GiB) if low_vram else None
+        if check_memory:
+            ensure_fits(estimate_folders(asdict(paths), placement, low_vram=low_vram, budget_bytes=budget))
+        parts = FolderParts(paths, device=placement.device, dtype=placement.dtype, low_vram=low_vram,
+                            budget_bytes=budget, options=options)
+        return cls(parts, placement=placement, **settings)
 
     def guidance(self, cfg: float | None = None) -> GuidanceConfig:
         """The model's default guidance with real CFG at ``cfg`` (None: unchanged); its other settings, such as

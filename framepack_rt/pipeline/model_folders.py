@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from framepack_rt.pipeline.devices import part_dtype
+
 PathLike = str | Path
 
 
@@ -107,7 +109,9 @@ def resolve_model_paths(*roots: PathLike, **parts: PathLike | None) -> ModelPath
 
 
 class ModelLoader:
-    """Instantiates each part on demand, one at a time, on a device/dtype (None: fp16/bf16 on CUDA, fp32 on CPU).
+    """Instantiates each part on demand, one at a time, on a device/dtype (None: each part's default,
+    :func:`framepack_rt.pipeline.devices.part_dtype`: fp32 on the CPU; on GPUs the transformer in bf16, or fp16
+    where the GPU lacks bf16, and the encoders and VAE in fp16).
 
     The low-VRAM mode wraps each use in ``using``: ``with loader.using("text_encoder") as te: te.encode(p)``
     loads the part, and frees it on exit.
@@ -117,41 +121,48 @@ class ModelLoader:
                  spatial_tiling: bool = False) -> None:
         self.paths, self.device, self.dtype, self.spatial_tiling = paths, torch.device(device), dtype, spatial_tiling
 
-    def _dtype(self, cuda_default: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    def _dtype(self, gpu_default: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
         if dtype is not None or self.dtype is not None:
             return dtype if dtype is not None else self.dtype
-        return cuda_default if self.device.type == "cuda" else torch.float32
+        return gpu_default if self.device.type in ("cuda", "mps") else torch.float32
+
+    def dtype_for(self, part: str, dtype: torch.dtype | None = None) -> torch.dtype:
+        """The dtype ``part`` ("transformer", "text_encoder", ...) loads in: ``dtype``, else the loader's, else
+        the part's default on this device."""
+        if dtype is not None or self.dtype is not None:
+            return self._dtype(torch.float32, dtype)
+        return self._dtype(part_dtype(part, self.device), None)
 
     def text_encoder(self, dtype: torch.dtype | None = None):
         """LLaMA features: framepack_rt.pipeline.encoders.TextEncoder (fp16 on CUDA, as released)."""
         from framepack_rt.pipeline.encoders import TextEncoder
 
         return TextEncoder.from_pretrained(self.paths.text_encoder, self.paths.tokenizer, device=self.device,
-                                           dtype=self._dtype(torch.float16, dtype))
+                                           dtype=self.dtype_for("text_encoder", dtype))
 
     def clip_text_encoder(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.encoders import CLIPTextEncoder
 
         return CLIPTextEncoder.from_pretrained(self.paths.text_encoder_2, self.paths.tokenizer_2,
-                                               device=self.device, dtype=self._dtype(torch.float16, dtype))
+                                               device=self.device, dtype=self.dtype_for("text_encoder_2", dtype))
 
     def image_encoder(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.encoders import ImageEncoder
 
         return ImageEncoder.from_pretrained(self.paths.image_encoder, self.paths.feature_extractor,
-                                            device=self.device, dtype=self._dtype(torch.float16, dtype))
+                                            device=self.device, dtype=self.dtype_for("image_encoder", dtype))
 
     def vae(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.vae import VideoVAE
 
-        return VideoVAE.from_pretrained(self.paths.vae, device=self.device, dtype=self._dtype(torch.float16, dtype),
+        return VideoVAE.from_pretrained(self.paths.vae, device=self.device, dtype=self.dtype_for("vae", dtype),
                                         spatial_tiling=self.spatial_tiling)
 
-    def transformer(self, dtype: torch.dtype | None = None):
+    def transformer(self, dtype: torch.dtype | None = None, quantize: str | None = None):
         from framepack_rt.model.transformer import FramePackTransformer
 
         return FramePackTransformer.from_pretrained(self.paths.transformer, device=self.device,
-                                                    dtype=self._dtype(torch.bfloat16, dtype))
+                                                    dtype=self.dtype_for("transformer", dtype), quantize=quantize)
 
     @contextlib.contextmanager
     def using(self, part: str, dtype: torch.dtype | None = None) -> Iterator[object]:

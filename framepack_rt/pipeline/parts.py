@@ -8,7 +8,8 @@ transformer's blocks from CPU memory (framepack_rt.model.offload).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,13 +17,35 @@ import torch
 from framepack_rt.pipeline.encoders import CLIPTextEncoder, ImageEncoder, TextEncoder
 from framepack_rt.pipeline.vae import VideoVAE
 
+if TYPE_CHECKING:
+    from framepack_rt.pipeline.model_folders import ModelPaths
+
+
+@dataclass(frozen=True)
+class TransformerOptions:
+    """How the transformer is loaded and run: fp8 weights (``quantize="fp8"``) and torch.compile of its blocks."""
+
+    quantize: str | None = None
+    compile: bool = False
+
+    def apply(self, model: torch.nn.Module, quantized: bool) -> torch.nn.Module:
+        """Quantize (unless loading already did) and compile ``model`` as asked; returns it."""
+        if self.quantize is not None and not quantized:
+            from framepack_rt.model.quantize import quantize_blocks
+
+            quantize_blocks(model, self.quantize)
+        if self.compile:
+            model.compile_blocks()
+        return model
+
 
 class TinyParts:
     """The built-in tiny model set (framepack_rt.pipeline.tiny_models), seeded, in memory, fp32."""
 
     DEFAULT_STEPS = 8  # few steps: the built-in model is meant to stream in real time on a CPU
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0,
+                 options: TransformerOptions = TransformerOptions()) -> None:
         from framepack_rt.pipeline.tiny_models import build_tiny_models
 
         self.device = torch.device(device)
@@ -31,7 +54,7 @@ class TinyParts:
         self.clip = CLIPTextEncoder(tiny.text_encoder_2.to(self.device), tiny.tokenizer_2)
         self.image = ImageEncoder(tiny.image_encoder.to(self.device), tiny.feature_extractor)
         self._vae = VideoVAE(tiny.vae.to(self.device))
-        self._transformer = tiny.transformer.to(self.device)
+        self._transformer = options.apply(tiny.transformer.to(self.device), quantized=False)
 
     @functools.lru_cache(maxsize=64)  # prompts repeat (a server's sessions, prompt timelines): encode once
     def encode_text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,14 +80,15 @@ class TinyParts:
 class FolderParts:
     """Parts read from local folders in the published layouts (framepack_rt.pipeline.model_folders)."""
 
-    def __init__(self, roots: list[str | Path], part_paths: dict, *, device: torch.device | str,
-                 dtype: torch.dtype | None, low_vram: bool, budget_bytes: int | None) -> None:
-        from framepack_rt.pipeline.model_folders import ModelLoader, resolve_model_paths
+    def __init__(self, paths: ModelPaths, *, device: torch.device | str, dtype: torch.dtype | None,
+                 low_vram: bool, budget_bytes: int | None, options: TransformerOptions = TransformerOptions()) -> None:
+        """paths: the parts' folders (model_folders.resolve_model_paths); dtype None: each part's default on
+        the device (devices.part_dtype)."""
+        from framepack_rt.pipeline.model_folders import ModelLoader
 
         self.device = torch.device(device)
-        self.loader = ModelLoader(resolve_model_paths(*roots, **part_paths), device=self.device, dtype=dtype,
-                                  spatial_tiling=low_vram)
-        self.low_vram, self.budget_bytes = low_vram, budget_bytes
+        self.loader = ModelLoader(paths, device=self.device, dtype=dtype, spatial_tiling=low_vram)
+        self.low_vram, self.budget_bytes, self.options = low_vram, budget_bytes, options
         self._loaded: dict[str, object] = {}
         self._transformer = None
         self._vae = None
@@ -106,11 +130,12 @@ class FolderParts:
                 from framepack_rt.model.offload import BlockStreamer
 
                 model = FramePackTransformer.from_pretrained(self.loader.paths.transformer, device="cpu",
-                                                             dtype=self.loader._dtype(torch.bfloat16, None))
+                                                             dtype=self.loader.dtype_for("transformer"),
+                                                             quantize=self.options.quantize)
                 self.streamer = BlockStreamer(model, self.device, self.budget_bytes)
             else:
-                model = self.loader.transformer()
-            self._transformer = model.eval()
+                model = self.loader.transformer(quantize=self.options.quantize)
+            self._transformer = self.options.apply(model, quantized=True).eval()
         return self._transformer
 
 

@@ -1,5 +1,7 @@
 // framepack-rt live page: one RTCPeerConnection per Start (recvonly video + the "control" data channel).
-// aiortc takes no trickled candidates, so the offer is posted only once ICE gathering is complete.
+// aiortc takes no trickled candidates, so the offer is posted only once ICE gathering is complete. The server
+// probes only candidates it can use (unicast; mDNS names unless it allows them); the STUN servers it names in
+// /api/config give this browser a public candidate too.
 // Access: ?token=... (the server's token, when it has one) is moved out of the address bar into this tab's
 // sessionStorage and sent as "Authorization: Bearer"; ?session=ID&key=K is a view-only join link.
 "use strict";
@@ -30,8 +32,9 @@ class LivePage {
     this.framesPainted = 0; // from requestVideoFrameCallback
     this.messages = []; // last server messages, for debugging and tests
     this.timers = [];
+    this.iceServers = []; // the server's STUN servers (from /api/config), so this browser finds its public address
     this.bind();
-    this.loadConfig();
+    this.configLoaded = this.loadConfig();
   }
 
   bind() {
@@ -69,6 +72,7 @@ class LivePage {
       const config = await (await fetch("/api/config")).json();
       if (config.default_prompt) this.$("prompt").placeholder = config.default_prompt;
       if (config.max_prompt_chars) this.$("prompt").maxLength = config.max_prompt_chars;
+      if (Array.isArray(config.ice_servers)) this.iceServers = config.ice_servers.map((urls) => ({ urls }));
       if (config.token_required && !this.token && !(this.joinId && this.joinKey)) {
         this.showError("this server needs a token: open the link you were given (it ends in ?token=...)");
       }
@@ -83,7 +87,8 @@ class LivePage {
     this.showError(null);
     this.setStatus("connecting", "connecting");
     this.$("start").disabled = true;
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    await this.configLoaded;
+    const pc = new RTCPeerConnection({ iceServers: this.iceServers });
     this.pc = pc;
     pc.addTransceiver("video", { direction: "recvonly" });
     const channel = pc.createDataChannel("control");

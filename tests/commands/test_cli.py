@@ -53,9 +53,9 @@ def test_generate_with_a_prompt_schedule(tmp_path, image):
      (["--mode", "sideways"], "choose one of f1, inverted"), (["--image", "/no/such.png"], "no such image file"),
      (["--image", "NOTIMAGE"], "not a readable image"), (["--end-image", "IMAGE"], "needs --mode inverted"),
      (["--out", "/no/such/dir/x.mp4"], "does not exist"), (["--prompt-schedule", "2:late"], "one of --prompt"),
-     (["--cfg", "0"], "--cfg must be > 0")],
+     (["--cfg", "0"], "--cfg must be > 0"), (["--memory-budget-gb", "4"], "add --low-vram")],
     ids=["zero-seconds", "negative-seconds", "bad-mode", "missing-image", "unreadable-image", "end-image-f1",
-         "bad-out-dir", "prompt-and-schedule", "zero-cfg"],
+         "bad-out-dir", "prompt-and-schedule", "zero-cfg", "budget-without-low-vram"],
 )
 def test_bad_arguments_one_line_nonzero(tmp_path, image, args, message, capsys):
     not_image = tmp_path / "notes.png"
@@ -74,3 +74,68 @@ def test_console_script_runs_without_traceback(tmp_path):
                              "--prompt", "x", "--seconds", "1", "--out", str(tmp_path / "o.mp4")],
                             capture_output=True, text=True, cwd="/")
     assert result.returncode == 2 and "Traceback" not in result.stderr and "no such image" in result.stderr
+
+
+def test_not_enough_memory_is_one_line_before_loading(tmp_path, image, monkeypatch, capsys):
+    from framepack_rt.pipeline import memory
+
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 100 * 2**20)  # 100 MiB free on this "machine"
+    assert main(["generate", "--model", "demo", "--device", "cpu", "--image", str(image), "--prompt", "a ball",
+                 "--seconds", "1", "--out", str(tmp_path / "o.mp4")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs 1.0 GiB on cpu" in err and "100.0 MiB free" in err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_device_flags_default_to_auto():
+    from framepack_rt.commands.cli import build_parser
+
+    parser = build_parser()
+    for command in (["generate", "--image", "x", "--prompt", "p", "--seconds", "1", "--out", "o.mp4"],
+                    ["serve"], ["info"], ["doctor"], ["bench"]):
+        args = parser.parse_args(command)
+        assert (args.device, args.dtype) == ("auto", "auto"), command
+
+
+def test_generate_with_fp8_weights_and_compile(tmp_path, image, monkeypatch):
+    """--quantize fp8 and --compile reach the transformer (compile is lazy: checked, not run, here)."""
+    from framepack_rt.model.quantize import Fp8Linear
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+    loaded = {}
+    original = FramePackPipeline.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        loaded["pipe"] = original(cls, *args, **{**kwargs, "compile": False})  # no inductor run in this test
+        loaded["kwargs"] = kwargs
+        return loaded["pipe"]
+
+    monkeypatch.setattr(FramePackPipeline, "from_pretrained", classmethod(recording))
+    out = tmp_path / "fp8.mp4"
+    assert main(["generate", "--model", "tiny", "--image", str(image), "--prompt", "a ball", "--seconds", "1",
+                 "--steps", "1", "--quantize", "fp8", "--compile", "--out", str(out)]) == 0
+    assert loaded["kwargs"]["quantize"] == "fp8" and loaded["kwargs"]["compile"] is True
+    blocks = loaded["pipe"].parts.transformer().transformer_blocks
+    assert any(isinstance(m, Fp8Linear) for m in blocks.modules())
+    assert decoded_frames(out) > 0
+
+
+def test_unknown_quantization_is_one_line(tmp_path, image, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--image", str(image), "--prompt", "x", "--seconds", "1", "--quantize", "int4",
+              "--out", str(tmp_path / "x.mp4")])
+    assert exit_info.value.code == 2 and "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_info_prints_the_memory_plan(capsys):
+    assert main(["info", "--model", "framepack-13b", "--device", "cpu", "--dtype", "bf16", "--resolution", "640",
+                 "--quantize", "fp8", "--memory-budget-gb", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: 640x640, window 9" in out and "float8_e4m3fn" in out and "budget 6.00 GiB: fits" in out
+
+
+def test_info_memory_plan_too_small_is_one_line(capsys):
+    assert main(["info", "--model", "framepack-13b", "--device", "cpu", "--dtype", "bf16", "--resolution", "640",
+                 "--memory-budget-gb", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("framepack-rt info:") and len(err.strip().splitlines()) == 1

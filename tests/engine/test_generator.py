@@ -153,25 +153,26 @@ def test_teacache_first_and_last_steps_always_run():
 
 
 def test_real_cfg_runs_the_negative_branch_only_when_asked_batched_with_the_positive(model):
-    rows = []  # batch rows per model call
-    original_step = model.step
-    model.step = lambda plan, x, *a, **kw: rows.append(x.shape[0]) or original_step(plan, x, *a, **kw)
+    calls = []  # per model call: the batch rows of each branch it computes
+    original_branches = model.step_branches
+    model.step_branches = lambda branches: calls.append([b.hidden_states.shape[0] for b in branches]) or \
+        original_branches(branches)
     try:
-        for cfg, expected in ((1.0, [1] * 3), (3.0, [2] * 3)):
-            rows.clear()
+        for cfg, expected in ((1.0, [[1]] * 3), (3.0, [[2]] * 3)):
+            calls.clear()
             gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
                                    sampler=SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=cfg, cfg_rescale=0.5)))
             next(gen)
-            assert rows == expected
-        # TeaCache keeps one cache per branch, so with it on the branches stay two calls.
-        rows.clear()
+            assert calls == expected
+        # TeaCache keeps one cache per branch: the two branches go through the blocks together, one cache each.
+        calls.clear()
         gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
                                sampler=SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=3.0),
                                                      teacache=TeaCacheConfig(threshold=0.0)))
         next(gen)
-        assert rows == [1] * 6
+        assert calls == [[1, 1]] * 3
     finally:
-        del model.step
+        del model.step_branches
 
 
 @pytest.mark.parametrize("negative_text_len", [None, 3, 6, 9], ids=lambda n: f"neg_text_{n or 'zeros'}")

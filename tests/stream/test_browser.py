@@ -73,9 +73,9 @@ def test_page_decodes_frames_and_sends_prompts(server_url):
             # Until the first section the track repeats the start image; count generated frames after it.
             page.wait_for_selector("#sections li", timeout=20_000)
             # framesDecoded comes from getStats() (inbound-rtp), polled by the page once a second.
-            page.wait_for_function("window.framepack.framesDecoded > 0", timeout=5_000)
+            page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=5_000)
             before = page.evaluate("window.framepack.framesDecoded")
-            page.wait_for_function(f"window.framepack.framesDecoded >= {before + 30}", timeout=10_000)
+            page.wait_for_function(f"() => window.framepack.framesDecoded >= {before + 30}", timeout=10_000)
             assert page.evaluate("window.framepack.framesPainted") > 0  # requestVideoFrameCallback saw frames
 
             prompt = "a storm rolls over the lake"
@@ -89,13 +89,13 @@ def test_page_decodes_frames_and_sends_prompts(server_url):
                     break
                 time.sleep(0.2)
             assert sessions and sessions[0]["prompt"] == prompt, sessions
-            page.wait_for_function("document.querySelector('#prompt-note').textContent.includes('applies from')",
+            page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
                                    timeout=5_000)
             # Let a section with the new prompt reach the list, the preview and the stats line.
             page.wait_for_function(
-                f"[...document.querySelectorAll('#sections .prompt-text')].some(e => e.textContent === {prompt!r})",
+                f"() => [...document.querySelectorAll('#sections .prompt-text')].some(e => e.textContent === {prompt!r})",
                 timeout=10_000)
-            page.wait_for_function("document.querySelector('#st-rtt').textContent.includes('ms')", timeout=5_000)
+            page.wait_for_function("() => document.querySelector('#st-rtt').textContent.includes('ms')", timeout=5_000)
             page.screenshot(path=str(ARTIFACTS / "stream_browser.png"))
             assert page.evaluate("window.framepack.framesDecoded") >= before + 30
             assert not errors, errors
@@ -149,13 +149,15 @@ def test_the_demo_ball_follows_a_typed_prompt(demo_server_url):
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(server_url)
             page.click("#start")
-            page.wait_for_function("window.framepack.framesDecoded > 0", timeout=20_000)
-            right = sample_red_x(page, 3.0)  # the start image, then the first sections (0.3 widths a second)
+            page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
+            # The start image plays until the first section: the encoders run once the connection is up.
+            page.wait_for_function("() => document.querySelectorAll('#sections li').length > 0", timeout=30_000)
+            right = sample_red_x(page, 3.0)  # the first sections (the ball moves 0.3 widths a second)
             assert len(right) > 20 and max(right) - right[0] >= 0.1, right
 
             page.fill("#prompt", "a red ball moves left")
             page.press("#prompt", "Enter")
-            page.wait_for_function("document.querySelector('#prompt-note').textContent.includes('applies from')",
+            page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
                                    timeout=5_000)
             # The new prompt is generated from the next section and plays after what is already buffered.
             left = sample_red_x(page, 8.0)

@@ -35,6 +35,7 @@ from framepack_rt.stream.server import ServerSettings, StreamServer
 from framepack_rt.stream.uploads import decode_image, decode_start_image
 
 TOKEN = "s3cret-token-for-tests-0123"
+SDP_VIDEO = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"  # passes the offer check; aiortc would refuse it
 MB = 2**20
 
 
@@ -309,9 +310,9 @@ def test_bad_requests_get_a_clear_4xx_and_change_nothing(run_with_server):
                 ("POST", offer, dict(data=json.dumps({"sdp": "v=0", "type": "offer"})), 415, "application/json"),
                 ("POST", offer, dict(data=b"x" * (3 * MB), headers={"Content-Type": "application/json"}),
                  413, "too large"),
-                ("POST", offer, dict(json={"sdp": "v=0", "type": "offer", "image": _data_url(_png(20_000, 20_000, "1"))}),
+                ("POST", offer, dict(json={"sdp": SDP_VIDEO, "type": "offer", "image": _data_url(_png(20_000, 20_000, "1"))}),
                  400, "pixels"),
-                ("POST", offer, dict(json={"sdp": "v=0", "type": "offer", "image": _data_url(b"GIF89a nonsense")}),
+                ("POST", offer, dict(json={"sdp": SDP_VIDEO, "type": "offer", "image": _data_url(b"GIF89a nonsense")}),
                  400, "not a PNG"),
                 ("POST", offer, dict(json={"sdp": "v=0", "type": "offer", "prompt": "p" * 101}), 400, "at most 100"),
                 ("GET", offer, {}, 405, "not allowed"),
@@ -399,6 +400,10 @@ def test_no_cors_and_security_headers_everywhere(run_with_server):
         assert not any(k.lower().startswith("access-control-") for k in headers), (method, path, headers)
         assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
         assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+        assert "unsafe-eval" not in headers["Content-Security-Policy"]
+        assert "unsafe-inline" not in headers["Content-Security-Policy"]
+        assert "camera=()" in headers["Permissions-Policy"]
+        assert headers["Server"] == "framepack-rt"  # no versions
 
 
 def test_static_files_cannot_be_walked_out_of(run_with_server):
@@ -504,3 +509,34 @@ def test_viewers_cannot_send_media_to_the_server(run_with_server):
     video = next(s for s in sections if s.startswith("video"))
     audio = next(s for s in sections if s.startswith("audio"))
     assert "a=sendonly" in video and "a=inactive" in audio
+
+
+def test_broken_requests_get_our_answer_without_versions_or_echo(run_with_server):
+    """What aiohttp answers itself (a request line over 8190 bytes, TLS to the HTTP port) and what aiortc
+    cannot parse: JSON from us, the Server header without versions, nothing of the request or aiortc quoted."""
+
+    async def scenario(server, url):
+        host, port = url.split("//")[1].strip("/").split(":")
+        answers = []
+        for raw in (b"GET /?token=" + TOKEN.encode() + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40):
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(raw)
+            answers.append(await asyncio.wait_for(reader.read(), 5))
+            writer.close()
+        async with aiohttp.ClientSession() as http:
+            bad_sdps = ["v=0\r\nm=video\r\n", "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:\r\n",
+                        "v=0\r\nm=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\na=sctp-port:x\r\n"]
+            refusals = [await status_of(http, "POST", url + "offer", json={"sdp": sdp, "type": "offer"})
+                        for sdp in bad_sdps]
+        return answers, refusals
+
+    answers, refusals = run_with_server(SyntheticPipe(), scenario)
+    for answer in answers:
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400" and b"Server: framepack-rt\r\n" in head + b"\r\n"
+        assert b"aiohttp" not in head and b"Python" not in head
+        assert TOKEN.encode() not in answer and b"aaaa" not in body and json.loads(body)["error"]
+    for status, body, headers in refusals:
+        assert status == 400 and body["error"].startswith("could not answer the offer"), body
+        assert not any(word in body["error"] for word in ("Error", "None", "list", "index"))
