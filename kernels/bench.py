@@ -53,17 +53,9 @@ def print_environment(env: dict) -> None:
 
 def time_ms(fn: Callable[[], object], warmup: int, iters: int) -> dict:
     """Per-call milliseconds of ``fn`` from CUDA events, after ``warmup`` untimed calls: median, min, mean."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    from framepack_rt.model.attention import cuda_event_times
+
+    times = cuda_event_times(fn, warmup, iters)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "mean_ms": statistics.fmean(times)}
 
 

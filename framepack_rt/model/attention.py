@@ -248,8 +248,9 @@ def attention_flops(seqlens: Sequence[int], heads: int, head_dim: int) -> int:
     return sum(4 * n * n * heads * head_dim for n in seqlens)
 
 
-def cuda_timer(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> float:
-    """Median milliseconds per call from CUDA events, after ``warmup`` untimed calls (autotuning runs there)."""
+def cuda_event_times(fn: Callable[[], object], warmup: int, iters: int) -> list[float]:
+    """Milliseconds of each of ``iters`` calls from CUDA events, after ``warmup`` untimed calls (autotuning
+    runs there). Also the kernel benchmarks' timer (kernels/bench.py)."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -261,7 +262,12 @@ def cuda_timer(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> flo
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return times
+
+
+def cuda_timer(fn: Callable[[], object], warmup: int = 2, iters: int = 5) -> float:
+    """Median milliseconds per call (see :func:`cuda_event_times`)."""
+    return statistics.median(cuda_event_times(fn, warmup, iters))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,21 +45,6 @@ class SyntheticPipe:
         return SyntheticStream(prompt)
 
 
-async def browser_offer() -> str:
-    """A browser-like offer (recvonly video + data channel) from aiortc, its own candidates removed."""
-    from aiortc import RTCConfiguration, RTCPeerConnection
-
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    try:
-        pc.addTransceiver("video", direction="recvonly")
-        pc.createDataChannel("control")
-        await pc.setLocalDescription(await pc.createOffer())
-        lines = pc.localDescription.sdp.split("\r\n")
-        return "\r\n".join(line for line in lines if not line.startswith(("a=candidate:", "a=end-of-candidates")))
-    finally:
-        await pc.close()
-
-
 @pytest.fixture
 def synthetic_pipe() -> SyntheticPipe:
     return SyntheticPipe()
