@@ -39,6 +39,7 @@ setup(
         "safetensors>=0.4",
         "transformers>=5.0",  # SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders
         "diffusers>=0.34",  # AutoencoderKLHunyuanVideo: the VAE
+        "accelerate>=1.0",  # diffusers and transformers load without it only after a warning on every run
         "tokenizers>=0.19",
         "aiortc>=1.9",
         "aiohttp>=3.9",

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from framepack_rt.pipeline.parallel_launch import WorkerFailed
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -163,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, FileNotFoundError, ValueError) as exc:
         print(f"framepack-rt {args.command}: {exc}", file=sys.stderr)
         return 2
+    except WorkerFailed as exc:  # --sequence-parallel: a worker died or timed out (its rank is named)
+        print(f"framepack-rt {args.command}: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

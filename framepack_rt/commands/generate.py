@@ -10,13 +10,14 @@ from pathlib import Path
 from framepack_rt.pipeline import devices
 from framepack_rt.pipeline.media import Mp4Writer, load_image, parse_prompt_schedule
 from framepack_rt.pipeline.framepack_pipeline import FPS, MODES
-from framepack_rt.engine.schedules import num_sections
+from framepack_rt.engine.schedules import num_sections, video_frames_for_latents
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--model", default=default_model, help=f"demo | tiny | PATH to model folders (default: {default_model})")
-    parser.add_argument("--image", required=True, help="start image (PNG/JPEG)")
-    parser.add_argument("--prompt", help="what happens in the video")
+    parser.add_argument("--image", help="start image (PNG/JPEG; default: the model's example start, e.g. the demo's "
+                                        "red ball)")
+    parser.add_argument("--prompt", help="what happens in the video (default with no --image: the example's prompt)")
     parser.add_argument("--prompt-schedule", help='prompts over time, "0:a ball rolls;3.5:the ball stops"')
     parser.add_argument("--seconds", type=float, required=True, help="video length in seconds")
     parser.add_argument("--mode", default="f1", help="f1 (forward) or inverted (anti-drifting)")
@@ -28,7 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     parser.add_argument("--cfg", type=float, metavar="SCALE",
                         help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
     parser.add_argument("--window", type=int, default=9, help="latent frames per section")
-    devices.add_arguments(parser, memory=True)  # --device, --dtype, --low-vram, --memory-budget-gb
+    devices.add_arguments(parser, memory=True)  # --device, --dtype, --low-vram, --memory-budget-gb, --quantize
+    from framepack_rt.commands import parallel
+
+    parallel.add_arguments(parser)  # --sequence-parallel N, --cfg-parallel, --parallel-timeout
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -37,8 +41,10 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--seconds must be > 0, got {args.seconds:g}")
     if args.mode not in MODES:
         raise ValueError(f"--mode {args.mode!r}: choose one of {', '.join(MODES)}")
-    if (args.prompt is None) == (args.prompt_schedule is None):
-        raise ValueError("give exactly one of --prompt and --prompt-schedule")
+    if args.prompt is not None and args.prompt_schedule is not None:
+        raise ValueError("give one of --prompt and --prompt-schedule, not both")
+    if args.prompt is None and args.prompt_schedule is None and args.image is not None:
+        raise ValueError("give --prompt or --prompt-schedule (only the model's example start comes with a prompt)")
     if args.prompt is not None and not args.prompt.strip():
         raise ValueError("--prompt is empty")
     if args.end_image and args.mode != "inverted":
@@ -48,7 +54,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.cfg is not None and args.cfg <= 0:
         raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
     devices.check_memory_flags(args.low_vram, args.memory_budget_gb)
-    load_image(args.image)  # readable?
+    if args.image is not None:
+        load_image(args.image)  # readable?
     if args.end_image:
         load_image(args.end_image)
     out = Path(args.out)
@@ -59,25 +66,53 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    validate(args)
-    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
-    from tqdm import tqdm
+    if args.sequence_parallel > 1 or args.cfg_parallel:  # several worker processes (commands/parallel.py)
+        from framepack_rt.commands.parallel import run_parallel
 
+        return run_parallel(args, args.sequence_parallel, args.cfg_parallel, args.device, args.parallel_timeout)
+    validate(args)
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     began = time.perf_counter()
     pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_vram=args.low_vram,
                                              memory_budget_gb=args.memory_budget_gb, quantize=args.quantize,
                                              compile=args.compile)
+    frames_written = write_video(pipe, args)
+    elapsed = time.perf_counter() - began
+    print(f"wrote {args.out}: {frames_written} frames ({frames_written / FPS:.2f} s at {FPS} fps) in {elapsed:.1f} s")
+    return 0
+
+
+def write_video(pipe, args: argparse.Namespace) -> int:
+    """What ``generate`` does with a loaded pipeline (one process, or rank 0 of several): sample, decode, write
+    the MP4; returns the frames written."""
+    from tqdm import tqdm
+
+    schedule = parse_prompt_schedule(args.prompt_schedule) if args.prompt_schedule else None
+    image, prompt = args.image, args.prompt
+    if image is None:
+        if pipe.example is None:
+            raise ValueError(f"model {args.model!r} has no example start: pass --image")
+        image, example_prompt = pipe.example
+        if prompt is None and schedule is None:
+            prompt = example_prompt
     steps = args.steps or pipe.default_steps
     sections = num_sections(args.seconds, args.window)
+    frames = video_frames_for_latents(sections * args.window + 1)
+    print(f"--seconds {args.seconds:g}: {sections} section(s) of {args.window} latents, {frames} frames "
+          f"({frames / FPS:.2f} s at {FPS} fps; video comes in whole sections)", file=sys.stderr)
+    if schedule is not None:
+        late = [change for change in schedule if change.seconds >= frames / FPS]
+        if late:
+            print(f"warning: --prompt-schedule entries at {', '.join(f'{c.seconds:g}' for c in late)} s start after "
+                  f"the video ends ({frames / FPS:.2f} s) and are not used", file=sys.stderr)
     bar = tqdm(total=sections * steps, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def on_step(progress) -> None:
         bar.set_description(f"section {progress.section + 1}/{sections}")
         bar.update(1)
 
-    stream = pipe.stream(args.image, args.prompt or schedule[0].prompt, seed=args.seed, steps=steps,
+    stream = pipe.stream(image, prompt or schedule[0].prompt, seed=args.seed, steps=steps,
                          window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
                          end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
                          guidance=pipe.guidance(args.cfg))
@@ -92,6 +127,4 @@ def run(args: argparse.Namespace) -> int:
             writer.write(frames)
         frames_written = writer.frames_written
     bar.close()
-    elapsed = time.perf_counter() - began
-    print(f"wrote {args.out}: {frames_written} frames ({frames_written / FPS:.2f} s at {FPS} fps) in {elapsed:.1f} s")
-    return 0
+    return frames_written

@@ -119,7 +119,10 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The whole model's weights on the CPU (gathered on every rank for FSDP; names without wrappers)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Offloading gathered CPU parameters to the CPU again crashes torch 2.13's FSDP at world size 2 (a segfault
+    # cloning in its state-dict hook): on the CPU the gathered tensors already are where they should be.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=not on_cpu))
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict,

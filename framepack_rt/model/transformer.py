@@ -402,14 +402,17 @@ class FramePackTransformer(nn.Module):
 
     def _step_output(self, plan: StepPlan, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """The output head on the noisy tokens: the velocity (B, 16, T, H, W)."""
-        tokens = tokens[:, -plan.noisy_len :]
+        patches = self.output_head(plan, tokens[:, -plan.noisy_len :], temb)
+        return unpatchify(patches, plan.frames, plan.height, plan.width, self.config)
+
+    def output_head(self, plan: StepPlan, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """norm_out and proj_out on video tokens (B, L, C) -> patches (B, L, pt*p*p*16), token by token (so a
+        sequence-parallel step runs it on its shard: model/parallel.py)."""
         if plan.head_fp32 is not None:
             norm_w, norm_b, proj_w, proj_b = plan.head_fp32
             tokens = self.norm_out.modulated(tokens.float(), F.linear(F.silu(temb.float()), norm_w, norm_b))
-            tokens = F.linear(tokens, proj_w, proj_b)
-        else:
-            tokens = self.proj_out(self.norm_out(tokens, temb))
-        return unpatchify(tokens, plan.frames, plan.height, plan.width, self.config)
+            return F.linear(tokens, proj_w, proj_b)
+        return self.proj_out(self.norm_out(tokens, temb))
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(

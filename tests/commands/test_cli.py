@@ -139,3 +139,25 @@ def test_info_memory_plan_too_small_is_one_line(capsys):
                  "--memory-budget-gb", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("framepack-rt info:") and len(err.strip().splitlines()) == 1
+
+
+def test_generate_without_image_uses_the_models_example_start(tmp_path, capsys):
+    """The demo model carries its example (a red ball, "a red ball moves right"): no --image, no --prompt."""
+    out = tmp_path / "example.mp4"
+    assert main(["generate", "--model", "demo", "--seconds", "1", "--steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "--seconds 1: 1 section(s) of 9 latents, 37 frames (1.23 s at 30 fps" in err
+    assert decoded_frames(out) == 37
+
+
+def test_generate_says_which_schedule_entries_fall_past_the_end(tmp_path, image, capsys):
+    out = tmp_path / "late.mp4"
+    assert main(["generate", "--model", "tiny", "--image", str(image), "--prompt-schedule",
+                 "0:a ball rolls;0.5:the ball stops;9:never", "--seconds", "1", "--steps", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "entries at 9 s start after the video ends (1.23 s)" in err and "0.5" not in err.split("warning")[1]
+
+
+def test_a_model_without_an_example_needs_an_image(tmp_path, capsys):
+    assert main(["generate", "--model", "tiny", "--prompt", "x", "--seconds", "1", "--out", str(tmp_path / "x.mp4")]) == 2
+    assert "has no example start: pass --image" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""``framepack-rt generate --sequence-parallel N [--cfg-parallel]``: one video on N worker processes.
+
+    run_parallel(args, world_size=2, cfg_parallel=False, device="cpu")   # args: generate's parsed arguments
+
+Rank 0 loads the whole pipeline, samples (its engine calls the transformer through
+:class:`~framepack_rt.engine.parallel.DistributedTransformer`), decodes and writes the MP4, exactly as
+``framepack-rt generate`` does in one process; the other ranks load only the transformer and follow. N counts
+worker processes (GPUs): every transformer call runs sequence parallel over them, or, with ``--cfg-parallel``,
+the two guidance branches run on two halves of N/2 each. ``--device cuda`` gives worker r the GPU cuda:r;
+``--device cpu`` runs gloo (tests). Under torchrun (several machines) the workers are torchrun's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from framepack_rt.engine.parallel import DistributedTransformer, ParallelWorld, follow
+from framepack_rt.pipeline.framepack_pipeline import FPS
+from framepack_rt.pipeline.parallel_launch import LaunchConfig, launch, with_transformer
+
+DEFAULT_TIMEOUT_S = 600.0  # per collective: the 13B's first section compiles and loads within it
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags ``generate`` and ``serve`` take for several workers."""
+    parser.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                        help="worker processes (one GPU each with --device cuda) for one stream: each transformer "
+                             "step is split over them by tokens (Ulysses); the heads (24) must divide by N, or "
+                             "by N/2 with --cfg-parallel (default 1: one process)")
+    parser.add_argument("--cfg-parallel", action="store_true",
+                        help="with real CFG, run the two guidance branches on two halves of the N workers")
+    parser.add_argument("--parallel-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="a worker waiting longer than this on another (dead or hung) ends the run with an error")
+
+
+def launch_device(device: str) -> str:
+    """generate's --device as the launcher takes it: "cuda" (worker r on cuda:r) or "cpu"."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda:"):
+        raise ValueError(f"--device {device}: with several workers each takes its own GPU (cuda:0 ... cuda:N-1); "
+                         "give --device cuda and choose GPUs with CUDA_VISIBLE_DEVICES")
+    return device
+
+
+def run_parallel(args: argparse.Namespace, world_size: int, cfg_parallel: bool, device: str,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+    """``generate`` (its parsed arguments) on ``world_size`` workers; rank 0 writes ``args.out``."""
+    from framepack_rt.commands.generate import validate
+
+    validate(args)
+    if args.teacache is not None:
+        raise ValueError("--teacache cannot run with --sequence-parallel / --cfg-parallel yet: leave one out")
+    if args.low_vram:
+        raise ValueError("--low-vram streams blocks on one device: with several workers each holds 1/N of the work "
+                         "but all of the weights; leave --low-vram out")
+    config = LaunchConfig(world_size, cfg_parallel, launch_device(device), timeout_s)
+    began = time.perf_counter()
+    frames = launch(generate_worker, config, args)
+    if frames is not None:  # rank 0 (under torchrun, the other ranks return None)
+        print(f"wrote {args.out}: {frames} frames ({frames / FPS:.2f} s at {FPS} fps) in "
+              f"{time.perf_counter() - began:.1f} s on {world_size} workers")
+    return 0
+
+
+def generate_worker(world: ParallelWorld, args: argparse.Namespace) -> int | None:
+    """One worker: rank 0 generates and writes (returns the frame count), the others follow (return None)."""
+    from framepack_rt.model.parallel import check_world
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+    pipe = FramePackPipeline.from_pretrained(args.model, device=world.device, dtype=args.dtype,
+                                             quantize=args.quantize, compile=args.compile)
+    transformer = pipe.parts.transformer()
+    check_world(transformer.config.num_attention_heads, world.sp_size)
+    if world.rank != 0:
+        follow(transformer, world)
+        return None
+    from framepack_rt.commands.generate import write_video
+
+    with DistributedTransformer(transformer, world) as proxy:
+        return write_video(with_transformer(pipe, proxy), args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """generate's flags and the parallel ones (added once: generate may already carry them)."""
+    from framepack_rt.commands import generate
+    from framepack_rt.stream import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="python -m framepack_rt.commands.parallel",
+                                     description="framepack-rt generate on several worker processes")
+    generate.add_arguments(parser, DEFAULT_MODEL)
+    if not any(action.dest == "sequence_parallel" for action in parser._actions):
+        add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m framepack_rt.commands.parallel --sequence-parallel N [--cfg-parallel] <generate's flags>``
+    (also under torchrun), until ``framepack-rt generate`` takes the flags itself."""
+    from framepack_rt.pipeline.parallel_launch import WorkerFailed
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run_parallel(args, args.sequence_parallel, args.cfg_parallel, args.device, args.parallel_timeout)
+    except ValueError as exc:
+        print(f"framepack-rt generate: {exc}", file=sys.stderr)
+        return 2
+    except WorkerFailed as exc:
+        print(f"framepack-rt generate: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Generation on several worker processes (framepack_rt/commands/parallel.py through the launcher): a gloo world
+of 2 on the CPU writes the video one process writes, sequence parallel and with CFG parallel; what cannot work
+is refused before any worker starts."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+RUN_TIMEOUT = 300  # seconds per parallel run: about 40 s on a loaded 2-core machine, most of it process start
+
+
+@pytest.fixture(scope="module")
+def start_image(tmp_path_factory):
+    path = tmp_path_factory.mktemp("parallel") / "start.png"
+    img = np.full((64, 64, 3), 30, np.uint8)
+    img[24:40, 8:24] = (220, 40, 40)
+    Image.fromarray(img).save(path)
+    return path
+
+
+def frames_of(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def run_parallel_cli(*args: str) -> subprocess.CompletedProcess:
+    """``python -m framepack_rt.commands.parallel ...`` in its own session: killed, workers included, on timeout."""
+    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.commands.parallel", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the parallel run did not finish within {RUN_TIMEOUT} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("mode, flags", [("f1", ["--sequence-parallel", "2"]),
+                                         ("inverted", ["--sequence-parallel", "2", "--cfg-parallel"])],
+                         ids=["sequence_parallel_2_f1", "cfg_parallel_2_inverted"])
+def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags):
+    from framepack_rt.commands.cli import main
+
+    common = ["--model", "tiny", "--device", "cpu", "--image", str(start_image), "--prompt", "a red ball moves right",
+              "--seconds", "2.5", "--mode", mode, "--cfg", "2", "--seed", "3"]
+    assert main(["generate", *common, "--out", str(tmp_path / "one.mp4")]) == 0
+    done = run_parallel_cli(*common, *flags, "--out", str(tmp_path / "two.mp4"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on 2 workers" in done.stdout
+    one, two = frames_of(tmp_path / "one.mp4"), frames_of(tmp_path / "two.mp4")
+    assert one.shape == two.shape and one.shape[0] > 37  # more than one section
+    diff = np.abs(one.astype(np.float64) - two).mean()
+    assert diff <= 0.5, f"mean |diff| {diff:.3f}/255 against one process"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sequence-parallel", "3", "--cfg-parallel"], "even number"),
+    (["--sequence-parallel", "2", "--teacache", "0.1"], "--teacache cannot run"),
+    (["--sequence-parallel", "2", "--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
+])
+def test_impossible_layouts_are_refused_before_any_worker_starts(tmp_path, start_image, capsys, flags, message):
+    from framepack_rt.commands.parallel import main
+
+    argv = ["--model", "tiny", "--image", str(start_image), "--prompt", "a ball", "--seconds", "1",
+            "--out", str(tmp_path / "x.mp4"), *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_heads_that_do_not_split_are_refused():
+    from framepack_rt.pipeline.parallel_launch import LaunchConfig
+
+    with pytest.raises(ValueError, match="1, 2 ranks"):
+        LaunchConfig(4, num_heads=2).validate()
+    LaunchConfig(4, cfg_parallel=True, num_heads=2).validate()  # two halves of 2: the tiny model's 2 heads split
