@@ -1,6 +1,15 @@
-"""Shared fixtures. Tests run on the CPU; nothing here touches CUDA."""
+"""Shared fixtures. Tests run on the CPU; nothing here touches CUDA.
+
+Triton's CPU interpreter is switched on here, before anything imports triton: ``triton.jit`` reads
+TRITON_INTERPRET when a kernel is defined, and tests outside tests/kernels (the engine's, doctor's, the
+demo's) may import a kernel module first. On this CPU-only suite the interpreter is the only way the kernels
+run (tests/kernels/test_compile_sm90.py compiles for real in subprocesses that drop the variable)."""
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses
 from typing import Callable
