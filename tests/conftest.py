@@ -11,11 +11,13 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import dataclasses
-from typing import Callable
+import dataclasses  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+from typing import Callable  # noqa: E402
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Frame-index layouts of the two released samplers (window 9), as the model receives them.
 LAYOUTS = {
@@ -149,3 +151,24 @@ def launch_serve():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _run_in_own_session(cmd: list[str], timeout: float, *, env: dict | None = None,
+                        merge_stderr: bool = True) -> subprocess.CompletedProcess:
+    """``cmd`` in its own session (multi-process worlds: torchrun, spawned workers); the test fails, and the
+    process group is killed with everything it spawned, if it outlives ``timeout`` seconds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ... did not finish within {timeout} s:\n{(err or out)[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err or "")
+
+
+@pytest.fixture(scope="session")
+def run_bounded() -> Callable[..., subprocess.CompletedProcess]:
+    """run_bounded(cmd, timeout, env=None, merge_stderr=True) -> CompletedProcess: see _run_in_own_session."""
+    return _run_in_own_session

@@ -4,8 +4,6 @@ is refused before any worker starts."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 
@@ -31,29 +29,22 @@ def frames_of(path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def run_parallel_cli(*args: str) -> subprocess.CompletedProcess:
-    """``python -m framepack_rt.commands.parallel ...`` in its own session: killed, workers included, on timeout."""
-    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.commands.parallel", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the parallel run did not finish within {RUN_TIMEOUT} s:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+def run_parallel_cli(run_bounded, *args: str) -> subprocess.CompletedProcess:
+    """``framepack-rt generate --sequence-parallel ...`` in its own session: killed, workers included, on timeout."""
+    return run_bounded([sys.executable, "-m", "framepack_rt.commands.cli", "generate", *args], RUN_TIMEOUT,
+                       merge_stderr=False)
 
 
 @pytest.mark.parametrize("mode, flags", [("f1", ["--sequence-parallel", "2"]),
                                          ("inverted", ["--sequence-parallel", "2", "--cfg-parallel"])],
                          ids=["sequence_parallel_2_f1", "cfg_parallel_2_inverted"])
-def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags):
+def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags, run_bounded):
     from framepack_rt.commands.cli import main
 
     common = ["--model", "tiny", "--device", "cpu", "--image", str(start_image), "--prompt", "a red ball moves right",
               "--seconds", "2.5", "--mode", mode, "--cfg", "2", "--seed", "3"]
     assert main(["generate", *common, "--out", str(tmp_path / "one.mp4")]) == 0
-    done = run_parallel_cli(*common, *flags, "--out", str(tmp_path / "two.mp4"))
+    done = run_parallel_cli(run_bounded, *common, *flags, "--out", str(tmp_path / "two.mp4"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 workers" in done.stdout
     one, two = frames_of(tmp_path / "one.mp4"), frames_of(tmp_path / "two.mp4")

@@ -279,31 +279,20 @@ def test_vae_stage_trains_and_sets_the_scaling_factor(tmp_path):
 FSDP_TIMEOUT = 300  # seconds per torchrun of 2 ranks (about 20 s on an idle 2-core machine)
 
 
-def _torchrun_2(tmp_path, *flags: str) -> None:
+def _torchrun_2(run_bounded, tmp_path, *flags: str) -> None:
     """``torchrun --nproc-per-node 2 -m framepack_rt.demo.train transformer --fsdp ...`` on 127.0.0.1, in its own
     session: killed with its workers if it outlives FSDP_TIMEOUT."""
-    import os
-    import signal
-    import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(_free_port()), "-m", "framepack_rt.demo.train", "transformer", "--out", str(tmp_path),
            "--tiny", "--batch", "2", "--warmup", "2", "--log-every", "1", "--save-every", "2", "--device", "cpu",
            "--ema", "0", "--fsdp", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=FSDP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun with 2 ranks did not finish within {FSDP_TIMEOUT} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    done = run_bounded(cmd, FSDP_TIMEOUT, env={"GLOO_SOCKET_IFNAME": "lo", "PYTHONWARNINGS": "ignore"})
+    assert done.returncode == 0, done.stdout[-3000:]
 
 
-def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path):
+def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path, run_bounded):
     """FSDP at world size 2 on gloo (each rank writes its own checkpoint shard): 2 steps, a sharded save, a
     resume and a third step give the weights one process gets from 3 steps with --accumulate 2 (the same windows
     and noise: micro-batch i is drawn as rank i draws it), within fp32 reduction order."""
@@ -313,11 +302,11 @@ def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path):
     for folder in (two, one):
         folder.mkdir()
         _tiny_cache(folder)
-    _torchrun_2(two, "--steps", "2")
+    _torchrun_2(run_bounded, two, "--steps", "2")
     assert (two / "transformer_ckpt" / "sharded").is_dir()
     shards = sorted(p.name for p in (two / "transformer_ckpt" / "sharded").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote its own shard
-    _torchrun_2(two, "--steps", "3")  # resumes at step 3 from the sharded checkpoint
+    _torchrun_2(run_bounded, two, "--steps", "3")  # resumes at step 3 from the sharded checkpoint
     assert [r["step"] for r in _log(two)] == [1, 2, 3]
     T.train_transformer(_args(one, "--steps", "3", "--accumulate", "2", "--ema", "0"))
     sharded = FramePackTransformer.from_pretrained(two / "transformer").state_dict()

@@ -6,9 +6,6 @@ error, with and without a supervising parent."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,18 +16,11 @@ SCRIPT = Path(__file__).with_name("parallel_world.py")
 WORLD_TIMEOUT = 240  # seconds per script (about 25 s on an idle 2-core machine)
 
 
-def run_script(*args: str) -> str:
+def run_script(run_bounded, *args: str) -> str:
     """The script in its own session; it and everything it spawned are killed if it outlives WORLD_TIMEOUT."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        out, _ = proc.communicate(timeout=WORLD_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"{SCRIPT.name} {args[0]} hung for {WORLD_TIMEOUT} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
-    return out
+    done = run_bounded([sys.executable, str(SCRIPT), *args], WORLD_TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    return done.stdout
 
 
 def script_module():
@@ -49,9 +39,9 @@ def one_process():
 
 
 @pytest.fixture(scope="module")
-def parallel(tmp_path_factory):
+def parallel(tmp_path_factory, run_bounded):
     out = tmp_path_factory.mktemp("equal")
-    run_script("equal", str(out))
+    run_script(run_bounded, "equal", str(out))
     return torch.load(out / "equal.pt")
 
 
@@ -66,8 +56,8 @@ def test_parallel_sections_equal_batched_cfg_in_one_process(parallel, one_proces
         assert err <= 1e-4, f"section {k}: max |diff| {err:.2e} after {a.shape} latents were sampled"
 
 
-def test_a_dead_worker_ends_the_run_with_an_error(tmp_path):
-    run_script("die", str(tmp_path))
+def test_a_dead_worker_ends_the_run_with_an_error(tmp_path, run_bounded):
+    run_script(run_bounded, "die", str(tmp_path))
     seen = torch.load(tmp_path / "die.pt")
     # Supervised (launch() spawned the workers): the parent stops the others and names the worker.
     assert "worker 1 of 2 died (exit code 3)" in seen["supervised"]

@@ -5,10 +5,7 @@ ragged CFG batches; the shard layout reassembles the joint sequence for any worl
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -37,19 +34,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """A script in its own session, killed with everything it spawned if it outlives ``timeout``."""
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"the spawned world did not finish within {timeout} s:\n{out[-3000:]}")
-    return subprocess.CompletedProcess(args, proc.returncode, out, "")
-
-
 def config_for(fp32_head: bool) -> FramePackConfig:
     return dataclasses.replace(FramePackConfig.preset("tiny"), fp32_output_head=fp32_head)
 
@@ -60,7 +44,7 @@ def _inputs(make_inputs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def sp_world(tmp_path_factory):
+def sp_world(tmp_path_factory, run_bounded):
     """run(cases) -> each rank's results: the world runs once per module, on the first test's inputs (the
     inputs are seeded, so every test builds the same ones)."""
     state = {}
@@ -70,7 +54,8 @@ def sp_world(tmp_path_factory):
             tmp = tmp_path_factory.mktemp("sp")
             torch.save(cases, tmp / "inputs.pt")
             script = Path(__file__).with_name("sp_world.py")
-            done = run_script([str(script), str(tmp / "inputs.pt"), str(tmp), "2", str(free_port())], WORLD_TIMEOUT)
+            done = run_bounded([sys.executable, str(script), str(tmp / "inputs.pt"), str(tmp), "2", str(free_port())],
+                               WORLD_TIMEOUT)
             assert done.returncode == 0, done.stdout[-3000:]
             state["results"] = [torch.load(tmp / f"rank{r}.pt") for r in range(2)]
         return state["results"]
