@@ -32,28 +32,14 @@ def random_model(quantize: str | None, preset: str = "framepack-13b"):
     import torch
 
     from framepack_rt import FramePackTransformer
-    from framepack_rt.model.layers import RMSNorm
-    from framepack_rt.model.quantize import FP8_MAX, Fp8Linear, quantize_blocks
+    from framepack_rt.kernels import bench
+    from framepack_rt.model.quantize import quantize_blocks
 
     model = FramePackTransformer.from_config(preset, dtype=torch.bfloat16, device="meta")
     if quantize:
         quantize_blocks(model, quantize)  # on the meta device: the layer types and shapes, no data
     model = model.to_empty(device="cpu").eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Fp8Linear):
-                fan_in = module.in_features
-                module.weight.copy_((torch.randn(module.weight.shape, generator=g) * FP8_MAX / 4).to(module.weight.dtype))
-                module.weight_scale.fill_(4 / FP8_MAX * fan_in**-0.5)
-        for param in model.parameters():  # the fp8 weights are buffers: untouched here
-            if param.ndim >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=g)
-            else:
-                param.zero_()
-        for module in model.modules():
-            if isinstance(module, (RMSNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.fill_(1.0)
+    bench.init_random_weights(model, torch.Generator().manual_seed(0))
     return model
 
 

@@ -31,20 +31,11 @@ def random_model(preset: str = "framepack-13b", device: str = "cuda"):
     import torch
 
     from framepack_rt import FramePackTransformer
-    from framepack_rt.model.layers import RMSNorm
+    from framepack_rt.kernels import bench
 
     model = FramePackTransformer.from_config(preset, dtype=torch.bfloat16, device="meta")
     model = model.to_empty(device=device).eval()
-    g = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5, generator=g)
-            else:
-                param.zero_()
-        for module in model.modules():
-            if isinstance(module, (RMSNorm, torch.nn.LayerNorm)) and module.weight is not None:
-                module.weight.fill_(1.0)
+    bench.init_random_weights(model, torch.Generator(device=device).manual_seed(0))
     return model
 
 

@@ -92,3 +92,27 @@ def write_json(script_file: str, path: str | None, payload: dict) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(payload, indent=1))
     print(f"wrote {target}")
+
+
+def init_random_weights(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+    """Random weights for benchmarks, in place on the model's (already materialized) device: matrices
+    ~ N(0, 1/fan_in), norm weights 1, other vectors 0; fp8 linears (model/quantize.py) drawn directly in the
+    fp8 range with the matching scale. One draw order, so every benchmark gets the same weights for a seed."""
+    from framepack_rt.model.layers import RMSNorm
+    from framepack_rt.model.quantize import FP8_MAX, Fp8Linear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Fp8Linear):
+                draw = torch.randn(module.weight.shape, generator=generator, device=generator.device)
+                module.weight.copy_((draw * FP8_MAX / 4).to(module.weight.dtype))
+                module.weight_scale.fill_(4 / FP8_MAX * module.in_features**-0.5)
+        for param in model.parameters():  # fp8 weights are buffers: untouched here
+            if param.ndim >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5, generator=generator)
+            else:
+                param.zero_()
+        for module in model.modules():
+            if isinstance(module, (RMSNorm, torch.nn.LayerNorm)) and module.weight is not None:
+                module.weight.fill_(1.0)
+    return model
