@@ -223,33 +223,35 @@ class SectionGenerator:
     def _latent_shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.schedule.window, self.height, self.width)
 
-    def _velocity_fn(self, context: ContextInputs, caches: dict[str, TeaCache]):
-        """One model call per branch and step; each branch's StepPlan is prepared once, at its first step."""
+    def _branch_plans(self, context: ContextInputs):
+        """plan(branch, batch): each guidance branch's StepPlan, prepared once, at its first step."""
         model, context_kwargs, plans = self.model, context.as_kwargs(), {}
 
-        def velocity(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, branch) -> torch.Tensor:
+        def plan(branch, batch: int):
             name, cond = branch
             if name not in plans:
-                plans[name] = model.prepare(
-                    self._latent_shape(x.shape[0]), cond.text, cond.text_mask, cond.pooled, cond.image_embeds,
-                    **context_kwargs,
-                )
-            return model.step(plans[name], x, timestep, guidance, step_cache=caches.get(name))
+                plans[name] = model.prepare(self._latent_shape(batch), cond.text, cond.text_mask, cond.pooled,
+                                            cond.image_embeds, **context_kwargs)
+            return plans[name]
+
+        return plan
+
+    def _velocity_fn(self, context: ContextInputs, caches: dict[str, TeaCache]):
+        """One model call per branch and step."""
+        model, plan = self.model, self._branch_plans(context)
+
+        def velocity(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, branch) -> torch.Tensor:
+            return model.step(plan(branch, x.shape[0]), x, timestep, guidance, step_cache=caches.get(branch[0]))
 
         return velocity
 
     def _branched_velocity_fn(self, context: ContextInputs, caches: dict[str, TeaCache]):
         """CFG with TeaCache: both branches in one step_branches call, each with its own cache (each block runs
         for both branches before the next: in low-VRAM mode a streamed block is copied in once per step)."""
-        model, context_kwargs, plans = self.model, context.as_kwargs(), {}
+        model, plan = self.model, self._branch_plans(context)
 
         def pair(x: torch.Tensor, timestep: torch.Tensor, guidance: torch.Tensor, pos, neg):
-            branches = []
-            for name, cond in (pos, neg):
-                if name not in plans:
-                    plans[name] = model.prepare(self._latent_shape(x.shape[0]), cond.text, cond.text_mask,
-                                                cond.pooled, cond.image_embeds, **context_kwargs)
-                branches.append(StepBranch(plans[name], x, timestep, guidance, caches[name]))
+            branches = [StepBranch(plan(b, x.shape[0]), x, timestep, guidance, caches[b[0]]) for b in (pos, neg)]
             return tuple(model.step_branches(branches))
 
         return pair
