@@ -89,3 +89,10 @@ class RejectionLog:
         more = f" ({self.left_out} more rejections not logged)" if self.left_out else ""
         self.left_out = 0
         self.log.warning("rejected %s from %s%s%s", reason, client or "?", f": {what}" if what else "", more)
+
+    def flush(self) -> None:
+        """Log the tally of rejections left out since the last line, if any (the server calls this every
+        second and at shutdown, so that the last burst of a flood is counted even when nothing follows it)."""
+        if self.left_out:
+            self.log.warning("%d more rejections not logged", self.left_out)
+            self.left_out = 0

@@ -212,6 +212,7 @@ class StreamServer:
         self.app = self._build_app()
         self.url: str | None = None
         self._runner: web.AppRunner | None = None
+        self._log_flusher: asyncio.Task | None = None
         self._default_png: bytes | None = None
         self._ice_servers = ice.ice_servers(self.settings.ice_servers, self.settings.turn_username,
                                             self.settings.turn_credential)
@@ -271,11 +272,20 @@ class StreamServer:
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host
         shown = f"[{shown}]" if ":" in shown else shown
         self.url = f"http://{shown}:{bound_port}/"
+        self._log_flusher = asyncio.get_running_loop().create_task(self._flush_rejections())
         return self.url
+
+    async def _flush_rejections(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            self.rejections.flush()
 
     async def stop(self) -> None:
         """Close every session (hanging up on viewers), stop listening, end the worker threads."""
         self._stopping = True
+        if self._log_flusher is not None:
+            self._log_flusher.cancel()
+        self.rejections.flush()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*(s.close("the server is shutting down") for s in list(self.sessions.values())),
