@@ -227,7 +227,10 @@ def _tiny_sizes() -> dict[str, tuple[int, int, str]]:
             for name in memory.WEIGHT_PARTS}
 
 
-def memory_estimate(spec: str, placement: Placement, low_vram: bool, budget_gb: float | None) -> Section:
+def memory_estimate(spec: str, placement: Placement, low_vram: bool, budget_gb: float | None,
+                    quantize: str | None = None) -> Section:
+    """What the model needs on the device, planned at the release's largest bucket (640x640, window 9) for
+    folders and the 13B preset; the tiny model with the flat margin."""
     from framepack_rt.model.transformer import FramePackTransformer
     from framepack_rt.pipeline.model_folders import MissingModelPart, resolve_model_paths
 
@@ -240,7 +243,9 @@ def memory_estimate(spec: str, placement: Placement, low_vram: bool, budget_gb: 
         sizes = {"transformer": memory.count_module(meta, "meta-device model of the preset")}
         notes.append("the transformer only: encoders and VAE are counted from a model folder (--model PATH)")
         estimate = memory.estimate_parts(sizes, placement, low_vram=low_vram, budget_bytes=budget,
-                                         min_budget_bytes=memory.min_budget_for(meta, placement.compute_dtype))
+                                         min_budget_bytes=memory.min_budget_for(meta, placement.compute_dtype),
+                                         plan_inputs=memory.PlanInputs(meta.config, quantize=quantize,
+                                                                       vae_channels=None))
     else:
         root = builtin.demo_weights_dir() if spec == "demo" else spec
         try:
@@ -248,7 +253,8 @@ def memory_estimate(spec: str, placement: Placement, low_vram: bool, budget_gb: 
         except MissingModelPart:
             folders = {"transformer": steps.transformer_folder(spec)}
             notes.append("only the transformer was found there: the encoders and VAE are not counted")
-        estimate = memory.estimate_folders(folders, placement, low_vram=low_vram, budget_bytes=budget)
+        estimate = memory.estimate_folders(folders, placement, low_vram=low_vram, budget_bytes=budget,
+                                           quantize=quantize)
     estimate = memory.with_free_memory(estimate)
     section: Section = {"status": "ok", "summary": estimate.summary(), **estimate.to_json()}
     section["notes"] = [*section["notes"], *notes]
@@ -282,7 +288,7 @@ def diagnose(spec: str, placement: Placement, *, low_vram: bool = False, memory_
     report["kernels"] = _run_section(lambda: kernels(placement, config))
     report["attention"] = _run_section(lambda: attention(placement, config, shapes))
     report["step"] = _run_section(lambda: step(spec, placement, config, shapes, quantize, compile))
-    report["memory"] = _run_section(lambda: memory_estimate(spec, placement, low_vram, memory_budget_gb))
+    report["memory"] = _run_section(lambda: memory_estimate(spec, placement, low_vram, memory_budget_gb, quantize))
     return report
 
 

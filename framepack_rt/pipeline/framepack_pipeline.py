@@ -223,7 +223,8 @@ class FramePackPipeline:
         for small test models). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
         ``compile``: torch.compile each transformer block (compiled at the first step)."""
         from framepack_rt.pipeline.devices import check_memory_flags, fp32_only, resolve_placement
-        from framepack_rt.pipeline.memory import DEFAULT_BUDGET_GB, GiB, ensure_fits, estimate_folders
+        from framepack_rt.pipeline.memory import (DEFAULT_BUDGET_GB, GiB, InsufficientMemory, ensure_fits,
+                                                   estimate_folders)
         from framepack_rt.pipeline.model_folders import resolve_model_paths
         from framepack_rt.pipeline.parts import FolderParts, TinyParts, TransformerOptions
 
@@ -244,10 +245,18 @@ class FramePackPipeline:
             settings["example"] = example
         paths = resolve_model_paths(*roots, **part_paths)
         budget = int((memory_budget_gb or DEFAULT_BUDGET_GB) * GiB) if low_vram else None
+        # Planned at the largest bucket the pipeline will run; in low-VRAM mode the plan also splits the budget
+        # (the blocks get what the activations, VAE and workspace leave) and places the encoders.
+        largest = max(BUCKET_SETS[settings["buckets"]], key=lambda hw: hw[0] * hw[1])
+        estimate = estimate_folders(asdict(paths), placement, low_vram=low_vram, budget_bytes=budget,
+                                    quantize=quantize, frame=largest)
         if check_memory:
-            ensure_fits(estimate_folders(asdict(paths), placement, low_vram=low_vram, budget_bytes=budget))
+            estimate = ensure_fits(estimate)
+        elif estimate.plan_error is not None:
+            raise InsufficientMemory(estimate.plan_error)
         parts = FolderParts(paths, device=placement.device, dtype=placement.dtype, low_vram=low_vram,
-                            budget_bytes=budget, options=options)
+                            budget_bytes=estimate.streamer_budget_bytes, options=options,
+                            encoders_on_cpu=estimate.encoders_on_cpu)
         return cls(parts, placement=placement, **settings)
 
     def guidance(self, cfg: float | None = None) -> GuidanceConfig:

@@ -118,8 +118,11 @@ class ModelLoader:
     """
 
     def __init__(self, paths: ModelPaths, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 spatial_tiling: bool = False) -> None:
+                 spatial_tiling: bool = False, encoder_device: torch.device | None = None) -> None:
+        """encoder_device: where the three encoders run (None: ``device``). On the CPU beside a GPU they keep
+        the GPU's dtype (an 8 B LLaMA in fp32 would double its host RAM)."""
         self.paths, self.device, self.dtype, self.spatial_tiling = paths, torch.device(device), dtype, spatial_tiling
+        self.encoder_device = self.device if encoder_device is None else torch.device(encoder_device)
 
     def _dtype(self, gpu_default: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
         if dtype is not None or self.dtype is not None:
@@ -133,24 +136,32 @@ class ModelLoader:
             return self._dtype(torch.float32, dtype)
         return self._dtype(part_dtype(part, self.device), None)
 
+    def _encoder_dtype(self, part: str, dtype: torch.dtype | None) -> torch.dtype:
+        chosen = self.dtype_for(part, dtype)
+        # fp16 kernels on the CPU are slow or missing; bf16 has the same size and a wider range
+        moved = self.encoder_device.type == "cpu" and self.device.type != "cpu"
+        return torch.bfloat16 if moved and chosen == torch.float16 else chosen
+
     def text_encoder(self, dtype: torch.dtype | None = None):
         """LLaMA features: framepack_rt.pipeline.encoders.TextEncoder (fp16 on CUDA, as released)."""
         from framepack_rt.pipeline.encoders import TextEncoder
 
-        return TextEncoder.from_pretrained(self.paths.text_encoder, self.paths.tokenizer, device=self.device,
-                                           dtype=self.dtype_for("text_encoder", dtype))
+        return TextEncoder.from_pretrained(self.paths.text_encoder, self.paths.tokenizer, device=self.encoder_device,
+                                           dtype=self._encoder_dtype("text_encoder", dtype))
 
     def clip_text_encoder(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.encoders import CLIPTextEncoder
 
         return CLIPTextEncoder.from_pretrained(self.paths.text_encoder_2, self.paths.tokenizer_2,
-                                               device=self.device, dtype=self.dtype_for("text_encoder_2", dtype))
+                                               device=self.encoder_device,
+                                               dtype=self._encoder_dtype("text_encoder_2", dtype))
 
     def image_encoder(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.encoders import ImageEncoder
 
         return ImageEncoder.from_pretrained(self.paths.image_encoder, self.paths.feature_extractor,
-                                            device=self.device, dtype=self.dtype_for("image_encoder", dtype))
+                                            device=self.encoder_device,
+                                            dtype=self._encoder_dtype("image_encoder", dtype))
 
     def vae(self, dtype: torch.dtype | None = None):
         from framepack_rt.pipeline.vae import VideoVAE

@@ -81,13 +81,17 @@ class FolderParts:
     """Parts read from local folders in the published layouts (framepack_rt.pipeline.model_folders)."""
 
     def __init__(self, paths: ModelPaths, *, device: torch.device | str, dtype: torch.dtype | None,
-                 low_vram: bool, budget_bytes: int | None, options: TransformerOptions = TransformerOptions()) -> None:
+                 low_vram: bool, budget_bytes: int | None, options: TransformerOptions = TransformerOptions(),
+                 encoders_on_cpu: bool = False) -> None:
         """paths: the parts' folders (model_folders.resolve_model_paths); dtype None: each part's default on
-        the device (devices.part_dtype)."""
+        the device (devices.part_dtype). budget_bytes: low-VRAM mode's weight budget for the transformer's
+        blocks (memory.MemoryEstimate.streamer_budget_bytes). encoders_on_cpu: run the encoders on the CPU (low-VRAM
+        mode when the largest does not fit the budget beside the rest); their outputs move to the device."""
         from framepack_rt.pipeline.model_folders import ModelLoader
 
         self.device = torch.device(device)
-        self.loader = ModelLoader(paths, device=self.device, dtype=dtype, spatial_tiling=low_vram)
+        self.loader = ModelLoader(paths, device=self.device, dtype=dtype, spatial_tiling=low_vram,
+                                  encoder_device=torch.device("cpu") if encoders_on_cpu else None)
         self.low_vram, self.budget_bytes, self.options = low_vram, budget_bytes, options
         self._loaded: dict[str, object] = {}
         self._transformer = None

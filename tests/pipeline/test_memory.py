@@ -54,7 +54,10 @@ def test_counts_the_released_sizes_on_the_meta_device(cpu_fp32):
     assert transformer.nbytes == 4 * TRANSFORMER_13B  # 51.5 GB: the out-of-memory kill
     assert llama.numel == LLAMA_3_8B_BODY + 128  # + the rotary inv_freq buffers (64 + 64)
     assert all(p.counted_by == "meta-device model from config.json" for p in cpu_fp32.parts)
-    assert cpu_fp32.needed_bytes == cpu_fp32.weights_bytes + memory.margin_bytes(cpu_fp32.weights_bytes)
+    # On top of the weights: the plan's worst phase at 640x640 (here the VAE's whole-frame decode in fp32)
+    plan = cpu_fp32.plan
+    assert (plan.height, plan.width, plan.window, plan.workspace) == (640, 640, 9, 0)  # no cuBLAS workspace on a CPU
+    assert cpu_fp32.needed_bytes == cpu_fp32.weights_bytes + max(plan.step_bytes, plan.vae_decode)
     assert 80e9 < cpu_fp32.weights_bytes < 90e9
 
 
@@ -85,8 +88,8 @@ def test_cpu_fp32_too_big_names_bf16(cpu_fp32):
         ensure_fits(replace(cpu_fp32, free_bytes=60 * GiB, host_free_bytes=60 * GiB))
     line = str(err.value)
     assert len(line.splitlines()) == 1
-    assert re.search(r"needs 8\d\.\d GiB on cpu", line) and "60.0 GiB free" in line
-    assert "use --dtype bf16 (needs 4" in line
+    assert re.search(r"needs 1\d\d\.\d GiB on cpu", line) and "60.0 GiB free" in line
+    assert "use --dtype bf16 (needs 5" in line
 
 
 def _suggested_budget(line: str) -> float:
@@ -106,21 +109,43 @@ def test_a_smaller_gpu_gets_a_low_vram_budget_that_fits(release_configs, free_gi
     low = estimate_folders(release_configs, placement, low_vram=True, budget_bytes=int(budget * GiB))
     assert low.needed_bytes <= free_gib * GiB  # the suggestion really fits
     assert ensure_fits(replace(low, free_bytes=free_gib * GiB, host_free_bytes=64 * GiB)).fits()
-    bigger = estimate_folders(release_configs, placement, low_vram=True, budget_bytes=int((budget + 0.2) * GiB))
-    assert bigger.needed_bytes > free_gib * GiB or budget * GiB >= full.part("transformer").nbytes
+    # The budget is the whole card, and the plan fills it: blocks stream only while the card is nearly full
+    assert budget == free_gib
+    assert low.needed_bytes > (free_gib - 1) * GiB or not low.plan.weights.streamed_blocks
+
+
+def test_an_8_gb_gpu_runs_the_encoders_on_the_cpu(release_configs):
+    # The 8B LLaMA (14 GiB in bf16) cannot load on an 8 GiB card: low-VRAM mode runs the encoders on the CPU and
+    # gives the card to the transformer's blocks, the VAE and one step's activations.
+    placement = Placement(torch.device("cuda", 0), torch.bfloat16)
+    gpu = estimate_folders(release_configs, placement)
+    with pytest.raises(InsufficientMemory, match=r"use --low-vram --memory-budget-gb 8 \(needs 7\.\d GiB and "
+                                                 r"3\d\.\d GiB of host RAM, encoders on the CPU\)"):
+        ensure_fits(replace(gpu, free_bytes=8 * GiB, host_free_bytes=64 * GiB))
+    low = estimate_folders(release_configs, placement, low_vram=True, budget_bytes=8 * GiB)
+    assert low.encoders_on_cpu and low.needed_bytes <= 8 * GiB and low.plan.weights.streamed_blocks
+    assert low.streamer_budget_bytes == 8 * GiB - low.plan.non_weight_bytes  # the blocks get what is left
+    roomy = estimate_folders(release_configs, placement, low_vram=True, budget_bytes=24 * GiB)
+    assert not roomy.encoders_on_cpu and roomy.needed_bytes <= 24 * GiB  # the LLaMA fits beside the rest
 
 
 def test_nothing_fits_says_so(release_configs):
-    # Low-VRAM mode loads the 8B LLaMA whole while it encodes: 14 GiB in bf16 cannot fit in 8.
+    # 2 GiB cannot hold one step's activations at 640x640 beside the non-block weights and two block slots.
     gpu = estimate_folders(release_configs, Placement(torch.device("cuda", 0), torch.bfloat16))
-    with pytest.raises(InsufficientMemory, match="nothing fits, not even --low-vram in bf16"):
-        ensure_fits(replace(gpu, free_bytes=8 * GiB, host_free_bytes=64 * GiB))
+    with pytest.raises(InsufficientMemory, match=r"nothing fits: a budget of 2\.0\d? GiB cannot run this"):
+        ensure_fits(replace(gpu, free_bytes=2 * GiB, host_free_bytes=64 * GiB))
+    low = estimate_folders(release_configs, Placement(torch.device("cuda", 0), torch.bfloat16), low_vram=True,
+                           budget_bytes=2 * GiB)
+    assert low.fits() is False and "at least" in low.plan_error and low.min_budget_bytes > 2 * GiB
 
 
 def test_low_vram_host_ram(release_configs):
     low = estimate_folders(release_configs, Placement(torch.device("cuda", 0), torch.bfloat16), low_vram=True)
-    assert low.budget_bytes == int(memory.DEFAULT_BUDGET_GB * GiB) and low.host_bytes == 2 * TRANSFORMER_13B
-    with pytest.raises(InsufficientMemory, match="host RAM: it needs 24.0 GiB, 16.0 GiB is available"):
+    # The transformer's master copy and, with the encoders on the CPU at 6 GiB, the largest of them
+    llama = low.part("text_encoder").nbytes
+    assert low.budget_bytes == int(memory.DEFAULT_BUDGET_GB * GiB) and low.encoders_on_cpu
+    assert low.host_bytes == 2 * TRANSFORMER_13B + llama
+    with pytest.raises(InsufficientMemory, match="host RAM: it needs 38.0 GiB, 16.0 GiB is available"):
         ensure_fits(replace(low, free_bytes=24 * GiB, host_free_bytes=16 * GiB))
 
 
@@ -157,7 +182,37 @@ def test_free_memory_on_this_cpu():
 def test_from_pretrained_stops_before_loading(monkeypatch):
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
-    monkeypatch.setattr(memory, "host_available_bytes", lambda: 64 * 2**20)  # 64 MiB left on this "machine"
-    with pytest.raises(InsufficientMemory, match=r"needs 1\.0 GiB on cpu .*, 64\.0 MiB free"):
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 16 * 2**20)  # 16 MiB left on this "machine"
+    with pytest.raises(InsufficientMemory, match=r"needs \d+\.\d MiB on cpu .* at 64x64, window 9, 16\.0 MiB free"):
         FramePackPipeline.from_pretrained("demo", device="cpu")
     FramePackPipeline.from_pretrained("demo", device="cpu", check_memory=False)  # the check was all that stopped it
+
+
+def test_fp8_blocks_are_counted_at_one_byte(release_configs):
+    from framepack_rt.model.memory_plan import count_weights
+
+    placement = Placement(torch.device("cuda", 0), torch.bfloat16)
+    bf16 = estimate_folders(release_configs, placement)
+    fp8 = estimate_folders(release_configs, placement, quantize="fp8")
+    config = FramePackConfig.preset("framepack-13b")
+    assert fp8.part("transformer").nbytes == count_weights(config, torch.bfloat16, "fp8").total
+    assert 0.5 < fp8.part("transformer").nbytes / bf16.part("transformer").nbytes < 0.56  # ~13 GB of ~26 GB
+    assert fp8.plan.quantize == "fp8" and fp8.needed_bytes < bf16.needed_bytes - 11 * GiB
+    assert "fp8 blocks" in fp8.summary()
+    # A low-VRAM budget streams fewer bytes per step in fp8
+    low = dict(low_vram=True, budget_bytes=12 * GiB)
+    assert (estimate_folders(release_configs, placement, quantize="fp8", **low).plan.streamed_bytes
+            < estimate_folders(release_configs, placement, **low).plan.streamed_bytes)
+
+
+def test_encoders_on_the_cpu_beside_a_gpu_load_in_bf16(tmp_path):
+    from framepack_rt.pipeline.model_folders import ModelLoader, resolve_model_paths
+    from framepack_rt.pipeline.tiny_models import write_tiny_models
+
+    write_tiny_models(tmp_path)
+    paths = resolve_model_paths(tmp_path)
+    beside = ModelLoader(paths, device=torch.device("cuda", 0), encoder_device=torch.device("cpu"))  # no CUDA call
+    assert beside._encoder_dtype("text_encoder", None) == torch.bfloat16  # fp16 on the GPU; bf16 on the CPU
+    assert beside.dtype_for("vae") == torch.float16  # the VAE stays on the GPU in fp16
+    encoder = ModelLoader(paths, device="cpu", encoder_device="cpu").text_encoder()
+    assert encoder.device.type == "cpu"

@@ -128,15 +128,33 @@ def test_folder_layout_loads_through_the_real_path(tmp_path, pipe, image, low_vr
     from framepack_rt.pipeline.tiny_models import write_tiny_models
 
     write_tiny_models(tmp_path)  # same seed as the built-in tiny set
-    folder_pipe = FramePackPipeline.from_pretrained(
-        tmp_path, buckets="tiny", low_vram=low_vram, memory_budget_gb=0.001 if low_vram else None  # ~1 MiB: every tiny block streams
-    )
+    budget_gb = None
+    if low_vram:  # the budget covers everything: what the tiny model's step, decode and VAE need, + 1 MiB of weights
+        budget_gb = (_tiny_non_weight_bytes(tmp_path) + 2**20) / 2**30
+    folder_pipe = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", low_vram=low_vram,
+                                                    memory_budget_gb=budget_gb)
     if low_vram:
         folder_pipe.parts.transformer()
-        assert len(folder_pipe.parts.streamer.streamed) == 4
+        streamer = folder_pipe.parts.streamer
+        assert len(streamer.streamed) == 4  # ~1 MiB of weights: every tiny block streams
+        assert 2**20 - 64 <= streamer.budget_bytes <= 2**20
     a = next(pipe.stream(image, "a ball", steps=2, seed=3)).frames
     b = next(folder_pipe.stream(image, "a ball", steps=2, seed=3)).frames
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # fp32 reassociation at most
+
+
+def _tiny_non_weight_bytes(folder) -> int:
+    from dataclasses import asdict
+
+    from framepack_rt.pipeline.devices import Placement
+    from framepack_rt.pipeline.media import BUCKET_SETS
+    from framepack_rt.pipeline.memory import estimate_folders
+    from framepack_rt.pipeline.model_folders import resolve_model_paths
+
+    largest = max(BUCKET_SETS["tiny"], key=lambda hw: hw[0] * hw[1])
+    estimate = estimate_folders(asdict(resolve_model_paths(folder)), Placement(torch.device("cpu")), low_vram=True,
+                                budget_bytes=2**30, frame=largest)
+    return estimate.plan.non_weight_bytes
 
 
 def test_missing_part_names_the_folder(tmp_path):
