@@ -15,6 +15,10 @@ Criteria (issue 9), each measured on generated frames by tracking colours (no mo
 * drift: 60 s of F1 streaming (start frame anchored) vs vanilla (no start slot), same prompts and seeds; per
   second, the palette error (mean RGB distance of each pixel to the nearest colour of the start scene: blur,
   colour shift and noise all raise it) and the red area relative to the start frame.
+* fidelity (issue 19, demo/fidelity.py): a single red ball at a random place on a random background, from
+  seeds the other criteria never use, "moves right" for 3 sections then "moves left" for 3; per frame, is it
+  still one blob of the start colour and size, and how far does it jump between frames. Targets: >= 90% of
+  frames intact, largest jump <= 0.08 of the width.
 """
 
 from __future__ import annotations
@@ -228,7 +232,27 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
     return {"seconds": seconds, "runs": runs, **summary}
 
 
-def table(results: list[Result], drift: dict | None) -> str:
+FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the other criteria never use
+
+
+def eval_fidelity(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
+    """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
+    from framepack_rt.demo.fidelity import fidelity, summarize
+
+    right, left = "a red ball moves right", "a red ball moves left"
+    reports = []
+    for run in range(runs):
+        seed = FIDELITY_SEEDS + run
+        x = float(np.random.default_rng(seed).uniform(0.2, 0.8))
+        image, clip = start_image(seed, right, num_objects=1, x=x)
+        frames = stream_f1(pipe, image, [right] * before + [left] * after, seed, steps)
+        report = fidelity(frames, clip)
+        report.pop("intact_per_frame")
+        reports.append({"seed": seed, **report})
+    return {**summarize(reports), "targets": {"intact": 0.9, "largest_jump": 0.08}, "details": reports}
+
+
+def table(results: list[Result], drift: dict | None, fidelity: dict | None = None) -> str:
     lines = [f"{'criterion':<16}{'passed':>10}{'rate':>8}{'target':>8}  ok    end of run (median): red area / start, "
              "palette error"]
     for r in results:
@@ -245,6 +269,11 @@ def table(results: list[Result], drift: dict | None) -> str:
             d = drift[name]
             lines.append(f"  {name:<8} {d['palette_error_first5s']:6.2f} -> {d['palette_error_last5s']:6.2f}   "
                          f"{d['red_area_last5s']:5.2f}")
+    if fidelity:
+        f = fidelity
+        lines.append(f"fidelity ({f['runs']} turns, {f['frames']} frames): intact {f['intact']:.0%} (one object "
+                     f"{f['one_object']:.0%}, colour {f['colour_ok']:.0%}, area {f['area_ok']:.0%}; target 90%), "
+                     f"largest jump {f['largest_jump']:.3f} of the width (target <= 0.08)")
     return "\n".join(lines)
 
 
@@ -271,17 +300,19 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--cfg", type=float, default=None, help="real-CFG scale (default: the demo's, DEMO_CFG; 1: off)")
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
+    p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=4, help="0: skip")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg)
     began = time.perf_counter()
     results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
+    fidelity = eval_fidelity(pipe, args.fidelity_runs, steps=args.steps) if args.fidelity_runs else None
     report = {"model": args.model, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
               "wall_s": time.perf_counter() - began,
-              **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift}
+              **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift, "fidelity": fidelity}
     print(f"{args.model}: {report['steps']} steps, cfg {report['cfg']:g}, {report['wall_s']:.0f} s")
-    print(table(results, drift))
+    print(table(results, drift, fidelity))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

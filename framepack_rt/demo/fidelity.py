@@ -1,0 +1,100 @@
+"""Picture fidelity of generated demo video: is the object still one object, of its colour and size, moving
+continuously? (issue 19). The direction and prompt-change criteria follow the centroid of red pixels, which a
+ball that splits into a smear and a second blob does not disturb; these measures do.
+
+Per frame the object is segmented against the scene's plain background (pixels farther than
+``BACKGROUND_DISTANCE`` from it in RGB), split into 4-connected blobs, and blobs smaller than
+``SPECK_FRACTION`` of the start object's area are ignored as specks. Then:
+
+* ``one_object``: exactly one blob;
+* ``colour_ok``: that blob's mean colour within ``COLOUR_DISTANCE`` of the start object's colour;
+* ``area_ok``: its area within ``AREA_BAND`` times the start object's area;
+* ``intact``: all three;
+* the centroid's largest jump between consecutive frames, as a fraction of the width (over frames where the
+  object is intact in both).
+
+    report = fidelity(frames, clip)          # frames (T, H, W, 3) uint8, clip from world.start_image
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+BACKGROUND_DISTANCE = 60.0  # the world's backgrounds are dark and its colours bright: far more than this apart
+SPECK_FRACTION = 0.1
+COLOUR_DISTANCE = 60.0
+AREA_BAND = (0.5, 2.0)
+
+
+def label_blobs(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of a (H, W) bool mask: (labels (H, W) int, 0 = background; count).
+
+    Minimum-label propagation with array shifts until nothing changes (the frames are small: a few dozen
+    passes), then the labels renumbered 1..count."""
+    h, w = mask.shape
+    big = h * w + 1
+    labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        before = labels
+        shifted = labels.copy()
+        shifted[1:] = np.minimum(shifted[1:], labels[:-1])
+        shifted[:-1] = np.minimum(shifted[:-1], labels[1:])
+        shifted[:, 1:] = np.minimum(shifted[:, 1:], labels[:, :-1])
+        shifted[:, :-1] = np.minimum(shifted[:, :-1], labels[:, 1:])
+        labels = np.where(mask, shifted, big)
+        if np.array_equal(labels, before):
+            break
+    roots = np.unique(labels[mask])
+    renumbered = np.zeros((h, w), np.int64)
+    renumbered[mask] = np.searchsorted(roots, labels[mask]) + 1
+    return renumbered, len(roots)
+
+
+def blobs(frame: np.ndarray, background: tuple[int, int, int], min_area: float) -> list[dict]:
+    """The blobs of one (H, W, 3) frame that differ from ``background``, largest first: area (px), mean colour,
+    centroid (x, y) in pixels."""
+    distance = np.linalg.norm(frame.astype(np.float32) - np.asarray(background, np.float32), axis=-1)
+    labels, count = label_blobs(distance > BACKGROUND_DISTANCE)
+    out = []
+    for k in range(1, count + 1):
+        ys, xs = np.nonzero(labels == k)
+        if len(xs) < min_area:
+            continue
+        out.append({"area": int(len(xs)), "colour": frame[ys, xs].astype(np.float32).mean(axis=0),
+                    "centroid": (float(xs.mean()), float(ys.mean()))})
+    return sorted(out, key=lambda b: -b["area"])
+
+
+def fidelity(frames: np.ndarray, clip) -> dict:
+    """The measures of the module docstring over (T, H, W, 3) frames of ``clip``'s scene (its first object is
+    the one to keep): per-frame flags and their rates, and the largest centroid jump."""
+    start = blobs(frames[0], clip.background, 1)
+    if not start:
+        raise ValueError("the start frame holds no object against its background")
+    start_area, start_colour = start[0]["area"], np.asarray(clip.objects[0].rgb, np.float32)
+    one, colour, area, centroids = [], [], [], []
+    for frame in frames:
+        found = blobs(frame, clip.background, SPECK_FRACTION * start_area)
+        single = len(found) == 1
+        blob = found[0] if found else None
+        one.append(single)
+        colour.append(bool(blob is not None and np.linalg.norm(blob["colour"] - start_colour) <= COLOUR_DISTANCE))
+        area.append(bool(blob is not None and AREA_BAND[0] <= blob["area"] / start_area <= AREA_BAND[1]))
+        centroids.append(blob["centroid"] if single else (np.nan, np.nan))
+    intact = np.array(one) & np.array(colour) & np.array(area)
+    xy = np.asarray(centroids, np.float64)
+    xy[~intact] = np.nan
+    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1) / frames.shape[2]
+    steps = steps[~np.isnan(steps)]
+    return {"frames": len(frames), "one_object": float(np.mean(one)), "colour_ok": float(np.mean(colour)),
+            "area_ok": float(np.mean(area)), "intact": float(intact.mean()),
+            "largest_jump": float(steps.max()) if len(steps) else float("nan"), "intact_per_frame": intact}
+
+
+def summarize(reports: list[dict]) -> dict:
+    """Frame-weighted rates over several runs and the largest jump of any."""
+    frames = sum(r["frames"] for r in reports)
+    rates = {k: sum(r[k] * r["frames"] for r in reports) / frames
+             for k in ("one_object", "colour_ok", "area_ok", "intact")}
+    jumps = [r["largest_jump"] for r in reports if not np.isnan(r["largest_jump"])]
+    return {"runs": len(reports), "frames": frames, **rates, "largest_jump": max(jumps) if jumps else float("nan")}

@@ -1,0 +1,72 @@
+"""The fidelity measures (demo/fidelity.py) on rendered clips: a clean render is intact; a second blob, a
+colour change, a shrunken smear and a teleport are each caught."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from framepack_rt.demo import evaluate as E
+from framepack_rt.demo.fidelity import blobs, fidelity, label_blobs
+from framepack_rt.demo.world import start_image
+
+from tests.demo.test_evaluate import FakePipe
+
+
+def test_blobs_are_four_connected():
+    mask = np.zeros((6, 7), bool)
+    mask[0:2, 0:2] = True  # a square
+    mask[3:6, 1] = mask[5, 1:4] = True  # an L: one blob
+    mask[2, 2] = True  # touches the square only at a corner: its own blob
+    mask[0, 6] = True
+    labels, count = label_blobs(mask)
+    assert count == 4 and labels[~mask].max() == 0 and set(np.unique(labels[mask])) == {1, 2, 3, 4}
+    assert len(set(labels[3:6, 1]) | set(labels[5, 1:4])) == 1 and labels[2, 2] != labels[1, 1]
+    assert label_blobs(np.zeros((3, 3), bool))[1] == 0
+
+
+@pytest.fixture(scope="module")
+def turn():
+    """A perfect model's turn (the world's own motion, through the evaluation's F1 runner) and its scene."""
+    image, clip = start_image(E.FIDELITY_SEEDS, "a red ball moves right", num_objects=1, x=0.4)
+    frames = E.stream_f1(FakePipe(), image, ["a red ball moves right"] * 2 + ["a red ball moves left"] * 2, 0, None)
+    return frames, clip
+
+
+def test_a_clean_turn_is_intact(turn):
+    frames, clip = turn
+    report = fidelity(frames, clip)
+    assert report["intact"] == 1.0 and report["one_object"] == 1.0 and report["colour_ok"] == 1.0
+    assert 0 < report["largest_jump"] < 0.03  # the world moves a few pixels a frame
+
+
+def test_a_second_blob_a_colour_change_a_smear_and_a_jump_are_caught(turn):
+    frames, clip = turn
+    n, half = len(frames), len(frames) // 2
+    ball = blobs(frames[0], clip.background, 1)[0]
+    r = int(np.sqrt(ball["area"] / np.pi))
+    split = frames.copy()
+    split[half:, 1 : 1 + 2 * r, 1 : 1 + 2 * r] = clip.objects[0].rgb  # a second red blob in the corner
+    recoloured = frames.copy()
+    moving = np.linalg.norm(frames.astype(float) - clip.background, axis=-1) > 60
+    recoloured[half:][moving[half:]] = (230, 200, 40)  # the ball turns yellow
+    shrunk = np.broadcast_to(frames[:1], frames.shape).copy()
+    shrunk[half:] = clip.background
+    cy, cx = (int(v) for v in ball["centroid"][::-1])
+    shrunk[half:, cy - 1 : cy + 1, cx - 1 : cx + 1] = clip.objects[0].rgb  # a 2x2 remnant: area out of band
+    jumped = frames.copy()
+    jumped[half:] = np.roll(frames[half:], frames.shape[2] // 4, axis=2)  # a quarter-width teleport
+    one, colour, area, jump = (fidelity(f, clip) for f in (split, recoloured, shrunk, jumped))
+    second_half = (n - half) / n
+    assert one["one_object"] == pytest.approx(1 - second_half, abs=0.02) and one["intact"] < 0.6
+    assert colour["colour_ok"] == pytest.approx(1 - second_half, abs=0.02) and colour["one_object"] == 1.0
+    assert area["area_ok"] == pytest.approx(1 - second_half, abs=0.02)
+    assert jump["largest_jump"] > 0.2  # (the roll also wraps the ball across the edge in some frames: split)
+
+
+def test_the_evaluation_reports_fidelity(tmp_path, capsys):
+    report = E.main(["--runs", "1", "--drift-seconds", "0", "--fidelity-runs", "2"], pipe_factory=FakePipe)
+    f = report["fidelity"]
+    assert f["runs"] == 2 and f["frames"] == sum(d["frames"] for d in f["details"]) > 400 and f["intact"] == 1.0
+    assert [d["seed"] for d in f["details"]] == [E.FIDELITY_SEEDS, E.FIDELITY_SEEDS + 1]
+    assert f"fidelity (2 turns, {f['frames']} frames): intact 100%" in capsys.readouterr().out
