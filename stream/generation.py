@@ -30,8 +30,15 @@ class VideoStreamLike(Protocol):
     """What :class:`Generation` needs from ``FramePackPipeline.stream(...)``."""
 
     def __next__(self) -> Any: ...
-    def set_prompt(self, text: str) -> int: ...
+    def set_prompt(self, text: str) -> int: ...  # also (text | [(text, weight)], transition_sections=N)
+    def set_prompt_schedule(self, schedule: Any, transition_sections: int = 0) -> tuple[int, list[int | None]]: ...
     def stop(self) -> None: ...
+
+
+class FrameSink(Protocol):
+    """Where a session's generated frames are kept besides the buffer (a Recording)."""
+
+    def add(self, frames: np.ndarray) -> None: ...
 
 
 class Generation:
@@ -49,6 +56,7 @@ class Generation:
         self.buffer = buffer
         self.post = post
         self.on_section = on_section  # (frames, pipeline seconds) per section, on this thread: the metrics
+        self.recording: FrameSink | None = None  # keeps the video as generated (stream/recording.py)
         self.stream: VideoStreamLike | None = None  # attached once the pipeline has built it
         self.paused = False
         self.watched = True  # False while the session has no viewers: nobody to generate for
@@ -58,13 +66,18 @@ class Generation:
         self.frames = 0
         self.last_section_ms = 0.0  # the pipeline's own sample + decode time of the last section
         self.gen_fps = 0.0  # frames per second of wall time spent generating (EMA over sections)
-        self.section_frames = 1  # frames in the last section: the room a section needs in the buffer
-        self.busy = False  # a section of this session is being generated right now
+        self.section_frames = 1  # the most frames a section has handed over: the room one needs in the buffer
+        self.sampling = False  # a section of this session is open in the batching worker (stream/batching.py)
+        self._holds = 0  # actions on this session running or queued, on any thread (worker, decode)
+        self._holds_lock = threading.Lock()
         self._last_progress = 0.0
         self._last_preview = 0.0
 
     def attach(self, stream: VideoStreamLike) -> None:
         self.stream = stream
+        # Room for the largest section from the start: the first is shorter than the rest (25 then 36 frames
+        # at window 9), and a handover that waits for buffer room would hold up the worker's other sessions.
+        self.section_frames = max(self.section_frames, int(getattr(stream, "max_section_frames", 1)))
 
     def ready(self) -> bool:
         """Worth a section now: running, and the buffer has room for a whole one (so put() will not wait)."""
@@ -76,9 +89,15 @@ class Generation:
     def run_section(self) -> None:
         """Generate one section and push its frames (worker thread). Never raises: failures end the session."""
         assert self.stream is not None
-        self.busy = True
+        stream = self.stream
+        self.guarded(lambda: self._run_section(stream))
+
+    def guarded(self, action: Callable[[], None]) -> None:
+        """Run ``action`` (worker thread: generate or hand over a section). Never raises: StopIteration ends the
+        session as finished, any other failure with an error to its viewers."""
+        self.hold()
         try:
-            self._run_section(self.stream)
+            action()
         except StopIteration:
             self._finish("finished", "the video reached its end")
         except Exception as exc:  # noqa: BLE001 -- a failing model must end this session, never the worker
@@ -87,13 +106,33 @@ class Generation:
             self.post(control.error(self.error))
             self._finish("error", self.error)
         finally:
-            self.busy = False
+            self.release()
+
+    @property
+    def busy(self) -> bool:
+        """A section of this session is being generated or handed over right now (on any thread)."""
+        return self.sampling or self._holds > 0
+
+    def hold(self) -> None:
+        """Count an action on this session as in progress until :meth:`release` (the batching worker holds a
+        sampled section from the end of its sampling until its decode thread has handed it over)."""
+        with self._holds_lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._holds_lock:
+            self._holds -= 1
 
     def _run_section(self, stream: VideoStreamLike) -> None:
         began = time.monotonic()
-        section = next(stream)
+        self.push_section(next(stream), began)
+
+    def push_section(self, section: Any, began: float) -> None:
+        """Hand a generated section (its generation began at monotonic ``began``) to the buffer and viewers."""
         frames = np.asarray(section.frames)
         count = len(frames)
+        if self.recording is not None:  # every generated frame, also those a closing buffer drops
+            self.recording.add(frames)
         for i, rgb in enumerate(frames):
             item = BufferedFrame(rgb_to_yuv420(rgb), section.first_frame + i, section.index, time.monotonic(),
                                  section.prompt)
@@ -104,13 +143,14 @@ class Generation:
         self.gen_fps = rate if self.sections == 0 else 0.7 * self.gen_fps + 0.3 * rate
         self.sections += 1
         self.frames += count
-        self.section_frames = max(count, 1)
+        self.section_frames = max(self.section_frames, count)
         self.last_section_ms = float(section.ms)
         if self.on_section is not None:
             self.on_section(count, self.last_section_ms / 1000)
         self.post(control.section(section.index, section.prompt, section.first_frame,
                                   section.first_frame + count - 1, section.ms, section.steps_run,
-                                  section.steps_skipped, bool(section.is_last)))
+                                  section.steps_skipped, bool(section.is_last),
+                                  blend=getattr(section, "blend", None)))
         if section.is_last:
             self._finish("finished", "the video reached its end")
 

@@ -80,12 +80,84 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-mdns", action="store_true",
                    help="accept clients' *.local ICE candidates (resolved by multicast DNS on this network)")
 
+    _add_recording_arguments(parser)
+    _add_prompt_arguments(parser)
+    _add_batching_arguments(parser)
+
     parser.add_argument("--token", metavar="TOKEN",
                         help=f"require this token to start, list and control sessions (default: ${TOKEN_ENV}; "
                              "prefer the variable, command lines are visible to other users)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info",
                         help="what the server logs to stderr (default: info: sessions starting and ending, "
                              "rejected requests, rate-limited)")
+
+
+def _add_recording_arguments(parser: argparse.ArgumentParser) -> None:
+    """Recording (stream/recording.py) and the start settings a page may ask for (stream/offers.py)."""
+    from framepack_rt.stream.offers import MAX_STEPS, MAX_WINDOW
+    from framepack_rt.stream.recording import DEFAULT_MAX_SECONDS
+
+    g = parser.add_argument_group("recording and start settings")
+    g.add_argument("--record-max-seconds", type=float, metavar="SECONDS",
+                   help="video kept per session for 'Download MP4' (H.264 segments in a temporary folder, the "
+                        f"oldest dropped past this; 0 turns recording off; default: {DEFAULT_MAX_SECONDS:g})")
+    g.add_argument("--recording-for-viewers", action="store_true",
+                   help="let view-only viewers download a session's video too (default: only viewers with control)")
+    g.add_argument("--max-steps", type=int, metavar="N",
+                   help=f"most sampling steps a page may ask for at start (default: {MAX_STEPS})")
+    g.add_argument("--max-window", type=int, metavar="N",
+                   help=f"most latent frames per section a page may ask for at start (default: {MAX_WINDOW})")
+
+
+def _recording_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {name: getattr(args, name) for name in ("record_max_seconds", "max_steps", "max_window")
+                              if getattr(args, name, None) is not None}
+    if getattr(args, "recording_for_viewers", False):
+        kwargs["recording_for_viewers"] = True
+    return kwargs
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """How prompts change (engine/prompts.py): the default transition of a prompt sent without one."""
+    from framepack_rt.stream.control import MAX_TRANSITION_SECTIONS
+
+    parser.add_argument("--transition-sections", type=int, metavar="N",
+                        help="sections a new prompt (or timeline entry) blends in over when the page sends no "
+                             f"'transition' (0: from the next section at once, the default; at most "
+                             f"{MAX_TRANSITION_SECTIONS}); each section is window * 4 frames, 1.2 s at the defaults")
+
+
+MAX_BATCH = 8  # mirrors stream/batching.py's default (that module imports torch)
+
+
+def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    """Continuous batching of sessions' sampling steps (stream/batching.py)."""
+    g = parser.add_argument_group("batching (several sessions on one device)")
+    g.add_argument("--batching", choices=("on", "off"), default=None,
+                   help="on: the open sections of all sessions advance one sampling step at a time as one packed "
+                        "forward, and sections finishing together decode in one VAE batch; off: sessions take "
+                        "turns, a whole section each (default: on)")
+    g.add_argument("--max-batch", type=_at_least_one, metavar="N",
+                   help=f"most sections in one packed forward; more sessions take several (default: {MAX_BATCH})")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1")
+    return value
+
+
+def _batching_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "batching", None) is not None:
+        kwargs["batching"] = args.batching == "on"
+    if getattr(args, "max_batch", None) is not None:
+        kwargs["max_batch"] = args.max_batch
+    return kwargs
 
 
 def configure_logging(args: argparse.Namespace) -> None:
@@ -119,4 +191,8 @@ def settings_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kwargs["udp_ports"] = parse_port_range(args.udp_ports)
     if args.allow_mdns:
         kwargs["allow_mdns"] = True
+    kwargs.update(_recording_kwargs(args))
+    kwargs.update(_batching_kwargs(args))
+    if getattr(args, "transition_sections", None) is not None:
+        kwargs["transition_sections"] = args.transition_sections
     return kwargs

@@ -4,11 +4,14 @@ Routes::
 
     GET  /                   the browser page (stream/static/index.html)
     GET  /static/...         its JS and CSS
-    POST /offer              {sdp, type, session?, key?, token?, prompt?, image? (data URL), seed?}
-                             -> {sdp, type, session, role, view_key (control role only)}
+    POST /offer              {sdp, type, session?, key?, token?, prompt?, image? (data URL), seed?, steps?, cfg?,
+                              window?, bucket? ("HxW")} -> {sdp, type, session, role, view_key, control_key
+                              (these two with control only)}
     GET  /api/sessions       [{id, prompt, sections_done, viewers, state, ...}]
     GET  /api/sessions/{id}  one session with its current stats
     GET  /api/sessions/{id}/stamps?since=N  send times of stamped frames (with ``--stamp``; benchmarks)
+    GET  /api/sessions/{id}/video.mp4?key=K  everything recorded so far, one MP4 (stream/recording.py)
+    DELETE /api/sessions/{id}?key=K  end the session now (its page's Restart and reload)
     GET  /api/health         liveness, model, counts
     GET  /api/config         defaults the page shows (prompt, fps, steps)
     GET  /api/default-image  the built-in start image (PNG)
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import logging
 import signal
 import threading
@@ -45,8 +49,10 @@ from aiohttp import web
 
 from framepack_rt.stream import DEFAULT_MODEL
 from framepack_rt.stream.buffer import rgb_to_yuv420
+from framepack_rt.stream.batching import BatchingWorker
 from framepack_rt.stream.generation import DeviceWorker
 from framepack_rt.stream import ice
+from framepack_rt.stream.control import MAX_TRANSITION_SECTIONS
 from framepack_rt.stream.candidates import CandidatePolicy, check_offer
 from framepack_rt.stream.connections import ConnectionGuard, ConnectionLimits, GuardedSite
 from framepack_rt.stream.images import DEFAULT_PROMPT, default_scene, png_bytes, resize_rgb
@@ -56,7 +62,9 @@ from framepack_rt.stream.limits import (
 from framepack_rt.stream.logs import RejectionLog
 from framepack_rt.stream.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from framepack_rt.stream.metrics import ServerMetrics
-from framepack_rt.stream.offers import MAX_SDP_CHARS, Offer, parse_json_body, parse_offer
+from framepack_rt.stream.offers import (
+    MAX_SDP_CHARS, MAX_STEPS, MAX_WINDOW, Offer, StartLimits, StartSettings, parse_json_body, parse_offer)
+from framepack_rt.stream.recording import DEFAULT_MAX_SECONDS, NothingRecorded, Recorder, Recording
 from framepack_rt.stream.security import (
     CONTROL, JOIN_REFUSED, Access, Unauthorized, add_security_headers, check_token, json_errors, static_files)
 from framepack_rt.stream.session import Session
@@ -70,6 +78,8 @@ RETRY_AFTER_S = 10  # what a 429 tells clients to wait: sessions and viewers com
 _POLICY = SessionPolicy()  # the per-session defaults, in one place
 _CONNECTIONS = ConnectionLimits()
 TOKEN_HINT = "FRAMEPACK_RT_TOKEN (or --token)"
+VIDEO_ROUTE, RELEASE_ROUTE = "session-video", "session-release"  # check their access themselves (by key)
+DOWNLOAD_CHUNK = 1 << 20
 
 
 @dataclass
@@ -84,6 +94,9 @@ class ServerSettings:
     cfg: float | None = None  # real classifier-free guidance scale (1: off)
     mode: str = "f1"  # live streams go forward; "inverted" builds fixed-length clips end-first
     buffer_seconds: float = 2.0  # bounded buffer: at most this much generated video waits to be played
+    transition_sections: int = 0  # a prompt sent without "transition" blends in over this many sections
+    batching: bool = True  # continuous batching of sessions' steps (stream/batching.py); False: round-robin
+    max_batch: int = 8  # most sections in one packed forward
     # Limits (see limits.py and the README): capacity, input sizes, how long unused things live.
     max_sessions: int = MAX_SESSIONS
     max_viewers: int = _POLICY.max_viewers  # per session
@@ -107,6 +120,11 @@ class ServerSettings:
     memory_budget_gb: float | None = None
     quantize: str | None = None
     compile: bool = False
+    decode_overlap: bool | None = None  # --no-decode-overlap: False; None: the pipeline's default (on)
+    # LoRA (model/lora.py): --lora FILE[:SCALE] as (path, scale) pairs, loaded unmerged (each session may change
+    # its scales live with a "lora" control message); --fuse-lora merges them into the weights (scales fixed).
+    loras: tuple[tuple[str, float], ...] = ()
+    fuse_lora: bool = False
     # Real networks (stream/ice.py): TURN credentials (from the environment), a 1:1 NAT's public address,
     # the UDP ports viewers' connections use, and whether clients' *.local (mDNS) candidates are resolved.
     turn_username: str | None = field(default=None, repr=False)
@@ -126,12 +144,21 @@ class ServerSettings:
     header_timeout: float = _CONNECTIONS.header_timeout
     body_timeout: float = _CONNECTIONS.body_timeout
     keepalive_timeout: float = _CONNECTIONS.keepalive_timeout
+    # Recording (stream/recording.py): seconds of video kept per session (0: off), and whether view-only
+    # viewers may download it too. Start settings a page may ask for (stream/offers.py).
+    record_max_seconds: float = DEFAULT_MAX_SECONDS
+    recording_for_viewers: bool = False
+    max_steps: int = MAX_STEPS
+    max_window: int = MAX_WINDOW
 
     def __post_init__(self) -> None:
         if not 0 < self.fps <= 60:
             raise ValueError(f"--fps {self.fps}: must be in (0, 60] (the encoders cap at 30)")
         if self.window < 1:
             raise ValueError(f"--window {self.window}: must be at least 1 latent frame")
+        if not 0 <= self.transition_sections <= MAX_TRANSITION_SECTIONS:
+            raise ValueError(f"--transition-sections {self.transition_sections}: must be from 0 (a new prompt "
+                             f"applies at once) to {MAX_TRANSITION_SECTIONS}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps}: must be at least 1")
         if self.mode != "f1":
@@ -148,6 +175,7 @@ class ServerSettings:
             raise ValueError(f"--control-slots {self.control_slots}: must be 0 or more")
         self.trusted_proxies = tuple(self.trusted_proxies)
         self.connection_limits()  # validates them
+        self._check_start_limits()
         if self.max_image_bytes < 1024 or self.max_image_pixels < 64:
             raise ValueError("--max-image-mb and --max-image-pixels: too small for any start image")
         self.session_policy()  # validates the per-session limits
@@ -157,6 +185,10 @@ class ServerSettings:
             self.public_ip = ice.parse_public_ip(self.public_ip)
         if self.udp_ports is not None:
             self.udp_ports = ice.parse_port_range(f"{self.udp_ports[0]}-{self.udp_ports[1]}")
+
+    def decode_overlap_kwargs(self) -> dict[str, bool]:
+        """stream()'s decode_overlap when one was chosen (pipelines without the option get nothing)."""
+        return {} if self.decode_overlap is None else {"decode_overlap": self.decode_overlap}
 
     def session_policy(self) -> SessionPolicy:
         return SessionPolicy(max_viewers=self.max_viewers, grace=self.grace, idle_timeout=self.idle_timeout,
@@ -179,6 +211,19 @@ class ServerSettings:
         """The largest body /offer reads: a maximal start image as base64 text, plus the SDP and fields."""
         return (self.max_image_bytes + 2) // 3 * 4 + MAX_SDP_CHARS + 3 * self.max_prompt_chars + 4096
 
+    def _check_start_limits(self) -> None:
+        if self.record_max_seconds < 0:
+            raise ValueError(f"--record-max-seconds {self.record_max_seconds:g}: must be 0 (off) or more")
+        if self.max_steps < 1 or self.max_window < 1:
+            raise ValueError("--max-steps and --max-window: must be at least 1")
+        if self.steps is not None and self.steps > self.max_steps:
+            raise ValueError(f"--steps {self.steps} is above --max-steps {self.max_steps}: raise --max-steps")
+        if self.window > self.max_window:
+            raise ValueError(f"--window {self.window} is above --max-window {self.max_window}: raise --max-window")
+
+    def start_limits(self) -> StartLimits:
+        return StartLimits(max_steps=self.max_steps, max_window=self.max_window)
+
     @property
     def buffer_frames(self) -> int:
         return max(1, round(self.buffer_seconds * self.fps))
@@ -192,7 +237,7 @@ class StreamServer:
         self.settings = settings or ServerSettings()
         self.sessions: dict[str, Session] = {}
         self.device = _device_name(pipe)
-        self.worker = DeviceWorker(self.device)
+        self.worker = _make_worker(self.device, self.settings)
         # One control thread, so prompt changes and pause/resume reach the pipeline in the order sent.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="framepack-control")
         self.access = Access(self.settings.token)
@@ -214,6 +259,10 @@ class StreamServer:
         self._runner: web.AppRunner | None = None
         self._log_flusher: asyncio.Task | None = None
         self._default_png: bytes | None = None
+        # Each session's video as generated, until the session ends (None: --record-max-seconds 0).
+        self.recorder = (Recorder(_model_fps(pipe), self.settings.record_max_seconds)
+                         if self.settings.record_max_seconds > 0 else None)
+        self.recordings: dict[str, Recording] = {}
         self._ice_servers = ice.ice_servers(self.settings.ice_servers, self.settings.turn_username,
                                             self.settings.turn_credential)
         self.ice_policy = self._make_ice_policy(["127.0.0.1"])  # until start() knows the bound addresses
@@ -233,6 +282,8 @@ class StreamServer:
         app.router.add_post("/offer", self._offer)
         app.router.add_get("/api/sessions", self._list_sessions)
         app.router.add_get("/api/sessions/{id}", self._get_session)
+        app.router.add_delete("/api/sessions/{id}", self._release_session, name=RELEASE_ROUTE)
+        app.router.add_get("/api/sessions/{id}/video.mp4", self._get_video, name=VIDEO_ROUTE)
         app.router.add_get("/api/sessions/{id}/stamps", self._get_stamps)
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/config", self._config)
@@ -295,6 +346,8 @@ class StreamServer:
             self._runner = None
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.worker.close)
+        if self.recorder is not None:
+            await loop.run_in_executor(None, self.recorder.close)  # deletes every recording left
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # -- sessions --------------------------------------------------------------------------------------------
@@ -323,6 +376,10 @@ class StreamServer:
         self._owned[session.id] = owned  # the creating client's place, freed when the session closes
         if s.stamp:
             session.track.stamps = StampLog()
+        session.settings["bucket"] = [height, width]
+        session.transition_sections = s.transition_sections
+        if self.recorder is not None:
+            session.generation.recording = self.recordings[session.id] = self.recorder.open(session.id)
         session.open()  # from now on it closes by itself if no viewer connects in time
         log.info("session %s started by %s", session.id, owner)
         return session
@@ -348,9 +405,11 @@ class StreamServer:
         prompt = prompt or self.default_prompt
 
         def build(on_step: Callable[[Any], None]):
-            guidance = None if s.cfg is None else self.pipe.guidance(s.cfg)
-            return self.pipe.stream(image, prompt, seed=seed, steps=s.steps, window=s.window, mode=s.mode,
-                                    teacache=s.teacache, on_step=on_step, guidance=guidance)
+            use = session.settings  # the values in use, shown to viewers (_settings_in_use)
+            guidance = self._guidance(use.get("cfg"))
+            return self.pipe.stream(image, prompt, seed=seed, steps=use.get("steps"), window=use["window"], mode=s.mode,
+                                    teacache=s.teacache, on_step=on_step, guidance=guidance,
+                                    **s.decode_overlap_kwargs())
 
         try:
             await session.start(build, prompt)
@@ -361,6 +420,9 @@ class StreamServer:
 
     def _forget(self, session: Session) -> None:
         self.sessions.pop(session.id, None)
+        recording = self.recordings.pop(session.id, None)
+        if recording is not None:
+            recording.close()  # its files are deleted on the recorder's thread
         self._owned.pop(session.id, lambda: None)()
         g = session.generation
         log.info("session %s ended after %.0f s (%s): %d sections, %d frames generated", session.id, session.age,
@@ -385,7 +447,7 @@ class StreamServer:
             return _error(503, "the server is shutting down; try again in a moment")
         try:
             body = parse_json_body(await request.read())
-            offer = parse_offer(body, self.settings.max_prompt_chars)
+            offer = parse_offer(body, self.settings.max_prompt_chars, self.settings.start_limits())
             # Only after the body parses (so a malformed one still gets its 400): cross-site pages can post
             # text/plain without asking, but not application/json, which is what keeps them out.
             if request.content_type != "application/json":
@@ -426,6 +488,7 @@ class StreamServer:
         reply = {"sdp": answer.sdp, "type": answer.type, "session": session.id, "role": role}
         if role == CONTROL:
             reply["view_key"] = session.view_key  # for the join link: ?session=<id>&key=<view_key>
+            reply["control_key"] = session.control_key  # ?key= of DELETE /api/sessions/ID and video.mp4
         return web.json_response(reply)
 
     def _checked(self, offer: Offer, client: str) -> Offer:
@@ -440,12 +503,17 @@ class StreamServer:
         """A new session for ``offer`` (and its start image), within the server's and the client's limits."""
         release, owned = self._reserve_session(client)  # before decoding: a full server spends nothing on it
         try:
+            self._check_bucket(offer.start.bucket)
             image = self.default_image
             if offer.image is not None:
                 s = self.settings
                 image = await asyncio.get_running_loop().run_in_executor(
                     None, decode_start_image, offer.image, s.max_image_bytes, s.max_image_pixels)
-            return await self._create_session(image, release, owned, client), image
+            if offer.start.bucket is not None:  # the resolution asked for: the image fitted to that bucket
+                image = await asyncio.get_running_loop().run_in_executor(None, fit_image, image, offer.start.bucket)
+            session = await self._create_session(image, release, owned, client)
+            session.settings.update(self._settings_in_use(offer.start, offer.seed))
+            return session, image
         except BaseException:
             owned()
             raise
@@ -466,7 +534,8 @@ class StreamServer:
     @web.middleware
     async def _guard_sessions(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Session listings show prompts and ids: with a token set, they need it too."""
-        if request.path.startswith("/api/sessions"):
+        route = request.match_info.route.name
+        if request.path.startswith("/api/sessions") and route not in (VIDEO_ROUTE, RELEASE_ROUTE):  # own checks
             self.access.require(request)
         return await handler(request)
 
@@ -483,7 +552,9 @@ class StreamServer:
         session = self.sessions.get(request.match_info["id"])
         if session is None:
             return _error(404, f"no session {request.match_info['id']!r}; GET /api/sessions lists them")
-        return web.json_response({**session.summary(), "stats": session.stats()})
+        recording = self.recordings.get(session.id)
+        return web.json_response({**session.summary(), "stats": session.stats(),
+                                  "recording": recording.summary() if recording else {"enabled": False}})
 
     async def _get_stamps(self, request: web.Request) -> web.Response:
         """[[frame, section, generated, sent], ...] in time.monotonic() seconds: this host's clock."""
@@ -500,6 +571,100 @@ class StreamServer:
         stamps = [r.as_list() for r in stamp_log.since(since)]
         return web.json_response({"clock": "monotonic", "now": time.monotonic(), "stamps": stamps})
 
+    # -- start settings, release, recording -------------------------------------------------------------------
+    def _check_bucket(self, bucket: tuple[int, int] | None) -> None:
+        """ValueError (400) unless ``bucket`` is None or one of the model's resolutions."""
+        buckets = [tuple(b) for b in getattr(self.pipe, "buckets", ())]
+        if bucket is not None and bucket not in buckets:
+            listed = ", ".join(f"{h}x{w}" for h, w in buckets) or "none (this model fits images itself)"
+            raise ValueError(f"bucket {bucket[0]}x{bucket[1]} is not one of this model's resolutions: {listed}")
+
+    def _settings_in_use(self, start: StartSettings, seed: int) -> dict[str, Any]:
+        """The values a session generates with: what the page asked for, else the server's, else the model's."""
+        s = self.settings
+        model_cfg = getattr(getattr(self.pipe, "default_guidance", None), "cfg", None)
+        return {"seed": seed, "steps": start.steps or s.steps or getattr(self.pipe, "default_steps", None),
+                "cfg": next((c for c in (start.cfg, s.cfg, model_cfg) if c is not None), None),
+                "window": start.window or s.window}
+
+    def _guidance(self, cfg: float | None) -> Any:
+        """The guidance for ``cfg``; None (the pipeline's own default) when it is the model's default scale."""
+        model_cfg = getattr(getattr(self.pipe, "default_guidance", None), "cfg", None)
+        return None if cfg is None or cfg == model_cfg else self.pipe.guidance(cfg)
+
+    def _start_config(self) -> dict[str, Any]:
+        """The page's start settings: defaults (bucket None: from the start image's shape) and limits."""
+        return {**self._settings_in_use(StartSettings(), 0), "bucket": None,
+                "buckets": [list(b) for b in getattr(self.pipe, "buckets", ())],
+                "max_steps": self.settings.max_steps, "max_window": self.settings.max_window,
+                "max_cfg": StartLimits().max_cfg}
+
+    def _recording_config(self) -> dict[str, Any]:
+        s = self.settings
+        return {"enabled": self.recorder is not None, "max_seconds": s.record_max_seconds,
+                "for_viewers": s.recording_for_viewers}
+
+    def _session_by_key(self, request: web.Request, recording: bool = False) -> Session:
+        """The session of ``{id}`` if the request may act on it: the server token, or the session's control key
+        (``?key=``, given with control at the offer); for its recording with ``--recording-for-viewers`` also the
+        view key (any viewer without a token set). With a token set, an unknown session gets the same 401."""
+        session = self.sessions.get(request.match_info["id"])
+        key = request.query.get("key")
+        if self.access.has_token(request):
+            allowed = True
+        elif session is None:
+            if self.access.required:
+                raise Unauthorized(JOIN_REFUSED)
+            allowed = True  # answered with 404 below
+        elif key is not None and hmac.compare_digest(key.encode("utf-8", "replace"), session.control_key.encode()):
+            allowed = True
+        elif recording and self.settings.recording_for_viewers:
+            allowed = not self.access.required or (
+                key is not None and hmac.compare_digest(key.encode("utf-8", "replace"), session.view_key.encode()))
+        else:
+            allowed = False
+        if not allowed:
+            raise Unauthorized("this needs control of the session: its control key (?key=, from the offer's "
+                               "answer) or the server token" + ("" if recording else "; viewers cannot end it"))
+        if session is None or session.closed:
+            raise LookupError(f"no session {request.match_info['id']!r}; GET /api/sessions lists the live ones")
+        return session
+
+    async def _release_session(self, request: web.Request) -> web.Response:
+        """DELETE /api/sessions/{id}: end the session now (the page lets go of its previous one on Restart and
+        reload), freeing its place at once instead of after --grace."""
+        try:
+            session = self._session_by_key(request)
+        except LookupError as exc:
+            return _error(404, str(exc.args[0]))
+        await session.close("ended by the viewer who controls it")
+        return web.json_response({"closed": session.id})
+
+    async def _get_video(self, request: web.Request) -> web.StreamResponse:
+        """GET /api/sessions/{id}/video.mp4: everything recorded so far, as one MP4 (a download)."""
+        try:
+            session = self._session_by_key(request, recording=True)
+        except LookupError as exc:
+            return _error(404, str(exc.args[0]))
+        recording = self.recordings.get(session.id)
+        if recording is None:
+            return _error(409, "this server does not record sessions (it runs with --record-max-seconds 0)")
+        try:
+            handle, size, frames = await asyncio.wrap_future(recording.export())
+        except NothingRecorded as exc:
+            return _error(409, str(exc.args[0]))
+        with handle:
+            response = web.StreamResponse(headers={
+                "Content-Type": "video/mp4", "Content-Length": str(size), "Cache-Control": "no-store",
+                "Content-Disposition": f'attachment; filename="framepack-{session.id[:8]}.mp4"',
+                "X-Frames": str(frames)})
+            await response.prepare(request)
+            loop = asyncio.get_running_loop()
+            while chunk := await loop.run_in_executor(None, handle.read, DOWNLOAD_CHUNK):
+                await response.write(chunk)
+            await response.write_eof()
+        return response
+
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({
             "status": "ok" if self.worker.alive else "worker stopped", "model": self.settings.model,
@@ -512,6 +677,11 @@ class StreamServer:
         """Open viewer connections (each viewer holds exactly one RTCPeerConnection)."""
         return sum(len(s.viewers) for s in self.sessions.values())
 
+    def _lora_config(self) -> list[dict[str, Any]]:
+        """The loaded LoRA adapters (name, default scale, fused, ...) for the page's sliders."""
+        describe = getattr(self.pipe, "lora_info", None)  # pipelines built elsewhere (tests) may have none
+        return describe() if describe is not None else []
+
     async def _config(self, request: web.Request) -> web.Response:
         s = self.settings
         return web.json_response({"model": s.model, "fps": s.fps, "window": s.window, "steps": s.steps,
@@ -519,6 +689,10 @@ class StreamServer:
                                   "buffer_frames": s.buffer_frames, "token_required": self.access.required,
                                   "max_prompt_chars": s.max_prompt_chars, "max_image_bytes": s.max_image_bytes,
                                   "max_image_pixels": s.max_image_pixels,
+                                  "transition_sections": s.transition_sections,
+                                  "max_transition_sections": MAX_TRANSITION_SECTIONS,
+                                  "start": self._start_config(), "recording": self._recording_config(),
+                                  "loras": self._lora_config(),
                                   # STUN only: TURN credentials are the server's own, never handed out.
                                   "ice_servers": [url for url in s.ice_servers if url.startswith("stun:")]})
 
@@ -533,6 +707,28 @@ class StreamServer:
             self._default_png = png_bytes(self.default_image)
         return web.Response(body=self._default_png, content_type="image/png",
                             headers={"Cache-Control": "max-age=3600"})
+
+
+def _model_fps(pipe: Any) -> float:
+    """The frame rate the model generates for (recordings play at it): the pipeline's, else FramePack's 30."""
+    fps = getattr(pipe, "fps", None)
+    if fps is None:
+        from framepack_rt.pipeline.framepack_pipeline import FPS as fps
+    return float(fps)
+
+
+def fit_image(image: Any, bucket: tuple[int, int]) -> Any:
+    """``image`` resized and center-cropped to ``bucket`` (H, W), as the pipeline fits start images."""
+    from framepack_rt.pipeline.media import fit_to_bucket, load_image
+
+    return fit_to_bucket(load_image(image), bucket)
+
+
+def _make_worker(device: str, settings: ServerSettings) -> DeviceWorker | BatchingWorker:
+    """The device's generation thread: batching sessions' steps (--batching on) or taking turns (off)."""
+    if settings.batching:
+        return BatchingWorker(device, settings.max_batch)
+    return DeviceWorker(device)
 
 
 def _device_name(pipe: Any) -> str:
@@ -550,28 +746,34 @@ def load_pipeline(model: str | ServerSettings, *, device: str = "auto", dtype: s
     """``FramePackPipeline.from_pretrained(model, device=, dtype=, ...)``; given ServerSettings, its model, device,
     dtype, low-VRAM, quantize and compile fields. A clear error if the pipeline module is missing; one that says
     what is needed and free (and the flag that fits) when the device cannot hold the model."""
+    loras, fuse_lora = (), False
     if isinstance(model, ServerSettings):
         settings = model
         model, device, dtype = settings.model, settings.device, settings.dtype
         low_vram, memory_budget_gb = settings.low_vram, settings.memory_budget_gb
         quantize, compile = settings.quantize, settings.compile
+        loras, fuse_lora = settings.loras, settings.fuse_lora
     try:
         from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
     except ImportError as exc:
         raise RuntimeError(f"cannot import framepack_rt.pipeline.framepack_pipeline ({exc}); reinstall framepack-rt") from None
-    return FramePackPipeline.from_pretrained(model, device=device, dtype=dtype, low_vram=low_vram,
+    pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype, low_vram=low_vram,
                                              memory_budget_gb=memory_budget_gb, quantize=quantize, compile=compile)
+    if loras or fuse_lora:
+        pipe.load_loras(loras, fuse=fuse_lora)
+    return pipe
 
 
 async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8188,
-                announce: Callable[[str], None] = print) -> bool:
-    """Load the model, serve until SIGINT/SIGTERM, then shut down cleanly. False if stopped while loading."""
+                announce: Callable[[str], None] = print, load: Callable[[], Any] | None = None) -> bool:
+    """Load the model, serve until SIGINT/SIGTERM, then shut down cleanly. False if stopped while loading.
+    ``load``: returns the pipeline (default: load_pipeline(settings); several workers pass rank 0's)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     announce(f"loading model {settings.model!r} ...")
-    pipe = await _load_or_stop(settings, stop)
+    pipe = await _load_or_stop(settings, stop, load)
     if pipe is None:
         announce("stopped before the model finished loading")
         return False
@@ -591,14 +793,15 @@ async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8
     return True
 
 
-async def _load_or_stop(model: str | ServerSettings, stop: asyncio.Event) -> Any | None:
+async def _load_or_stop(model: str | ServerSettings, stop: asyncio.Event,
+                        loader: Callable[[], Any] | None = None) -> Any | None:
     """Load on a daemon thread so that Ctrl-C during a long load exits at once (the thread dies with us)."""
     loop = asyncio.get_running_loop()
     result: asyncio.Future = loop.create_future()
 
     def load() -> None:
         try:
-            pipe = load_pipeline(model)
+            pipe = loader() if loader is not None else load_pipeline(model)
         except Exception as exc:  # noqa: BLE001 -- handed to the loop and re-raised there
             # Bound now: Python deletes ``exc`` when this block ends, possibly before the loop runs the lambda.
             loop.call_soon_threadsafe(lambda error=exc: result.done() or result.set_exception(error))

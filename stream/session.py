@@ -9,6 +9,7 @@ run on the server's single control thread, in order, never on the loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -19,6 +20,7 @@ from typing import Any, Callable
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.contrib.media import MediaRelay
 
+from framepack_rt.pipeline.media import PromptChange
 from framepack_rt.stream import control
 from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer
 from framepack_rt.stream.generation import DeviceWorker, Generation, VideoStreamLike
@@ -42,6 +44,7 @@ class PendingPrompt:
     text: str
     section: int  # where the pipeline said it applies from
     received: float  # time.monotonic()
+    blended: bool = False  # a transition: its first frames carry a blend's label, so matched on the section
 
 
 class Session:
@@ -61,6 +64,8 @@ class Session:
                  metrics: ServerMetrics | None = None) -> None:
         self.id = new_session_id()
         self.view_key = new_key()  # the join link's key: watch this session, nothing more
+        self.control_key = new_key()  # given to viewers with control: release it, download its video
+        self.settings: dict[str, Any] = {}  # the start settings in use (seed, steps, cfg, window, bucket)
         self.created = time.time()
         self.loop, self.worker, self.executor = loop, worker, executor
         self.fps = fps
@@ -79,6 +84,9 @@ class Session:
         self._ice_servers = list(ice_servers or [])
         self._ice_policy = ice_policy  # which addresses and ports viewers' connections use (stream/ice.py)
         self._pending: list[PendingPrompt] = []
+        self.transition_sections = 0  # a prompt without "transition" blends in over this many (serve flag)
+        self.blend: list[dict[str, Any]] = []  # the weighted prompts of the last section generated
+        self.timeline: list[dict[str, Any]] = []  # the timeline in use: entries with the section each takes over
         self._on_closed = on_closed
         self._closed = False
         self._empty_since: float | None = time.monotonic()  # no viewers since then (None: has viewers)
@@ -128,6 +136,7 @@ class Session:
         self.worker.add(self.generation)
         self.state = "running"
         self._started.set()
+        self.broadcast(control.state("running"))  # viewers greeted while "starting" learn that it runs now
         self.open()
 
     async def close(self, reason: str = "") -> None:
@@ -255,7 +264,7 @@ class Session:
 
     def _greet(self, viewer: Viewer) -> None:
         viewer.send({"type": "hello", "session": self.id, "viewer": viewer.id, "fps": self.fps,
-                     "state": self.state, "prompt": self.prompt, "role": viewer.role})
+                     "state": self.state, "prompt": self.prompt, "role": viewer.role, "settings": self.settings})
 
     # -- messages --------------------------------------------------------------------------------------------
     def post(self, message: dict[str, Any]) -> None:
@@ -269,11 +278,16 @@ class Session:
 
     def _from_worker(self, message: dict[str, Any]) -> None:
         if message["type"] == "state":
-            if self.state in ("running", "paused"):
+            live = self.state in ("running", "paused")
+            if live:
                 self.state = message["state"]
             if message["state"] == "error":
                 self._failed_at = time.monotonic()
             self.track.source_done = True
+            if not live:  # stopped or closed already: a stopped stream's end is not "finished"
+                return
+        elif message["type"] == "section" and "blend" in message:
+            self.blend = message["blend"]
         self.broadcast(message)
 
     def broadcast(self, message: dict[str, Any]) -> None:
@@ -310,15 +324,11 @@ class Session:
             viewer.send(control.error(f"session {self.id} is {self.state}; start a new session to generate"))
             return
         if isinstance(msg, control.PromptMessage):
-            received = time.monotonic()
-            try:
-                section = await self.loop.run_in_executor(self.executor, stream.set_prompt, msg.text)
-            except (ValueError, RuntimeError) as exc:
-                viewer.send(control.error(f"prompt not applied: {exc}"))
-                return
-            self.prompt = msg.text
-            self._pending.append(PendingPrompt(msg.id, msg.text, int(section), received))
-            self.broadcast(control.ack(msg.id, int(section), msg.text))
+            await self._set_prompt(viewer, stream, msg)
+        elif isinstance(msg, control.TimelineMessage):
+            await self._set_timeline(viewer, stream, msg)
+        elif isinstance(msg, control.LoraMessage):
+            await self._set_lora(viewer, stream, msg)
         elif isinstance(msg, control.PauseMessage):
             self._set_paused(True)
         elif isinstance(msg, control.ResumeMessage):
@@ -330,6 +340,50 @@ class Session:
             self.state = "stopped"
             await self.loop.run_in_executor(self.executor, stream.stop)
             self.broadcast(control.state("stopped", f"stopped by viewer {viewer.id}"))
+
+    async def _set_prompt(self, viewer: Viewer, stream: VideoStreamLike, msg: control.PromptMessage) -> None:
+        """A prompt (or weighted prompts), blended in over its transition (default: the server's)."""
+        received = time.monotonic()
+        transition = self.transition_sections if msg.transition is None else msg.transition
+        if msg.prompts is None and transition == 0:
+            call = functools.partial(stream.set_prompt, msg.text)
+        else:
+            value = msg.text if msg.prompts is None else list(msg.prompts)
+            call = functools.partial(stream.set_prompt, value, transition_sections=transition)
+        try:
+            section = int(await self.loop.run_in_executor(self.executor, call))
+        except (ValueError, RuntimeError) as exc:
+            viewer.send(control.error(f"prompt not applied: {exc}"))
+            return
+        self.prompt = msg.text
+        self._pending.append(PendingPrompt(msg.id, msg.text, section, received, blended=transition > 1))
+        self.broadcast(control.ack(msg.id, section, msg.text, transition=transition or None,
+                                   prompts=None if msg.prompts is None else list(msg.prompts)))
+
+    async def _set_timeline(self, viewer: Viewer, stream: VideoStreamLike, msg: control.TimelineMessage) -> None:
+        """A prompt timeline in video seconds from the session's start (an empty one drops the timeline)."""
+        transition = self.transition_sections if msg.transition is None else msg.transition
+        changes = [PromptChange(seconds, prompt) for seconds, prompt in msg.entries] or None
+        call = functools.partial(stream.set_prompt_schedule, changes, transition_sections=transition)
+        try:
+            section, sections = await self.loop.run_in_executor(self.executor, call)
+        except (ValueError, RuntimeError) as exc:
+            viewer.send(control.error(f"timeline not applied: {exc}"))
+            return
+        entries = [(seconds, prompt, k) for (seconds, prompt), k in zip(msg.entries, sections)]
+        message = control.timeline_ack(msg.id, int(section), entries, transition)
+        self.timeline = message["timeline"]
+        self.broadcast(message)
+
+    async def _set_lora(self, viewer: Viewer, stream: VideoStreamLike, msg: control.LoraMessage) -> None:
+        """This session's scale of one LoRA adapter, from the next section on (the pipeline checks it)."""
+        call = functools.partial(stream.set_lora_scale, msg.name, msg.scale)
+        try:
+            section = int(await self.loop.run_in_executor(self.executor, call))
+        except (ValueError, RuntimeError) as exc:
+            viewer.send(control.error(f"LoRA scale not applied: {exc}"))
+            return
+        self.broadcast(control.lora_ack(msg.id, msg.name, msg.scale, section))
 
     def _set_paused(self, paused: bool) -> None:
         # The track freezes at once and the worker skips the session (the section in flight finishes).
@@ -348,9 +402,10 @@ class Session:
         """
         for i in range(len(self._pending) - 1, -1, -1):
             p = self._pending[i]
-            if frame.section >= p.section and frame.prompt == p.text:
+            if frame.section >= p.section and (p.blended or frame.prompt == p.text):
                 del self._pending[: i + 1]
-                self.broadcast(control.prompt_live(p.id, frame.section, (time.monotonic() - p.received) * 1000))
+                self.broadcast(control.prompt_live(p.id, frame.section, (time.monotonic() - p.received) * 1000,
+                                                   prompt=frame.prompt))
                 return
 
     # -- stats -----------------------------------------------------------------------------------------------
@@ -372,7 +427,9 @@ class Session:
         return {"id": self.id, "prompt": self.prompt, "sections_done": self.generation.sections,
                 "viewers": len(self.viewers), "state": self.state, "created": self.created,
                 "generating": self.generation.watched and self.state == "running",
-                "frames_generated": self.generation.frames, "frames_played": self.track.stats.new}
+                "frames_generated": self.generation.frames, "frames_played": self.track.stats.new,
+                "settings": self.settings, "blend": self.blend, "timeline": self.timeline,
+                "transition_sections": self.transition_sections}
 
     # -- housekeeping ----------------------------------------------------------------------------------------
     async def _tick(self) -> None:

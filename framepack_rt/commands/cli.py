@@ -78,6 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve live generation over WebRTC until Ctrl-C / SIGTERM: the page at the printed URL."""
     import asyncio
 
+    from framepack_rt.commands import lora_flags
     from framepack_rt.pipeline import devices
     from framepack_rt.stream import options
     from framepack_rt.stream.server import ServerSettings, serve
@@ -88,7 +89,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               teacache=args.teacache, cfg=args.cfg, buffer_seconds=args.buffer, stamp=args.stamp,
                               device=args.device, dtype=args.dtype, low_vram=args.low_vram,
                               memory_budget_gb=args.memory_budget_gb, quantize=args.quantize, compile=args.compile,
+                              loras=lora_flags.specs(args), fuse_lora=args.fuse_lora,
+                              decode_overlap=False if args.no_decode_overlap else None,
                               **options.settings_kwargs(args))
+    if args.sequence_parallel > 1 or args.cfg_parallel:  # several worker processes (commands/parallel.py)
+        from framepack_rt.commands.parallel import serve_parallel
+
+        return serve_parallel(args, settings)
     try:
         asyncio.run(serve(settings, args.host, args.port, announce=lambda line: print(line, flush=True)))
     except (OSError, RuntimeError) as exc:  # port taken, pipeline missing: one line, not a traceback
@@ -142,9 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stamp", action="store_true",
                        help="stamp frame numbers into the top rows, for `framepack-rt bench --url` glass-to-glass")
     devices.add_arguments(serve, memory=True)
+    from framepack_rt.commands import parallel
+
+    parallel.add_arguments(serve)  # --sequence-parallel N, --cfg-parallel, --parallel-timeout, --no-decode-overlap
     from framepack_rt.stream import options
 
     options.add_arguments(serve)  # limits and --token
+    from framepack_rt.commands import lora_flags
+
+    lora_flags.add_arguments(serve)  # --lora FILE[:SCALE], --fuse-lora
     serve.set_defaults(run=cmd_serve)
 
     from framepack_rt.bench import latency as bench

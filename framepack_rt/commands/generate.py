@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
     from framepack_rt.commands import parallel
 
     parallel.add_arguments(parser)  # --sequence-parallel N, --cfg-parallel, --parallel-timeout
+    from framepack_rt.commands import lora_flags
+
+    lora_flags.add_arguments(parser)  # --lora FILE[:SCALE], --fuse-lora
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -66,6 +69,11 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from framepack_rt.commands import lora_flags
+
+    loras = lora_flags.specs(args)
+    if loras and (args.sequence_parallel > 1 or args.cfg_parallel):
+        raise ValueError("--lora with --sequence-parallel or --cfg-parallel is not supported yet: run on one worker")
     if args.sequence_parallel > 1 or args.cfg_parallel:  # several worker processes (commands/parallel.py)
         from framepack_rt.commands.parallel import run_parallel
 
@@ -77,10 +85,32 @@ def run(args: argparse.Namespace) -> int:
     pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_vram=args.low_vram,
                                              memory_budget_gb=args.memory_budget_gb, quantize=args.quantize,
                                              compile=args.compile)
+    if loras:
+        pipe.load_loras(loras, fuse=args.fuse_lora)
     frames_written = write_video(pipe, args)
     elapsed = time.perf_counter() - began
     print(f"wrote {args.out}: {frames_written} frames ({frames_written / FPS:.2f} s at {FPS} fps) in {elapsed:.1f} s")
     return 0
+
+
+def warn_unused_entries(schedule, late, args: argparse.Namespace, sections: int) -> None:
+    """Entries inside the video that never take over: prompts change where a section starts, so an entry
+    after the last section's start, or one a later entry supersedes before the next start, is not used."""
+    from framepack_rt.engine.prompts import entry_sections
+    from framepack_rt.engine.schedules import f1_schedule, inverted_schedule
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+    layout = f1_schedule(args.window, sections) if args.mode == "f1" else inverted_schedule(
+        sections, args.window, has_end_frame=bool(args.end_image))
+    starts = sorted(FramePackPipeline.section_start_seconds(layout, k) for k in range(sections))
+    taken = entry_sections([c.seconds for c in schedule],
+                           lambda k: FramePackPipeline.section_start_seconds(layout, k), 0, sections)
+    unused = [c for c, k in zip(schedule, taken) if k is None and c not in late]
+    if unused:
+        shown = ", ".join(f"{t:.2f}" for t in starts[:8]) + (", ..." if len(starts) > 8 else "")
+        print(f"warning: --prompt-schedule entries at {', '.join(f'{c.seconds:g}' for c in unused)} s are not used: "
+              f"a prompt takes over where a section starts (at {shown} s), and no section starts between them "
+              "and the next entry or the end", file=sys.stderr)
 
 
 def write_video(pipe, args: argparse.Namespace) -> int:
@@ -106,6 +136,7 @@ def write_video(pipe, args: argparse.Namespace) -> int:
         if late:
             print(f"warning: --prompt-schedule entries at {', '.join(f'{c.seconds:g}' for c in late)} s start after "
                   f"the video ends ({frames / FPS:.2f} s) and are not used", file=sys.stderr)
+        warn_unused_entries(schedule, late, args, sections)
     bar = tqdm(total=sections * steps, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def on_step(progress) -> None:
@@ -115,7 +146,8 @@ def write_video(pipe, args: argparse.Namespace) -> int:
     stream = pipe.stream(image, prompt or schedule[0].prompt, seed=args.seed, steps=steps,
                          window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
                          end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
-                         guidance=pipe.guidance(args.cfg))
+                         guidance=pipe.guidance(args.cfg),
+                         decode_overlap=False if getattr(args, "no_decode_overlap", False) else None)
     chunks = []
     with Mp4Writer(args.out, fps=FPS) as writer:
         for section in stream:

@@ -1,6 +1,7 @@
-"""``framepack-rt generate --sequence-parallel N [--cfg-parallel]``: one video on N worker processes.
+"""``framepack-rt generate|serve --sequence-parallel N [--cfg-parallel]``: one stream on N worker processes.
 
     run_parallel(args, world_size=2, cfg_parallel=False, device="cpu")   # args: generate's parsed arguments
+    serve_parallel(args, settings)                                        # serve's arguments and ServerSettings
 
 Rank 0 loads the whole pipeline, samples (its engine calls the transformer through
 :class:`~framepack_rt.engine.parallel.DistributedTransformer`), decodes and writes the MP4, exactly as
@@ -8,25 +9,40 @@ Rank 0 loads the whole pipeline, samples (its engine calls the transformer throu
 worker processes (GPUs): every transformer call runs sequence parallel over them, or, with ``--cfg-parallel``,
 the two guidance branches run on two halves of N/2 each. ``--device cuda`` gives worker r the GPU cuda:r;
 ``--device cpu`` runs gloo (tests). Under torchrun (several machines) the workers are torchrun's.
+
+``serve``: rank 0 hosts the server (every session, the encoders and the VAE decode) and its device worker
+thread drives the world, one section at a time, whichever session it belongs to; the other ranks follow. While
+no session runs, rank 0 pings the world every few seconds (engine.parallel.Keepalive), so the followers' wait
+stays bounded by ``--parallel-timeout`` and a dead or hung rank 0 is noticed. A worker that dies or hangs fails
+the session running (its viewers get the error), and rank 0 then stops the server: the command exits with the
+error, naming the worker when the launcher saw it die.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
+import signal
 import sys
+import threading
 import time
+from typing import Any
 
 import torch
 
-from framepack_rt.engine.parallel import DistributedTransformer, ParallelWorld, follow
+from framepack_rt.engine.parallel import DistributedTransformer, Keepalive, ParallelWorld, follow
 from framepack_rt.pipeline.framepack_pipeline import FPS
 from framepack_rt.pipeline.parallel_launch import LaunchConfig, launch, with_transformer
 
 DEFAULT_TIMEOUT_S = 600.0  # per collective: the 13B's first section compiles and loads within it
+KEEPALIVE_MAX_S = 5.0  # serve: rank 0 pings an idle world at least this often (and 4 times per timeout)
+STOP_DELAY_S = 3.0  # serve: after the world broke, sessions that generate meanwhile fail with its error first
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags ``generate`` and ``serve`` take for several workers."""
+    """The flags ``generate`` and ``serve`` take for several workers, and --no-decode-overlap (the decode
+    overlap lives with the launch flags: it is how one stream uses the devices it has)."""
     parser.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
                         help="worker processes (one GPU each with --device cuda) for one stream: each transformer "
                              "step is split over them by tokens (Ulysses); the heads (24) must divide by N, or "
@@ -35,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with real CFG, run the two guidance branches on two halves of the N workers")
     parser.add_argument("--parallel-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
                         help="a worker waiting longer than this on another (dead or hung) ends the run with an error")
+    parser.add_argument("--no-decode-overlap", action="store_true",
+                        help="decode each section after it samples instead of beside the next one's sampling "
+                             "(on by default, except with --low-vram: see README, decode overlap)")
 
 
 def launch_device(device: str) -> str:
@@ -53,11 +72,7 @@ def run_parallel(args: argparse.Namespace, world_size: int, cfg_parallel: bool, 
     from framepack_rt.commands.generate import validate
 
     validate(args)
-    if args.teacache is not None:
-        raise ValueError("--teacache cannot run with --sequence-parallel / --cfg-parallel yet: leave one out")
-    if args.low_vram:
-        raise ValueError("--low-vram streams blocks on one device: with several workers each holds 1/N of the work "
-                         "but all of the weights; leave --low-vram out")
+    refuse_unsupported(args.teacache, args.low_vram)
     config = LaunchConfig(world_size, cfg_parallel, launch_device(device), timeout_s)
     began = time.perf_counter()
     frames = launch(generate_worker, config, args)
@@ -65,6 +80,69 @@ def run_parallel(args: argparse.Namespace, world_size: int, cfg_parallel: bool, 
         print(f"wrote {args.out}: {frames} frames ({frames / FPS:.2f} s at {FPS} fps) in "
               f"{time.perf_counter() - began:.1f} s on {world_size} workers")
     return 0
+
+
+def refuse_unsupported(teacache: float | None, low_vram: bool) -> None:
+    """What several workers cannot do yet, refused before any process starts (ValueError)."""
+    if teacache is not None:
+        raise ValueError("--teacache cannot run with --sequence-parallel / --cfg-parallel yet (each worker would "
+                         "decide on its own shard of tokens whether to skip a step): leave one out")
+    if low_vram:
+        raise ValueError("--low-vram streams blocks on one device: with several workers each holds 1/N of the work "
+                         "but all of the weights; leave --low-vram out")
+
+
+def serve_parallel(args: argparse.Namespace, settings: Any) -> int:
+    """``framepack-rt serve`` on ``args.sequence_parallel`` workers; returns when the server stops. Sessions take
+    turns on the device worker (continuous batching packs StepPlans the workers do not share: turned off)."""
+    refuse_unsupported(settings.teacache, settings.low_vram)
+    if getattr(settings, "loras", ()):
+        raise ValueError("--lora with --sequence-parallel or --cfg-parallel is not supported yet (a session's live "
+                         "LoRA scales would change rank 0's weights only): run on one worker")
+    if getattr(settings, "batching", False):
+        print("framepack-rt serve: several workers: sessions take turns (continuous batching is off)", flush=True)
+        settings = dataclasses.replace(settings, batching=False)
+    config = LaunchConfig(args.sequence_parallel, args.cfg_parallel, launch_device(args.device),
+                          args.parallel_timeout)
+    launch(serve_worker, config, settings, args.host, args.port, config.timeout_s)
+    return 0
+
+
+def serve_worker(world: ParallelWorld, settings: Any, host: str, port: int, timeout_s: float) -> None:
+    """One worker of ``serve``: rank 0 serves until stopped (SIGINT, SIGTERM, or the world breaking), the
+    others follow its transformer calls. ``timeout_s``: the collective timeout (sets the keepalive)."""
+    import asyncio
+
+    from framepack_rt.model.parallel import check_world
+    from framepack_rt.stream.server import load_pipeline, serve
+
+    settings = dataclasses.replace(settings, device=str(world.device))
+    pipe = load_pipeline(settings)
+    transformer = pipe.parts.transformer()
+    check_world(transformer.config.num_attention_heads, world.sp_size)
+    if world.rank != 0:
+        print(f"framepack-rt serve: worker {world.rank} of {world.world_size} (pid {os.getpid()}) follows rank 0",
+              flush=True)
+        follow(transformer, world)
+        return
+    failures: list[BaseException] = []
+
+    def stop_serving(exc: BaseException) -> None:
+        """The world broke: stop the server in STOP_DELAY_S. Meanwhile every session that asks for a section
+        (those waiting for buffer room do within a section's playing time) fails with the error, which its
+        viewers are sent; the others are closed as the server shuts down."""
+        failures.append(exc)
+        threading.Timer(STOP_DELAY_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    print(f"framepack-rt serve: {world.world_size} workers, rank 0 (pid {os.getpid()}) serves and decodes",
+          flush=True)
+    every_s = min(KEEPALIVE_MAX_S, timeout_s / 4)
+    with DistributedTransformer(transformer, world, on_broken=stop_serving) as proxy, Keepalive(proxy, every_s):
+        served = with_transformer(pipe, proxy)
+        asyncio.run(serve(settings, host, port, announce=lambda line: print(line, flush=True),
+                          load=lambda: served))
+    if failures:
+        raise failures[0]
 
 
 def generate_worker(world: ParallelWorld, args: argparse.Namespace) -> int | None:

@@ -93,6 +93,21 @@ class SectionLatents:
     is_last: bool
 
 
+@dataclass
+class SectionSetup:
+    """What sampling one section starts from: guidance branches are (name, Conditioning), the negative one
+    None without real CFG; caches are the branches' TeaCaches by name (empty without TeaCache); x is the
+    initial noise (B, 16, w, H, W)."""
+
+    index: int
+    conditioning: Conditioning
+    context: ContextInputs
+    caches: dict[str, TeaCache]
+    positive: tuple[str, Conditioning]
+    negative: tuple[str, Conditioning] | None
+    x: torch.Tensor
+
+
 class SectionGenerator:
     """Yields :class:`SectionLatents` one section at a time; endless for an open-ended F1 schedule."""
 
@@ -153,6 +168,16 @@ class SectionGenerator:
         return self
 
     def __next__(self) -> SectionLatents:
+        k, conditioning = self.open_section()
+        try:
+            return self._generate(k, conditioning)
+        finally:
+            self.close_section()
+
+    def open_section(self) -> tuple[int, Conditioning]:
+        """The next section's index and conditioning (a pending prompt applies from here); the section counts
+        as in flight until :meth:`close_section`. StopIteration when the schedule is done. ``next()`` samples
+        the section in one call; continuous batching (engine/batching.py) opens it and drives it step by step."""
         if self.finished:
             raise StopIteration
         with self._lock:
@@ -161,24 +186,41 @@ class SectionGenerator:
                 self._pending = None
             conditioning = self._conditioning
             k = self._in_flight = self.sections_done
-        try:
-            return self._generate(k, conditioning)
-        finally:
-            with self._lock:
-                self._in_flight = None
+        return k, conditioning
 
-    def _generate(self, k: int, conditioning: Conditioning) -> SectionLatents:
-        layout = self.schedule.layout(k)
-        context = self.ring.inputs(layout)
+    def close_section(self) -> None:
+        """The section opened last is done (or abandoned): a prompt set from now on is for the next one."""
+        with self._lock:
+            self._in_flight = None
+
+    def section_setup(self, k: int, conditioning: Conditioning) -> SectionSetup:
+        """Section ``k``'s context, TeaCache state, guidance branches and initial noise (drawn here)."""
+        context = self.ring.inputs(self.schedule.layout(k))
         caches = {}
         if self.sampler.teacache is not None:
             caches = {"pos": TeaCache(self.sampler.teacache), "neg": TeaCache(self.sampler.teacache)}
             for cache in caches.values():
                 cache.start(self.sampler.steps)
-        positive = ("pos", conditioning)
         negative = None
         if self.sampler.guidance.cfg != 1.0:  # real CFG only: at cfg 1 the negative branch never runs
             negative = ("neg", self._negative or _zeros_like(conditioning))
+        shape = (self.batch, self.model.config.in_channels, self.schedule.window, self.height, self.width)
+        x = self.noise.noise(shape, device=self.device)
+        return SectionSetup(k, conditioning, context, caches, ("pos", conditioning), negative, x)
+
+    def step_info_callback(self, k: int) -> Callable[[StepInfo], None] | None:
+        """The sampler's per-step callback for section ``k``: the generator's step_callback, as a StepEvent."""
+        if self.step_callback is None:
+            return None
+
+        def callback(info: StepInfo) -> None:
+            self.step_callback(StepEvent(k, info.step, info.steps, info.sigma, info.denoised))
+
+        return callback
+
+    def _generate(self, k: int, conditioning: Conditioning) -> SectionLatents:
+        setup = self.section_setup(k, conditioning)
+        context, caches, positive, negative = setup.context, setup.caches, setup.positive, setup.negative
         velocity = self._velocity_fn(context, caches)
         pair = None
         if negative is not None and not caches and _batchable(conditioning, negative[1]):
@@ -186,21 +228,17 @@ class SectionGenerator:
         elif negative is not None and caches:
             pair = self._branched_velocity_fn(context, caches)  # one cache per branch, blocks visited once
         denoise = guided_denoiser(velocity, self.sampler.guidance, positive, negative, pair_fn=pair)
-        shape = (self.batch, self.model.config.in_channels, self.schedule.window, self.height, self.width)
-        x = self.noise.noise(shape, device=self.device)
-
-        callback = None
-        if self.step_callback is not None:
-            def callback(info: StepInfo) -> None:
-                self.step_callback(StepEvent(k, info.step, info.steps, info.sigma, info.denoised))
-
+        callback = self.step_info_callback(k)
         _sync(self.device)
         began = time.perf_counter()
         with torch.no_grad():
-            latents = sample(denoise, x, self.sigmas.to(self.device), self.sampler.solver, callback)
+            latents = sample(denoise, setup.x, self.sigmas.to(self.device), self.sampler.solver, callback)
         _sync(self.device)
-        ms = (time.perf_counter() - began) * 1000
+        return self.section_result(setup, latents, (time.perf_counter() - began) * 1000)
 
+    def section_result(self, setup: SectionSetup, latents: torch.Tensor, ms: float) -> SectionLatents:
+        """Section ``setup.index`` sampled to ``latents`` in ``ms``: pushed into the ring, reported."""
+        k, conditioning, caches = setup.index, setup.conditioning, setup.caches
         self.ring.push(latents)
         self.sections_done = k + 1
         output = latents

@@ -17,23 +17,29 @@ second half waits.
 Per call: a 4-integer header broadcast, then for a step the latents and the timesteps/guidance (one tensor);
 for a prepare (once a section and branch) the conditioning and context latents as one pickled object. Every
 collective has the process group's timeout (set where the group is made: framepack_rt/pipeline/parallel_launch.py),
-so a worker that dies makes the others fail with an error instead of waiting for ever.
+so a worker that dies makes the others fail with an error instead of waiting for ever; a failed collective is
+raised on rank 0 as :class:`WorkerLost`. A server's world can sit idle for longer than the timeout (no session
+running): rank 0 then sends a no-op call every few seconds (:class:`Keepalive`), so that only a dead or hung
+rank 0 makes a follower's wait run out.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
 from framepack_rt.model.parallel import SequenceParallel, check_world
 
-PREPARE, STEP, STOP = 1, 2, 3
+log = logging.getLogger(__name__)
+
+PREPARE, STEP, STOP, NOOP = 1, 2, 3, 4
 HEADER = 4  # op, plan id, has guidance, reserved
 KEEP_PLANS = 8  # plans each rank keeps: a section prepares at most two (the CFG pair, the positive branch), x 4 sessions
 
@@ -142,6 +148,12 @@ class _Executor:
         return None
 
 
+def _from_the_world(exc: BaseException) -> bool:
+    """A failed collective (gloo and NCCL raise RuntimeError or DistError: a peer gone, a timeout), not rank 0's
+    own out-of-memory or a programming error (those keep their type: the server reports an OOM as one)."""
+    return isinstance(exc, RuntimeError) and not isinstance(exc, (torch.OutOfMemoryError, WorkerLost))
+
+
 def _batch_slice(value: Any, batch: int, part: slice) -> Any:
     """A prepare() argument restricted to the samples in ``part``: per-sample tensors (batch first, 2-D or
     more) are sliced; shared ones ((T,) frame indices, None) pass."""
@@ -154,6 +166,11 @@ def _per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -
     return torch.as_tensor(value, dtype=torch.float32, device=device).reshape(-1).expand(batch)
 
 
+class WorkerLost(RuntimeError):
+    """A collective of the multi-process world failed (a worker died, hung past the timeout, or left): every
+    worker must be restarted."""
+
+
 class DistributedTransformer:
     """Rank 0's stand-in for the transformer: ``prepare`` / ``step`` as the model's, each call run by the world.
 
@@ -161,13 +178,18 @@ class DistributedTransformer:
     run one after another. ``close()`` (or the ``with`` block) releases the followers. TeaCache is not
     supported (its cache lives on rank 0)."""
 
-    def __init__(self, model: torch.nn.Module, world: ParallelWorld) -> None:
+    def __init__(self, model: torch.nn.Module, world: ParallelWorld,
+                 on_broken: Callable[[BaseException], None] | None = None) -> None:
+        """on_broken(exc): called once, on the calling thread, when a call fails and the world is broken (a
+        server stops itself there: the sessions after it could only fail)."""
         if world.rank != 0:
             raise ValueError(f"rank {world.rank} follows (framepack_rt.engine.parallel.follow); only rank 0 drives")
         self.model, self.world = model, world
         self._executor = _Executor(model, world)
         self._next_id = 0
         self._closed = self._broken = False
+        self.failure: BaseException | None = None  # what broke the world, once it is
+        self._on_broken = on_broken
         self._lock = threading.Lock()
 
     @property
@@ -185,6 +207,8 @@ class DistributedTransformer:
     def _header(self, op: int, plan_id: int = 0, has_guidance: bool = False) -> None:
         if self._closed:
             raise RuntimeError("the distributed transformer is closed: its followers have left")
+        if self._broken:
+            raise WorkerLost(f"the worker processes failed earlier ({self.failure}); restart them all")
         header = torch.tensor([op, plan_id, int(has_guidance), 0], dtype=torch.int64, device=self.world.device)
         dist.broadcast(header, src=0)
 
@@ -234,25 +258,56 @@ class DistributedTransformer:
         """FramePackTransformer.step_branches (StepBranch tuples): one distributed step per branch."""
         return [self.step(b.plan, b.hidden_states, b.timestep, b.guidance, b.step_cache) for b in branches]
 
+    def ping(self) -> bool:
+        """A no-op call if the world is idle (nothing else holds it); True if one was sent. Keeps followers,
+        which wait at most the collective timeout for rank 0's next call, waiting while nothing runs."""
+        if not self._lock.acquire(blocking=False):
+            return False
+        self._lock.release()
+        with self._collective():
+            if self._closed:
+                return False
+            self._header(NOOP)
+            return True
+
     @contextlib.contextmanager
     def _collective(self) -> Iterator[None]:
         """A call the whole world takes part in, one at a time (a server's sessions call from their own threads;
         the collectives of two calls must not interleave). If it fails (a peer died, a timeout), the world is
-        broken and close() must not wait on it once more."""
+        broken, close() must not wait on it once more, and a failed collective is raised as WorkerLost."""
+        already = self._broken
         with self._lock:
             try:
                 yield
-            except BaseException:
+            except BaseException as exc:
                 self._broken = True
+                if already:
+                    raise
+                self.failure = exc
+                lost = None
+                if _from_the_world(exc):
+                    detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                    lost = WorkerLost(f"a worker process stopped answering ({detail}); every worker must be "
+                                      "restarted")
+                    self.failure = lost
+                if self._on_broken is not None:
+                    self._on_broken(self.failure)
+                if lost is not None:
+                    raise lost from exc
                 raise
 
     def close(self) -> None:
         """Tell the followers to return (once; later calls do nothing). After a failed call nothing is sent:
-        the followers fail on their own collective's timeout."""
+        the followers fail on their own collective's timeout. Followers already gone (a launcher such as torchrun
+        signals every worker at once on shutdown) are logged, not raised: there is nobody left to release."""
         with self._lock:
-            if not (self._closed or self._broken):
-                self._header(STOP)
-            self._closed = True
+            try:
+                if not (self._closed or self._broken):
+                    self._header(STOP)
+            except RuntimeError as exc:
+                log.warning("the other workers had already left when rank 0 closed: %s", str(exc).splitlines()[0])
+            finally:
+                self._closed = True
 
     def __enter__(self) -> "DistributedTransformer":
         return self
@@ -274,6 +329,8 @@ def follow(model: torch.nn.Module, world: ParallelWorld) -> int:
         op, plan_id, has_guidance, _ = header.tolist()
         if op == STOP:
             return steps
+        if op == NOOP:  # rank 0 is idle and alive
+            continue
         if op == PREPARE:
             payload = [None]
             dist.broadcast_object_list(payload, src=0, device=world.device)
@@ -290,3 +347,30 @@ def follow(model: torch.nn.Module, world: ParallelWorld) -> int:
             steps += 1
         else:
             raise RuntimeError(f"unknown command {op} from rank 0: were the workers started from different versions?")
+
+
+class Keepalive:
+    """Rank 0's thread that pings the world (:meth:`DistributedTransformer.ping`) every ``every_s`` seconds
+    while it is idle; ``with Keepalive(proxy, 5.0): ...``. It stops at the first failure (the proxy is then
+    broken and its on_broken hook has run)."""
+
+    def __init__(self, proxy: DistributedTransformer, every_s: float) -> None:
+        self.proxy, self.every_s = proxy, every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="framepack-keepalive", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.proxy.ping()
+            except Exception as exc:  # noqa: BLE001 -- the world is broken; the proxy recorded and reported it
+                log.error("the worker processes stopped answering: %s", exc)
+                return
+
+    def __enter__(self) -> "Keepalive":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(self.every_s + 1.0)  # a ping stuck on a hung world is a daemon thread: not waited for

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Generator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -133,6 +133,24 @@ def sample(
     solver: "unipc_bh1" (default), "unipc_bh2" (UniPC, order min(3, steps - 1), warm-up orders 1, 2, ...)
     or "euler" (the first-order flow step x + (sigma_next - sigma) * v).
     """
+    steps = sampling_steps(x, sigmas, solver, callback)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(denoise(*request))
+    except StopIteration as done:
+        return done.value
+
+
+def sampling_steps(
+    x: Tensor,
+    sigmas: Tensor,
+    solver: str = "unipc_bh1",
+    callback: Optional[Callable[[StepInfo], None]] = None,
+) -> Generator[tuple[Tensor, Tensor], Tensor, Tensor]:
+    """:func:`sample` as a resumable generator: it yields each model evaluation it needs, ``(x, sigma (B,))``,
+    is sent the x0 prediction there, and returns the final x0. :func:`sample` drives it with a denoiser; the
+    continuous batcher (engine/batching.py) drives many at once, so both run exactly this solver code."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
     if sigmas.ndim != 1 or sigmas.numel() < 2:
@@ -140,7 +158,12 @@ def sample(
     ts = sigmas.tolist()  # one host sync; the coefficients are host math
     if ts[-1] != 0.0 or min(ts[:-1]) <= 0.0 or any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError("sigmas must decrease strictly and end at exactly 0 (e.g. from flow_sigmas)")
+    return _sampling_steps(x, sigmas, ts, solver, callback)
 
+
+def _sampling_steps(x: Tensor, sigmas: Tensor, ts: list[float], solver: str,
+                    callback: Optional[Callable[[StepInfo], None]]) -> Generator[tuple[Tensor, Tensor], Tensor, Tensor]:
+    """The solver loop of :func:`sampling_steps`, after its checks (which so raise at the call, not at next())."""
     sigmas = sigmas.to(x.device)
     steps, batch = len(ts) - 1, x.shape[0]
     order = 1 if solver == "euler" else max(1, min(3, steps - 1))
@@ -149,11 +172,11 @@ def sample(
     for i in range(steps):
         sigma = sigmas[i].expand(batch)
         if i == 0:
-            x0 = denoise(x, sigma)
+            x0 = yield x, sigma
         elif solver == "euler":
             ratio = ts[i] / ts[i - 1]
             x = ratio * x + (1.0 - ratio) * x0_hist[-1]
-            x0 = denoise(x, sigma)
+            x0 = yield x, sigma
         else:
             p = min(i, order)  # warm-up: not enough history yet for the full order
             ratio, pred_w, corr_w, corr_new = _unipc_coeffs(ts[i - p : i], ts[i], p, variant)
@@ -163,7 +186,7 @@ def sample(
             x_pred = base
             for w, d in zip(pred_w, diffs):
                 x_pred = x_pred - w * d
-            x0 = denoise(x_pred, sigma)
+            x0 = yield x_pred, sigma
             # UniC: correct x with the evaluation just made at x_pred (no extra model call).
             x = base - corr_new * (x0 - prev)
             for w, d in zip(corr_w, diffs):
@@ -222,26 +245,40 @@ def guided_denoiser(
         )
 
     def denoise(x: Tensor, sigma: Tensor) -> Tensor:
-        batch, work = x.shape[0], torch.promote_types(x.dtype, torch.float32)
-        sigma = sigma.to(x.device).reshape(-1).expand(batch)  # 0-d or (B,) -> (B,)
-        timestep = sigma.float() * 1000.0
-        g = torch.full((batch,), guidance.distilled * 1000.0, dtype=torch.float32, device=x.device)
-        # The interval test reads sigma on the host: only when there is an interval (a device sync otherwise).
-        guide = use_cfg and (guidance.cfg_min_sigma == 0.0 or float(sigma.max()) >= guidance.cfg_min_sigma)
+        sigma, timestep, g, guide = model_inputs(guidance, x, sigma)
         if guide and pair_fn is not None:
-            v_pos, v_neg = (v.to(work) for v in pair_fn(x, timestep, g, positive, negative))
+            v_pos, v_neg = pair_fn(x, timestep, g, positive, negative)
         else:
-            v_pos = velocity_fn(x, timestep, g, positive).to(work)
-            v_neg = velocity_fn(x, timestep, g, negative).to(work) if guide else None
-        v = v_pos
-        if guide:
-            v = v_neg + guidance.cfg * (v_pos - v_neg)
-            if guidance.cfg_rescale > 0.0:
-                v = _cfg_rescale(v, v_pos, guidance.cfg_rescale)
-        s = sigma.to(work).reshape(batch, *([1] * (x.ndim - 1)))
-        return (x.to(work) - v * s).to(x.dtype)
+            v_pos = velocity_fn(x, timestep, g, positive)
+            v_neg = velocity_fn(x, timestep, g, negative) if guide else None
+        return guided_x0(guidance, x, sigma, v_pos, v_neg)
 
     return denoise
+
+
+def model_inputs(guidance: GuidanceConfig, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """For an evaluation at ``sigma`` (0-d or (B,)): sigma (B,), the model's timestep (B,) and distilled guidance
+    (B,) in fp32, and whether this step runs real CFG (the negative branch too)."""
+    batch = x.shape[0]
+    sigma = sigma.to(x.device).reshape(-1).expand(batch)  # 0-d or (B,) -> (B,)
+    timestep = sigma.float() * 1000.0
+    g = torch.full((batch,), guidance.distilled * 1000.0, dtype=torch.float32, device=x.device)
+    # The interval test reads sigma on the host: only when there is an interval (a device sync otherwise).
+    guide = guidance.cfg != 1.0 and (guidance.cfg_min_sigma == 0.0 or float(sigma.max()) >= guidance.cfg_min_sigma)
+    return sigma, timestep, g, guide
+
+
+def guided_x0(guidance: GuidanceConfig, x: Tensor, sigma: Tensor, v_pos: Tensor, v_neg: Tensor | None) -> Tensor:
+    """The x0 prediction x - v * sigma from the branches' velocities (real CFG when ``v_neg`` is given); math in
+    at least fp32, returned in x's dtype. sigma: (B,) from :func:`model_inputs`."""
+    batch, work = x.shape[0], torch.promote_types(x.dtype, torch.float32)
+    v = v_pos = v_pos.to(work)
+    if v_neg is not None:
+        v = v_neg.to(work) + guidance.cfg * (v_pos - v_neg.to(work))
+        if guidance.cfg_rescale > 0.0:
+            v = _cfg_rescale(v, v_pos, guidance.cfg_rescale)
+    s = sigma.to(work).reshape(batch, *([1] * (x.ndim - 1)))
+    return (x.to(work) - v * s).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------ noise

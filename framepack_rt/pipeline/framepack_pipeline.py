@@ -14,17 +14,20 @@ import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGenerator, SectionLatents, StepEvent
+from framepack_rt.engine.batching import SectionRun
+from framepack_rt.engine.prompts import Blend, PromptBlender, blend_label, entry_sections, normalize_blend, single
 from framepack_rt.pipeline.media import BUCKET_SETS, PromptChange, fit_to_bucket, load_image, nearest_bucket, prompt_at
 from framepack_rt.engine.sampling import GuidanceConfig
 from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedule, num_sections, video_frames_for_latents
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
+from framepack_rt.pipeline.decode_ahead import DecodeAhead, overlap_by_default
 from framepack_rt.pipeline.vae import StreamingDecoder, latent_preview
 
 if TYPE_CHECKING:
@@ -53,6 +56,7 @@ class Section:
     steps_run: int
     steps_skipped: int
     is_last: bool
+    blend: Blend = ()  # the prompts and weights it was generated with (prompt is their label)
 
 
 @dataclass
@@ -74,32 +78,77 @@ class VideoStream:
     """Iterator of :class:`Section`; ``set_prompt`` / ``pause`` / ``resume`` / ``stop`` are thread-safe."""
 
     def __init__(self, pipe: "FramePackPipeline", generator: SectionGenerator, decoder: StreamingDecoder,
-                 prompt: str, prompt_schedule: list[PromptChange] | None, image_embeds: torch.Tensor) -> None:
+                 prompt: str, prompt_schedule: list[PromptChange] | None, image_embeds: torch.Tensor,
+                 decode_overlap: bool = False, first: Conditioning | None = None) -> None:
+        """first: the conditioning of ``prompt`` the generator starts with (so it is not encoded again)."""
         self._pipe, self._gen, self._decoder = pipe, generator, decoder
+        # decode_overlap: section k decodes on its own thread (CUDA stream) while k + 1 samples (decode_ahead.py)
+        self._ahead = DecodeAhead(self._decode, generator.device) if decode_overlap else None
         self._image_embeds = image_embeds
         self._lock = threading.Lock()
-        self._pending_prompt: str | None = None
-        self._prompt = prompt
-        self._schedule = prompt_schedule
+        self._init_prompts(prompt, prompt_schedule, first)
         self._running = threading.Event()
         self._running.set()
         self._stopped = False
         self._in_flight: int | None = None
         self.sections_done = 0
+        self._lora_scales = pipe.lora_scales()  # this stream's LoRA scales, put on the shared model per section
+        self._lora_pending: dict[str, tuple[float, int]] = {}  # name -> (scale, the section it applies from)
 
     # -- control ---------------------------------------------------------------------------------------------
-    def set_prompt(self, text: str) -> int:
-        """Use ``text`` from the next section on; returns the index of the section it applies from."""
-        if not text.strip():
-            raise ValueError("empty prompt")
+    def set_prompt(self, prompt: str | Sequence[tuple[str, float]], transition_sections: int = 0) -> int:
+        """Use ``prompt`` (a text, or weighted texts [(text, weight), ...], normalised) from the next section
+        on, blended in over ``transition_sections`` sections from the blend in use (0 or 1: at once; section j
+        of the transition uses weight (j + 1) / N of the new prompt). Returns the index of the section it
+        applies from. A prompt set during a transition starts from the blend in use: no jump."""
+        target = self._target(prompt)
+        if isinstance(transition_sections, bool) or not isinstance(transition_sections, int) or transition_sections < 0:
+            raise ValueError(f"transition_sections must be an integer >= 0, got {transition_sections!r}")
         with self._lock:
-            self._pending_prompt = text
-            return self.sections_done if self._in_flight is None else self._in_flight + 1
+            self._pending_prompt = (target, transition_sections)
+            return self._next_section()
+
+    def set_prompt_schedule(self, schedule: list[PromptChange] | None,
+                            transition_sections: int = 0) -> tuple[int, list[int | None]]:
+        """Follow a prompt timeline (video seconds, as ``generate --prompt-schedule``) from the next section on;
+        None drops the timeline. Each entry takes over at the first section starting at or after its time,
+        blended in over ``transition_sections``; of the entries already past, the one in force takes over at
+        the next section (the video follows the timeline from now as if it had always had it). Prompts set
+        with :meth:`set_prompt` hold until the next entry's time. Returns (the next section, from which the
+        timeline is followed; per entry, the section it takes over at, or None for entries that never will:
+        past a clip's end, or superseded before any section starts)."""
+        if isinstance(transition_sections, bool) or not isinstance(transition_sections, int) or transition_sections < 0:
+            raise ValueError(f"transition_sections must be an integer >= 0, got {transition_sections!r}")
+        for change in schedule or ():
+            single(change.prompt)  # a usable text, or ValueError now rather than on the generation thread
+        with self._lock:
+            first = self._next_section()
+            self._schedule = list(schedule) if schedule else None
+            self._schedule_transition = transition_sections
+            self._schedule_entry = None  # the entry in force at the next section takes over there
+        if not schedule:
+            return first, []
+        gen_schedule = self._gen.schedule
+        return first, entry_sections([c.seconds for c in schedule],
+                                     lambda k: self._pipe.section_start_seconds(gen_schedule, k), first,
+                                     gen_schedule.num_sections)
 
     @property
     def prompt(self) -> str:
+        """The label of the prompt (blend) being moved to: what set_prompt last asked for."""
         with self._lock:
-            return self._pending_prompt or self._prompt
+            return blend_label(self._pending_prompt[0] if self._pending_prompt else self._blender.target)
+
+    @property
+    def max_section_frames(self) -> int:
+        """The most frames one section hands over (4 per latent of the window; the first also the start frame):
+        the buffer room a server reserves before it starts a section, so handing it over never waits."""
+        return 4 * self._gen.schedule.window + 1
+
+    @property
+    def blend(self) -> Blend:
+        """The prompts and weights of the last section started."""
+        return self._blender.in_use
 
     def pause(self) -> None:
         """Finish the section in flight, then wait until ``resume`` (or ``stop``)."""
@@ -112,6 +161,8 @@ class VideoStream:
         """End the stream: the section in flight is abandoned at its next step; iteration ends."""
         self._stopped = True
         self._running.set()
+        if self._ahead is not None:
+            self._ahead.close()
 
     @property
     def paused(self) -> bool:
@@ -130,11 +181,14 @@ class VideoStream:
         return self
 
     def __next__(self) -> Section:
+        if self._ahead is not None:
+            return self._next_overlapped(self._ahead)
         self._running.wait()
         if self._stopped or self._gen.finished:
             raise StopIteration
         k = self.sections_done
         self._apply_prompt(k)
+        self._apply_lora(k)
         with self._lock:
             self._in_flight = k
         try:
@@ -148,16 +202,145 @@ class VideoStream:
                 self.sections_done = k + int(self._gen.sections_done > k)
         return section
 
-    def _apply_prompt(self, k: int) -> None:
+    def _next_overlapped(self, ahead: DecodeAhead) -> Section:
+        """Section k (decoding on ahead's thread) is handed over once k + 1 has sampled here. Pausing, stopping
+        and prompts act on sampling exactly as without overlap: a section sampled is decoded and handed over,
+        even if the stream was paused meanwhile; a stop abandons the section sampling; a prompt set while k
+        samples applies from k + 1."""
+        if not ahead.pending:
+            self._running.wait()
+            latents = None if self._stopped or self._gen.finished else self._sample_section()
+            if latents is None:
+                ahead.close()
+                raise StopIteration
+            ahead.submit(latents, latents.output_latents)
+        following = None
+        if self._running.is_set() and not self._stopped and not self._gen.finished:
+            following = self._sample_section()
+        section = ahead.take()
+        if following is not None:
+            ahead.submit(following, following.output_latents)
+        elif section.is_last:
+            ahead.close()
+        return section
+
+    def _sample_section(self) -> SectionLatents | None:
+        """Sample the next section on this thread (None if stopped meanwhile); with overlap only."""
+        k = self.sections_done
+        self._apply_prompt(k)
+        self._apply_lora(k)
         with self._lock:
-            text, self._pending_prompt = self._pending_prompt, None
-        if text is None and self._schedule is not None:
-            scheduled = prompt_at(self._schedule, self._pipe.section_start_seconds(self._gen.schedule, k))
-            text = scheduled if scheduled != self._prompt else None
-        if text is not None and text != self._prompt:
-            self._gen.set_conditioning(self._pipe.conditioning(text, self._image_embeds))
-            with self._lock:
-                self._prompt = text
+            self._in_flight = k
+        try:
+            return next(self._gen)
+        except _Stopped:
+            return None
+        finally:
+            with self._lock:  # sampled: a prompt set from now on is for the section after it
+                self._in_flight = None
+                self.sections_done = k + int(self._gen.sections_done > k)
+
+    # -- continuous batching (pipeline/batching.py drives these, one step at a time) -------------------------
+    def open_run(self) -> SectionRun | None:
+        """The next section, opened for sampling step by step with other streams' (None: the stream ended).
+        Prompts and LoRA scales due apply as in ``next()``; the run's batch key is this stream's LoRA scales."""
+        if self._stopped or self._gen.finished:
+            return None
+        k = self.sections_done
+        self._apply_prompt(k)
+        self._apply_lora(k)
+        with self._lock:
+            self._in_flight = k
+        try:
+            return SectionRun(self._gen, batch_key=tuple(sorted(self.lora_scales.items())))
+        except BaseException:
+            self.close_run(k)
+            raise
+
+    def close_run(self, k: int) -> None:
+        """Section ``k``'s run ended (sampled or abandoned): a prompt set from now on is for the next section."""
+        with self._lock:
+            self._in_flight = None
+            self.sections_done = k + int(self._gen.sections_done > k)
+
+    # -- LoRA scales (model/lora.py): per stream, on the model shared with other streams ---------------------
+    def set_lora_scale(self, name: str, scale: float) -> int:
+        """Adapter ``name`` at ``scale`` from the next section on; returns the index of the section it applies
+        from. Raises ValueError (LoraError) for an unknown name, a scale out of range, or a fused adapter."""
+        scale = self._pipe.check_lora_scale(name, scale)
+        with self._lock:
+            section = self._next_section()
+            self._lora_pending[name] = (scale, section)
+            return section
+
+    @property
+    def lora_scales(self) -> dict[str, float]:
+        """The scales of the last section started."""
+        with self._lock:
+            return dict(self._lora_scales)
+
+    def _apply_lora(self, k: int) -> None:
+        """Before sampling section k: the scales due by k, then this stream's scales onto the shared model."""
+        if not self._lora_scales:
+            return
+        with self._lock:
+            for name, (scale, section) in list(self._lora_pending.items()):
+                if section <= k:
+                    self._lora_scales[name] = scale
+                    del self._lora_pending[name]
+            scales = dict(self._lora_scales)
+        self._pipe.apply_lora_scales(scales)
+
+    # -- prompts (blends, transitions, timelines; engine/prompts.py) ---------------------------------------
+    def _init_prompts(self, prompt: str, schedule: list[PromptChange] | None, first: Conditioning | None) -> None:
+        self._blender = PromptBlender(lambda text: self._pipe.conditioning(text, self._image_embeds), prompt, first)
+        self._pending_prompt: tuple[Blend, int] | None = None  # (target, transition sections) for the next section
+        self._schedule = schedule
+        self._schedule_transition = 0
+        # The timeline entry in force at the last section (None: the next section applies whichever is).
+        self._schedule_entry: int | None = None
+        if schedule:
+            self._schedule_entry = max((i for i, c in enumerate(schedule) if c.seconds <= 0.0), default=None)
+        self._blends: dict[int, Blend] = {}  # section index -> its blend, until the section is decoded
+
+    @staticmethod
+    def _target(prompt: str | Sequence[tuple[str, float]]) -> Blend:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError("empty prompt")
+            return single(prompt)
+        return normalize_blend(prompt)
+
+    def _next_section(self) -> int:
+        """The section a request made now applies from (call holding the lock)."""
+        return self.sections_done if self._in_flight is None else self._in_flight + 1
+
+    def _apply_prompt(self, k: int) -> None:
+        """Before sampling section k: the request or timeline entry due, then the blend for k."""
+        with self._lock:
+            # In flight from here: a request made after this applies from k + 1, as set_prompt answers.
+            self._in_flight = k
+            request, self._pending_prompt = self._pending_prompt, None
+            scheduled = self._scheduled_change(k)
+        if request is None:
+            request = scheduled  # a request made for this section wins over the timeline entry due at it
+        if request is not None:
+            self._blender.start(*request)
+        blend, conditioning = self._blender.advance()
+        if conditioning is not None:
+            self._gen.set_conditioning(conditioning)
+        self._blends[k] = blend
+
+    def _scheduled_change(self, k: int) -> tuple[Blend, int] | None:
+        """The timeline entry that takes over at section k, if one does (call holding the lock)."""
+        if not self._schedule:
+            return None
+        seconds = self._pipe.section_start_seconds(self._gen.schedule, k)
+        entry = max((i for i, c in enumerate(self._schedule) if c.seconds <= seconds), default=None)
+        if entry is None or entry == self._schedule_entry:
+            return None
+        self._schedule_entry = entry
+        return single(self._schedule[entry].prompt), self._schedule_transition
 
     def _decode(self, s: SectionLatents) -> Section:
         began = time.perf_counter()
@@ -172,6 +355,7 @@ class VideoStream:
             index=s.index, frames=frames.numpy(), first_frame=chunk.start, prompt=s.prompt,
             ms=s.ms + decode_ms, sample_ms=s.ms, decode_ms=decode_ms, ms_per_step=s.ms_per_step,
             steps_run=s.steps_run, steps_skipped=s.steps_skipped, is_last=s.is_last,
+            blend=self._blends.pop(s.index, single(s.prompt)),
         )
 
 
@@ -191,6 +375,8 @@ class FramePackPipeline:
         self.default_steps = default_steps
         self.default_guidance = default_guidance
         self.example = example
+        self._loras = None  # model/lora.py's LoraSet, made by the first load_lora()
+        self._lora_defaults: dict[str, float] = {}  # name -> the scale new streams start with
 
     # -- loading ---------------------------------------------------------------------------------------------
     @classmethod
@@ -259,6 +445,86 @@ class FramePackPipeline:
                             encoders_on_cpu=estimate.encoders_on_cpu)
         return cls(parts, placement=placement, **settings)
 
+    # -- LoRA (model/lora.py) ----------------------------------------------------------------------------
+    def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
+        """Attach a LoRA file (diffusers/PEFT or kohya/musubi keys) to the transformer, unmerged, at ``scale``:
+        the default of new streams, which may change theirs live (VideoStream.set_lora_scale). Returns its
+        name (default: the file's stem). Several stack."""
+        name = self._lora_set(create=True).load(path, scale=scale, name=name)
+        self._lora_defaults[name] = float(scale)
+        return name
+
+    def load_loras(self, loras: Sequence[tuple[str | Path, float]], fuse: bool = False) -> list[str]:
+        """Several :meth:`load_lora` calls ((path, scale) each, named by their stems), then :meth:`fuse_lora`
+        if ``fuse``: what ``--lora FILE[:SCALE] ... [--fuse-lora]`` does. Returns the names."""
+        from framepack_rt.model.lora import LoraError
+
+        if fuse and not loras:
+            raise LoraError("--fuse-lora needs at least one --lora FILE[:SCALE]")
+        names = [self.load_lora(path, scale=scale) for path, scale in loras]
+        if fuse:
+            self.fuse_lora()
+        return names
+
+    def fuse_lora(self) -> None:
+        """Merge the loaded LoRAs into the transformer's weights at their scales (fp8 weights are requantized):
+        no per-call cost, but the scales are fixed from now on. With streamed blocks (low_vram), fuse before
+        the first section."""
+        from framepack_rt.model.lora import LoraError
+
+        loras = self._lora_set()
+        if loras is None:
+            raise LoraError("no LoRA loaded: load_lora() first, then fuse")
+        streamer = getattr(self.parts, "streamer", None)
+        if streamer is not None and streamer.stats.blocks_streamed:
+            raise LoraError("the transformer's blocks are streaming already: fuse LoRAs right after loading, "
+                            "before the first section (or leave them unmerged)")
+        loras.fuse()
+
+    def unload_loras(self) -> None:
+        """Remove every unmerged LoRA (the model computes as before they were loaded); streams already made
+        keep their scales but no longer have adapters to apply them to. Fused LoRAs cannot be taken out."""
+        from framepack_rt.model.lora import LoraError
+
+        loras = self._lora_set()
+        if loras is not None and loras.fused:
+            raise LoraError("the LoRAs are fused into the weights: reload the model to remove them")
+        if loras is not None:
+            loras.detach()
+        self._loras, self._lora_defaults = None, {}
+
+    def lora_info(self) -> list[dict]:
+        """The loaded LoRAs: name, scale (new streams' default), format, layers, fused."""
+        loras = self._lora_set()
+        return [] if loras is None else [{**d, "scale": self._lora_defaults[d["name"]]} for d in loras.describe()]
+
+    def lora_scales(self) -> dict[str, float]:
+        """The scales new streams start with (the model's current ones belong to whichever stream ran last)."""
+        return dict(self._lora_defaults)
+
+    def check_lora_scale(self, name: str, scale: object) -> float:
+        """``scale`` as a float if LoRA ``name`` may take it; LoraError (a ValueError) saying why not."""
+        from framepack_rt.model.lora import LoraError
+
+        loras = self._lora_set()
+        if loras is None:
+            raise LoraError("no LoRA is loaded (start with --lora FILE[:SCALE])")
+        return loras.check(name, scale)
+
+    def apply_lora_scales(self, scales: dict[str, float]) -> None:
+        """Put ``scales`` on the shared transformer (a stream does before each of its sections)."""
+        loras = self._lora_set()
+        if loras is not None:  # names unloaded since the stream started are skipped
+            loras.set_scales({name: scale for name, scale in scales.items() if name in loras.scales})
+
+    def _lora_set(self, create: bool = False):
+        loras = self._loras
+        if loras is None and create:
+            from framepack_rt.model.lora import LoraSet
+
+            loras = self._loras = LoraSet(self.parts.transformer(), device=self.parts.device)
+        return loras
+
     def guidance(self, cfg: float | None = None) -> GuidanceConfig:
         """The model's default guidance with real CFG at ``cfg`` (None: unchanged); its other settings, such as
         the demo's sigma interval, stay."""
@@ -309,6 +575,7 @@ class FramePackPipeline:
         prompt_schedule: list[PromptChange] | None = None,
         guidance: GuidanceConfig | None = None,
         negative_prompt: str | None = None,
+        decode_overlap: bool | None = None,
     ) -> VideoStream:
         """Start generating; returns the :class:`VideoStream` of sections.
 
@@ -316,7 +583,8 @@ class FramePackPipeline:
         end on ``end_image``; its sections come end-first (``Section.first_frame`` says where they go).
         teacache: a threshold (e.g. 0.15) or a config; None turns it off. guidance: None, the model's default
         (``default_guidance``; :meth:`guidance` changes only its scale). negative_prompt: what real CFG steers
-        away from (None or empty: zero text embeddings).
+        away from (None or empty: zero text embeddings). decode_overlap: decode section k on its own thread
+        (CUDA stream) while k + 1 samples; None: on, except in low-VRAM mode (decode_ahead.overlap_by_default).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -357,8 +625,9 @@ class FramePackPipeline:
         if sampler.guidance.cfg != 1.0 and negative_prompt:
             negative = self.conditioning(negative_prompt, image_embeds)
         transformer = self.parts.transformer()
+        first = self.conditioning(prompt, image_embeds)
         generator = SectionGenerator(
-            transformer, schedule, start_latent, self.conditioning(prompt, image_embeds), sampler=sampler,
+            transformer, schedule, start_latent, first, sampler=sampler,
             seed=seed, end_latent=end_latent, step_callback=step_callback, negative=negative,
         )
         vae = self.parts.vae()
@@ -367,9 +636,16 @@ class FramePackPipeline:
             decoder.push(start_latent[0])  # the video begins with the start frame, as the release's F1 output
         else:
             decoder = StreamingDecoder(vae, direction="backward", total_latents=schedule.num_sections * window + 1)
-        stream = VideoStream(self, generator, decoder, prompt, prompt_schedule, image_embeds)
+        stream = VideoStream(self, generator, decoder, prompt, prompt_schedule, image_embeds,
+                             decode_overlap=self._decode_overlap(decode_overlap, generator.device), first=first)
         holder["stream"] = stream
         return stream
+
+    def _decode_overlap(self, asked: bool | None, device: torch.device) -> bool:
+        """stream()'s decode_overlap decided once per stream: as asked, else the default for the device."""
+        if asked is not None:
+            return asked
+        return overlap_by_default(device, bool(getattr(self.parts, "low_vram", False)))
 
     def generate(self, image, prompt: str, **kwargs) -> np.ndarray:
         """All frames of a finite clip in playback order, (T, H, W, 3) uint8."""

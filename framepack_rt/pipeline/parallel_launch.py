@@ -21,11 +21,14 @@ inside a machine, on NVLink; only the velocities cross).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
+import signal
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,10 +38,15 @@ import torch.distributed as dist
 from framepack_rt.engine.parallel import ParallelWorld
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE")
+STOP_GRACE_S = 10.0  # workers asked to stop (SIGTERM) get this long before they are killed
 
 
 class WorkerFailed(RuntimeError):
     """A worker of a multi-process run raised or died; the message names the rank and the cause."""
+
+
+class _Terminated(Exception):
+    """SIGTERM reached the launching process (raised in its main thread)."""
 
 
 @dataclass(frozen=True)
@@ -131,25 +139,59 @@ def launch(job: Callable[..., Any], config: LaunchConfig, *args: Any) -> Any:
     import torch.multiprocessing as mp
 
     port = config.master_port or free_port(config.master_addr)
-    with tempfile.TemporaryDirectory(prefix="framepack-rt-launch-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="framepack-rt-launch-") as scratch, _sigterm_exits():
         result_path = os.path.join(scratch, "result.pt")
         context = mp.start_processes(_worker, args=(job, config, port, result_path, args), nprocs=config.world_size,
                                      join=False, start_method="spawn")
         try:
-            while not context.join(timeout=1.0):
+            while not context.join(timeout=1.0, grace_period=STOP_GRACE_S):
                 pass
+        except _Terminated:  # the workers are stopped below; a server's rank 0 shuts down cleanly and returns
+            _stop_all(context.processes)
+            if not os.path.exists(result_path):
+                raise KeyboardInterrupt("stopped by SIGTERM") from None
         except mp.ProcessRaisedException as exc:  # the worker's exception with its traceback; the others stopped
             raise WorkerFailed(f"worker {exc.error_index} of {config.world_size} failed:\n{exc}") from None
         except mp.ProcessExitedException as exc:  # killed, or exited without a Python exception
             raise WorkerFailed(f"worker {exc.error_index} of {config.world_size} died (exit code {exc.exit_code}); "
                                "the others were stopped. Out of memory? Check the system log.") from None
         finally:
-            for process in context.processes:  # an interrupted join leaves none behind
-                if process.is_alive():
-                    process.terminate()
+            _stop_all(context.processes)  # an interrupted join leaves none behind
         if not os.path.exists(result_path):
             raise WorkerFailed("rank 0 finished without a result")
         return torch.load(result_path, weights_only=False)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """While the workers run, SIGTERM to this (the launching) process raises _Terminated, so that the workers
+    are stopped in order (rank 0 first) instead of being orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_all(processes: list) -> None:
+    """SIGTERM to rank 0 first (a server shuts down and releases the followers), then to the others; whatever
+    still runs after STOP_GRACE_S is killed."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+            process.join(STOP_GRACE_S if process is processes[0] else 0)
+    for process in processes:
+        process.join(STOP_GRACE_S)
+        if process.is_alive():
+            process.kill()
+            process.join()
 
 
 class _PartsWithTransformer:

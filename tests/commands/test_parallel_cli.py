@@ -1,11 +1,12 @@
 """Generation on several worker processes (framepack_rt/commands/parallel.py through the launcher): a gloo world
 of 2 on the CPU writes the video one process writes, sequence parallel and with CFG parallel; what cannot work
-is refused before any worker starts."""
+is refused before any worker starts, for generate and serve."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import av
 import numpy as np
@@ -74,3 +75,46 @@ def test_heads_that_do_not_split_are_refused():
     with pytest.raises(ValueError, match="1, 2 ranks"):
         LaunchConfig(4, num_heads=2).validate()
     LaunchConfig(4, cfg_parallel=True, num_heads=2).validate()  # two halves of 2: the tiny model's 2 heads split
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--teacache", "0.1"], "--teacache cannot run"),
+    (["--low-vram"], "leave --low-vram out"),
+    (["--cfg-parallel", "--sequence-parallel", "3"], "even number"),
+], ids=["teacache", "low_vram", "odd_cfg_parallel"])
+def test_serve_refuses_what_workers_cannot_do_before_any_starts(capsys, flags, message):
+    from framepack_rt.commands.cli import main
+
+    argv = ["serve", "--model", "tiny", "--device", "cpu", "--port", "0", "--sequence-parallel", "2", *flags]
+    began = time.perf_counter()
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert time.perf_counter() - began < 10  # refused up front: no worker was started (each takes 20 s or more)
+
+
+def test_no_decode_overlap_reaches_the_pipeline_from_generate_and_serve(tmp_path):
+    from framepack_rt.commands.cli import build_parser
+    from framepack_rt.commands.generate import write_video
+    from framepack_rt.stream.server import ServerSettings
+
+    class Asked(Exception):
+        pass
+
+    class Pipe:  # what write_video needs before it streams; stream() reports what it was asked
+        example, default_steps = (np.zeros((64, 64, 3), np.uint8), "a ball"), 2
+
+        def guidance(self, cfg):
+            return None
+
+        def stream(self, image, prompt, **kwargs):
+            raise Asked(kwargs.get("decode_overlap"))
+
+    parser = build_parser()
+    for flags, expected in (([], None), (["--no-decode-overlap"], False)):
+        args = parser.parse_args(["generate", "--seconds", "1", "--out", str(tmp_path / "x.mp4"), *flags])
+        with pytest.raises(Asked) as asked:
+            write_video(Pipe(), args)
+        assert asked.value.args[0] is expected
+    assert parser.parse_args(["serve", "--no-decode-overlap"]).no_decode_overlap
+    assert ServerSettings(decode_overlap=False).decode_overlap_kwargs() == {"decode_overlap": False}
+    assert ServerSettings().decode_overlap_kwargs() == {}

@@ -22,7 +22,9 @@ def image():
 
 
 def test_stream_f1_frames_and_prompt_change(pipe, image):
-    stream = pipe.stream(image, "a red ball moves right", steps=2)
+    # Decoded one after the other: with decode overlap section 1 samples before section 0 is handed over, so a
+    # prompt set between the two applies from 2 (tests/pipeline/test_decode_ahead.py).
+    stream = pipe.stream(image, "a red ball moves right", steps=2, decode_overlap=False)
     first = next(stream)
     assert first.frames.dtype == np.uint8 and first.frames.shape == (25, 64, 64, 3)  # 33 minus 8 held back
     assert first.first_frame == 0 and first.prompt == "a red ball moves right"
@@ -49,7 +51,7 @@ def test_prompt_set_mid_section_applies_from_the_next(pipe, image):
 
 
 def test_prompt_set_while_decoding_applies_from_the_next(pipe, image):
-    stream = pipe.stream(image, "a red ball moves right", steps=2)
+    stream = pipe.stream(image, "a red ball moves right", steps=2, decode_overlap=False)
     decode = stream._decode
     acks = []
 
