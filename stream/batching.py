@@ -13,59 +13,25 @@ equal settings generate at equal rates.
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from framepack_rt.pipeline.batching import StreamBatch, decode_together
-from framepack_rt.stream.generation import Generation
+from framepack_rt.stream.generation import Generation, WorkerThread
 
 
-class BatchingWorker:
+class BatchingWorker(WorkerThread):
     """The generation thread of one device: every ready session's sections, stepped together."""
 
     def __init__(self, device: str = "cpu", max_batch: int = 8) -> None:
         if max_batch < 1:
             raise ValueError(f"--max-batch must be >= 1, got {max_batch}")
-        self.device = device
+        super().__init__(device)
         self.max_batch = max_batch
-        self._cond = threading.Condition()
-        self._jobs: list[Generation] = []
-        self._closed = False
         self._decoding: dict[Generation, int] = {}  # sessions -> their sections sampled and still decoding
         self._in_flight: Future | None = None  # the decode batch on the decode thread
         self.rounds = 0  # steps of all open sections taken so far (for tests and stats)
-        self._thread = threading.Thread(target=self._run, name=f"framepack-generate-{device}", daemon=True)
         self._thread.start()
-
-    # -- the DeviceWorker interface (session.py and server.py call these) -------------------------------------
-    def add(self, job: Generation) -> None:
-        with self._cond:
-            self._jobs.append(job)
-            self._cond.notify_all()
-
-    def remove(self, job: Generation) -> None:
-        """The session is going away: its open section is abandoned at the next round."""
-        with self._cond:
-            if job in self._jobs:
-                self._jobs.remove(job)
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def close(self, timeout: float = 10.0) -> bool:
-        """Stop after the step in progress. True if the thread ended within ``timeout``."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
 
     # -- worker thread ------------------------------------------------------------------------------------------
     def _run(self) -> None:

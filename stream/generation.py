@@ -196,17 +196,20 @@ def failure_message(exc: Exception) -> str:
     return f"generation failed: {type(exc).__name__}: {exc}; this session has ended, start a new one"
 
 
-class DeviceWorker:
-    """The generation thread of one device, shared round-robin by every session on that device."""
+class WorkerThread:
+    """What session.py and server.py call on a device's generation thread: the sessions it serves (add,
+    remove), a nudge when one may have become ready (wake), and a clean stop (close). Subclasses run
+    ``_run`` on the thread: :class:`DeviceWorker` round-robin, stream/batching.py's BatchingWorker step by step."""
 
     def __init__(self, device: str = "cpu") -> None:
         self.device = device
         self._cond = threading.Condition()
         self._jobs: list[Generation] = []
-        self._turn = 0
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"framepack-generate-{device}", daemon=True)
-        self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
 
     def add(self, job: Generation) -> None:
         with self._cond:
@@ -214,9 +217,11 @@ class DeviceWorker:
             self._cond.notify_all()
 
     def remove(self, job: Generation) -> None:
+        """The session is going away: the worker leaves it at its next look."""
         with self._cond:
             if job in self._jobs:
                 self._jobs.remove(job)
+            self._cond.notify_all()
 
     def wake(self) -> None:
         """Something changed (frames taken, resumed, stream attached): look for ready work again."""
@@ -228,12 +233,21 @@ class DeviceWorker:
         return self._thread.is_alive()
 
     def close(self, timeout: float = 10.0) -> bool:
-        """Stop after the section in progress. True if the thread ended within ``timeout``."""
+        """Stop after the section (or step) in progress. True if the thread ended within ``timeout``."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class DeviceWorker(WorkerThread):
+    """The generation thread of one device, shared round-robin by every session on that device."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        super().__init__(device)
+        self._turn = 0
+        self._thread.start()
 
     def _next_job(self) -> Generation | None:
         n = len(self._jobs)

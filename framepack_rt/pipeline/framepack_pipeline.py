@@ -186,20 +186,14 @@ class VideoStream:
         self._running.wait()
         if self._stopped or self._gen.finished:
             raise StopIteration
-        k = self.sections_done
-        self._apply_prompt(k)
-        self._apply_lora(k)
-        with self._lock:
-            self._in_flight = k
+        k = self._begin_section()
         try:
             section = self._decode(next(self._gen))
         except _Stopped:
             raise StopIteration from None
         finally:
             # Section k counts as in flight until its frames are decoded: a prompt set meanwhile is for k + 1.
-            with self._lock:
-                self._in_flight = None
-                self.sections_done = k + int(self._gen.sections_done > k)
+            self.close_run(k)
         return section
 
     def _next_overlapped(self, ahead: DecodeAhead) -> Section:
@@ -226,19 +220,13 @@ class VideoStream:
 
     def _sample_section(self) -> SectionLatents | None:
         """Sample the next section on this thread (None if stopped meanwhile); with overlap only."""
-        k = self.sections_done
-        self._apply_prompt(k)
-        self._apply_lora(k)
-        with self._lock:
-            self._in_flight = k
+        k = self._begin_section()
         try:
             return next(self._gen)
         except _Stopped:
             return None
         finally:
-            with self._lock:  # sampled: a prompt set from now on is for the section after it
-                self._in_flight = None
-                self.sections_done = k + int(self._gen.sections_done > k)
+            self.close_run(k)  # sampled: a prompt set from now on is for the section after it
 
     # -- continuous batching (pipeline/batching.py drives these, one step at a time) -------------------------
     def open_run(self) -> SectionRun | None:
@@ -246,16 +234,20 @@ class VideoStream:
         Prompts and LoRA scales due apply as in ``next()``; the run's batch key is this stream's LoRA scales."""
         if self._stopped or self._gen.finished:
             return None
-        k = self.sections_done
-        self._apply_prompt(k)
-        self._apply_lora(k)
-        with self._lock:
-            self._in_flight = k
+        k = self._begin_section()
         try:
             return SectionRun(self._gen, batch_key=tuple(sorted(self.lora_scales.items())))
         except BaseException:
             self.close_run(k)
             raise
+
+    def _begin_section(self) -> int:
+        """Apply the prompt and LoRA scales due at the next section and mark it in flight (_apply_prompt does,
+        under the lock); returns its index. :meth:`close_run` ends it, on every path."""
+        k = self.sections_done
+        self._apply_prompt(k)
+        self._apply_lora(k)
+        return k
 
     def close_run(self, k: int) -> None:
         """Section ``k``'s run ended (sampled or abandoned): a prompt set from now on is for the next section."""
