@@ -50,8 +50,10 @@ setup(
     ],
     extras_require={
         # playwright: the Python package only; it drives Debian's /usr/bin/chromium (no `playwright install`).
-        "test": ["pytest>=8", "hypothesis>=6", "playwright>=1.40"],
+        # ray[serve]: the tests deploy the cluster application on a local Ray instance (tests/stream/test_cluster.py).
+        "test": ["pytest>=8", "hypothesis>=6", "playwright>=1.40", "ray[serve]>=2.60,<3"],
         "flash": ["flash-attn>=2.6"],
+        "cluster": ["ray[serve]>=2.60,<3"],  # serve --cluster ray (stream/cluster.py)
     },
     entry_points={"console_scripts": ["framepack-rt=framepack_rt.commands.cli:main"]},
 )

@@ -153,6 +153,16 @@ class StreamClient:
                     http.post(self.base_url + path, json=body) as resp):
             return await _json_or_raise(resp, path)
 
+    async def wait_end(self, timeout: float = 30.0) -> dict[str, Any]:
+        """On a cluster (``serve --cluster ray``): the session's end as the ingress saw it, {"state": "closed" |
+        "lost" | "running" (still, at ``timeout``), "reason"}; a lost session's replica died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = max(0.0, min(deadline - time.monotonic(), 25.0))
+            answer = await self.get_json(f"/api/sessions/{self.session}/end?wait={wait:.1f}")
+            if answer["state"] != "running" or time.monotonic() >= deadline:
+                return answer
+
     # -- frames ----------------------------------------------------------------------------------------------
     async def _read(self, track) -> None:
         while True:

@@ -300,8 +300,10 @@ class StreamServer:
         return ice.IcePolicy(addresses=ice.host_addresses(bound), ports=s.udp_ports, public_ip=s.public_ip,
                              remote=remote)
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8188) -> str:
-        """Listen; returns the URL to open (with the real port when ``port`` is 0)."""
+    async def start(self, host: str = "127.0.0.1", port: int = 8188, media_hosts: list[str] | None = None) -> str:
+        """Listen; returns the URL to open (with the real port when ``port`` is 0). ``media_hosts``: where
+        viewers' connections go (ICE host candidates), when not where HTTP listens (a cluster replica answers
+        HTTP on loopback, for its ingress, and streams from its node's address)."""
         limits = self.settings.connection_limits()
         # aiohttp's handler settings; the access log stays off (rejections are logged, rate-limited, instead).
         handler = dict(access_log=None, keepalive_timeout=limits.keepalive_timeout,
@@ -317,7 +319,7 @@ class StreamServer:
             await self._runner.cleanup()
             raise OSError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from None
         bound_host, bound_port = self._runner.addresses[0][:2]
-        self.ice_policy = self._make_ice_policy([a[0] for a in self._runner.addresses])
+        self.ice_policy = self._make_ice_policy(media_hosts or [a[0] for a in self._runner.addresses])
         log.info("listening on %s; ICE host candidates on %s", ", ".join(str(a[0]) for a in self._runner.addresses),
                  ", ".join(self.ice_policy.addresses))
         shown = "127.0.0.1" if bound_host in ("0.0.0.0", "::") else bound_host

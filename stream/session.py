@@ -172,6 +172,11 @@ class Session:
     def closed(self) -> bool:
         return self._closed
 
+    async def wait_closed(self) -> str:
+        """Returns once the session has closed: why it did."""
+        await self._closed_event.wait()
+        return self.close_reason
+
     # -- viewers ---------------------------------------------------------------------------------------------
     async def add_viewer(self, sdp: str, kind: str, role: str = CONTROL,
                          settled: Callable[[], None] | None = None) -> RTCSessionDescription:

@@ -92,6 +92,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               loras=lora_flags.specs(args), fuse_lora=args.fuse_lora,
                               decode_overlap=False if args.no_decode_overlap else None,
                               **options.settings_kwargs(args))
+    if args.cluster == "ray":  # many replicas on Ray Serve (stream/cluster.py)
+        from framepack_rt.stream import cluster
+
+        try:
+            return cluster.serve_cluster(settings, cluster.settings_from(args), args.host, args.port,
+                                         announce=lambda line: print(line, flush=True))
+        except (ImportError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
     if args.sequence_parallel > 1 or args.cfg_parallel:  # several worker processes (commands/parallel.py)
         from framepack_rt.commands.parallel import serve_parallel
 
@@ -158,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from framepack_rt.commands import lora_flags
 
     lora_flags.add_arguments(serve)  # --lora FILE[:SCALE], --fuse-lora
+    from framepack_rt.stream import cluster
+
+    cluster.add_arguments(serve)  # --cluster ray, --replicas N, autoscaling bounds
     serve.set_defaults(run=cmd_serve)
 
     from framepack_rt.bench import latency as bench

@@ -145,12 +145,32 @@ class LivePage {
       this.setControlsEnabled(this.role !== "view");
       this.$("start").textContent = this.joinId ? "Rejoin" : "Restart";
       this.timers.push(setInterval(() => this.ping(), 2000), setInterval(() => this.pollStats(), 1000));
+      if (this.config && this.config.cluster) this.watchEnd(this.session);
     } catch (err) {
       this.setStatus("error", "error");
       this.showError(`could not start: ${err.message || err}`);
       this.hangUp();
     } finally {
       this.$("start").disabled = false;
+    }
+  }
+
+  // On a cluster (Ray Serve) a viewer whose replica died hears it from the ingress: the control channel died too.
+  async watchEnd(session) {
+    while (this.session === session) {
+      try {
+        const resp = await fetch(`/api/sessions/${encodeURIComponent(session)}/end?wait=25`);
+        if (!resp.ok || this.session !== session) return;
+        const end = await resp.json();
+        if (end.state === "closed") return; // its own control channel said why
+        if (end.state === "lost") {
+          this.setStatus("error", "error");
+          this.showError(`session lost: ${end.reason}`);
+          return;
+        }
+      } catch (err) {
+        await new Promise((resolve) => setTimeout(resolve, 2000)); // the ingress restarting: ask again
+      }
     }
   }
 

@@ -1,0 +1,338 @@
+"""The ingress of the Ray Serve application (stream/cluster.py): the page, signaling and the API, for many replicas.
+
+It serves the page itself and hands every other request to a generation replica (stream/replica.py) through
+Serve's handles: an offer that starts a session to the replica with the most free places (the request router,
+stream/cluster.py), an offer that joins one and every ``/api/sessions/{id}...`` request to the replica holding
+that session. It keeps the table of which replica holds which session (``GET /api/sessions`` shows it) and
+follows each session's Serve stream, so when a replica's process dies it knows at once which sessions ended.
+
+Routes besides the single server's (stream/server.py):
+
+    GET /api/sessions/{id}/end?wait=S  waits up to S seconds (default 25, at most 60) for the session to end;
+                                       {"session", "state": "running" | "closed" | "lost", "reason"}. The page
+                                       polls it: a viewer of a replica that died learns it here, since the
+                                       replica's own control channel died with it. The session id is the key.
+
+The ingress holds no model and no media; run one replica of it (the table is in its memory: if it restarts,
+sessions keep streaming from their replicas, but new joins to them are not routed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from framepack_rt.stream.replica import ForwardedRequest, ForwardedResponse
+from framepack_rt.stream.security import SECURITY_HEADERS, SERVER_NAME, static_files
+from framepack_rt.stream.server import RETRY_AFTER_S, STATIC_DIR
+
+log = logging.getLogger(__name__)
+
+SESSION_PATH = re.compile(r"^/api/sessions/([^/]+)(/.*)?$")
+ENDED_KEPT = 1000  # ended sessions remembered (their /end answer) after they end
+END_WAIT_S, END_WAIT_MAX_S = 25.0, 60.0
+OPEN_ATTEMPTS = 3  # replicas tried for a new session when one dies before answering
+
+
+@dataclass
+class HeldSession:
+    """A session and the replica that holds it ({"id", "node", "pid"})."""
+
+    id: str
+    replica: dict[str, Any]
+    client: str = ""
+    started: float = field(default_factory=time.time)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str = ""
+    lost: bool = False
+
+    @property
+    def state(self) -> str:
+        return "running" if not self.ended.is_set() else "lost" if self.lost else "closed"
+
+
+class SessionTable:
+    """Live sessions by id, and the last ENDED_KEPT ended ones (so a late /end still gets its reason)."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, HeldSession] = {}
+        self._ended: collections.OrderedDict[str, HeldSession] = collections.OrderedDict()
+        self.lost_total = 0
+
+    def add(self, session_id: str, replica: dict[str, Any], client: str) -> HeldSession:
+        held = self.live[session_id] = HeldSession(session_id, replica, client)
+        return held
+
+    def started_by(self, client: str) -> int:
+        return sum(s.client == client for s in self.live.values())
+
+    def get(self, session_id: str) -> HeldSession | None:
+        return self.live.get(session_id) or self._ended.get(session_id)
+
+    def end(self, held: HeldSession, reason: str, lost: bool) -> None:
+        held.reason, held.lost = reason, lost
+        held.ended.set()
+        self.live.pop(held.id, None)
+        self._ended[held.id] = held
+        while len(self._ended) > ENDED_KEPT:
+            self._ended.popitem(last=False)
+        self.lost_total += lost
+
+    def by_replica(self) -> dict[str, list[HeldSession]]:
+        held: dict[str, list[HeldSession]] = {}
+        for session in self.live.values():
+            held.setdefault(session.replica["id"], []).append(session)
+        return held
+
+
+class ReplicaUnavailable(Exception):
+    """No generation replica answered: the message says what to do."""
+
+
+class ClusterIngress:
+    """A Serve deployment class (stream/cluster.py deploys it). ``replicas``: the generation deployment's
+    handle; ``max_request_bytes``: the largest body read, ``max_sessions_per_client``: sessions one address may
+    hold in the whole cluster (the single server's settings, stream/server.py; each replica checks its own too)."""
+
+    def __init__(self, replicas: Any, max_request_bytes: int, max_sessions_per_client: int) -> None:
+        self.replicas = replicas
+        self.max_request_bytes = max_request_bytes
+        self.max_sessions_per_client = max_sessions_per_client
+        self.table = SessionTable()
+        self._static = static_files(STATIC_DIR)
+        self._followers: set[asyncio.Task] = set()
+
+    async def __call__(self, request: Request) -> Response:
+        try:
+            response = await self._route(request)
+        except ReplicaUnavailable as exc:
+            response = JSONResponse({"error": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        response.headers["Server"] = SERVER_NAME
+        return response
+
+    async def _route(self, request: Request) -> Response:
+        method, path = request.method, request.url.path
+        if method == "GET" and path == "/":
+            return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+        if method == "GET" and path.startswith("/static/"):
+            file = self._static.get(path.removeprefix("/static/"))
+            if file is None:
+                return JSONResponse({"error": f"no file {path}"}, status_code=404)
+            return FileResponse(file, headers={"Cache-Control": "no-cache"})
+        body = await _read_capped(request, self.max_request_bytes)
+        if body is None:
+            return JSONResponse({"error": f"request body over {self.max_request_bytes} bytes"}, status_code=413)
+        query = request.url.query
+        forwarded = ForwardedRequest(method, path + (f"?{query}" if query else ""), dict(request.headers), body,
+                                     request.client.host if request.client else "")
+        match = SESSION_PATH.match(path)
+        if method == "POST" and path == "/offer":
+            return await self._offer(forwarded)
+        if method == "GET" and path == "/api/sessions":
+            return await self._list(forwarded)
+        if match and match.group(2) == "/end" and method == "GET":
+            return await self._wait_end(match.group(1), request.query_params.get("wait"))
+        if match:
+            held = self.table.live.get(match.group(1))
+            return await self._forward(forwarded, held.replica["id"] if held else None)
+        if method == "GET" and path == "/api/health":
+            return await self._health(forwarded)
+        if method == "GET" and path == "/api/config":
+            return await self._config(forwarded)
+        if method == "GET" and path == "/metrics":
+            return await self._metrics(forwarded)
+        return await self._forward(forwarded)  # the default image, and the single server's 404s and 405s
+
+    # -- sessions --------------------------------------------------------------------------------------------
+    async def _offer(self, forwarded: ForwardedRequest) -> Response:
+        joining = _session_named(forwarded.body)
+        if joining is not None:  # a join: to the replica holding it (unknown: any replica says 404, or 401)
+            held = self.table.live.get(joining)
+            return await self._forward(forwarded, held.replica["id"] if held else None)
+        if self.table.started_by(forwarded.client) >= self.max_sessions_per_client:
+            return JSONResponse({"error": f"your address already has {self.max_sessions_per_client} sessions (the "
+                                          "most one client may have); try again when one ends"},
+                                status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
+        stream, first = await self._open(forwarded)
+        if first["session"] is not None:
+            held = self.table.add(first["session"], first["replica"], forwarded.client)
+            task = asyncio.get_running_loop().create_task(self._follow(stream, held))
+            self._followers.add(task)
+            task.add_done_callback(self._followers.discard)
+            log.info("session %s on replica %s", held.id, held.replica["id"])
+        return _response(first["response"])
+
+    async def _open(self, forwarded: ForwardedRequest) -> tuple[Any, dict[str, Any]]:
+        """(the session's Serve stream, its first item: the answer). A replica that died before answering has
+        made no session: the offer goes to another (the router has learned of the death from the failure)."""
+        for attempt in range(OPEN_ATTEMPTS):
+            stream = self.replicas.options(stream=True).open_session.remote(forwarded)
+            try:
+                return stream, await stream.__anext__()
+            except Exception as exc:  # noqa: BLE001 -- a replica died or none is up
+                log.warning("offer not taken by a replica (%s), attempt %d", type(exc).__name__, attempt + 1)
+                failure = exc
+        raise ReplicaUnavailable(f"no generation replica could take the session ({type(failure).__name__}); "
+                                 "try again in a moment") from failure
+
+    async def _follow(self, stream: Any, held: HeldSession) -> None:
+        """Wait for the session's end on its replica's stream; a broken stream means the replica is gone."""
+        reason = "closed"
+        try:
+            async for item in stream:
+                reason = item.get("ended", reason)
+        except Exception as exc:  # noqa: BLE001 -- the replica's process died or cannot be reached
+            replica = held.replica
+            self.table.end(held, f"the generation replica holding this session stopped (replica {replica['id']} on "
+                                 f"{replica['node']}: {type(exc).__name__}); start a new session", lost=True)
+            log.warning("session %s lost with replica %s: %s", held.id, replica["id"], type(exc).__name__)
+            return
+        self.table.end(held, reason, lost=False)
+
+    async def _wait_end(self, session_id: str, wait: str | None) -> Response:
+        held = self.table.get(session_id)
+        if held is None:
+            return JSONResponse({"error": f"no session {session_id!r}; GET /api/sessions lists the live ones"},
+                                status_code=404)
+        try:
+            timeout = min(END_WAIT_MAX_S, max(0.0, float(wait))) if wait is not None else END_WAIT_S
+        except ValueError:
+            return JSONResponse({"error": "wait must be a number of seconds"}, status_code=400)
+        try:
+            await asyncio.wait_for(held.ended.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+        return JSONResponse({"session": held.id, "state": held.state, "reason": held.reason,
+                             "replica": held.replica["id"]})
+
+    async def _list(self, forwarded: ForwardedRequest) -> Response:
+        """Every replica's sessions, each with the replica that holds it."""
+        holders = self.table.by_replica()
+        if not holders:
+            return await self._forward(forwarded)  # an empty list (or the token's 401) from any replica
+        listed: list[dict[str, Any]] = []
+        for replica_id, held in holders.items():
+            answer = await self._forward(forwarded, replica_id)
+            if answer.status_code != 200:
+                return answer
+            info = held[0].replica
+            ours = {s.id for s in held}
+            listed += [{**s, "replica": info} for s in json.loads(answer.body)["sessions"] if s["id"] in ours]
+        return JSONResponse({"sessions": listed})
+
+    # -- the rest of the API ---------------------------------------------------------------------------------
+    async def _health(self, forwarded: ForwardedRequest) -> Response:
+        answer = await self._forward(forwarded)
+        if answer.status_code != 200:
+            return answer
+        holders = self.table.by_replica()
+        return JSONResponse({**json.loads(answer.body), "sessions": len(self.table.live),
+                             "cluster": {"sessions_by_replica": {r: len(s) for r, s in holders.items()},
+                                         "sessions_lost": self.table.lost_total}})
+
+    async def _config(self, forwarded: ForwardedRequest) -> Response:
+        answer = await self._forward(forwarded)
+        if answer.status_code != 200:
+            return answer
+        return JSONResponse({**json.loads(answer.body), "cluster": True})
+
+    async def _metrics(self, forwarded: ForwardedRequest) -> Response:
+        """Each replica that holds sessions, labelled replica="ID" (any one when none does), and the table's."""
+        holders = list(self.table.by_replica()) or [None]
+        parts = []
+        for replica_id in holders:
+            answer = await self._forward(forwarded, replica_id)
+            if answer.status_code != 200:
+                return answer
+            parts.append(relabel(answer.body.decode(), replica_id or "any"))
+        live = self.table.by_replica()
+        own = ["# HELP framepack_cluster_sessions Live sessions per generation replica.",
+               "# TYPE framepack_cluster_sessions gauge"]
+        own += [f'framepack_cluster_sessions{{replica="{r}"}} {len(s)}' for r, s in live.items()]
+        own += ["# HELP framepack_cluster_sessions_lost_total Sessions ended because their replica stopped.",
+                "# TYPE framepack_cluster_sessions_lost_total counter",
+                f"framepack_cluster_sessions_lost_total {self.table.lost_total}"]
+        return Response(merge_metrics(parts + ["\n".join(own) + "\n"]),
+                        headers={"Content-Type": answer.headers.get("content-type", "text/plain")})
+
+    async def _forward(self, forwarded: ForwardedRequest, replica_id: str | None = None) -> Response:
+        try:
+            answer = await self.replicas.forward.remote(forwarded, replica=replica_id)
+        except Exception as exc:  # noqa: BLE001 -- the replica died while answering
+            raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
+                                     "try again in a moment") from exc
+        return _response(answer)
+
+
+def _response(answer: ForwardedResponse) -> Response:
+    headers = {k: v for k, v in answer.headers.items() if k.lower() != "content-length"}
+    return Response(answer.body, status_code=answer.status, headers=headers)
+
+
+def _session_named(body: bytes) -> str | None:
+    """The "session" an offer joins; None for a new session (or a body the replica will refuse with a 400)."""
+    try:
+        named = json.loads(body).get("session")
+    except (ValueError, AttributeError):
+        return None
+    return named if isinstance(named, str) and named else None
+
+
+async def _read_capped(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (read no further)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def relabel(text: str, replica: str) -> str:
+    """Prometheus text with ``replica="ID"`` added to every sample."""
+    out = []
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            if "{" in line:  # name{labels} value: label values may hold spaces, so split at the brace
+                base, labels = line.split("{", 1)
+                line = f'{base}{{replica="{replica}",{labels}'
+            else:
+                name, _, value = line.partition(" ")
+                line = f'{name}{{replica="{replica}"}} {value}'
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def merge_metrics(parts: list[str]) -> str:
+    """Several exposition texts as one: each metric's HELP and TYPE once, its samples together."""
+    order: list[str] = []
+    comments: dict[str, list[str]] = {}
+    samples: dict[str, list[str]] = collections.defaultdict(list)
+    for text in parts:
+        current = ""
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                current = line.split()[2]
+                if current not in comments:
+                    order.append(current)
+                    comments[current] = []
+                if line not in comments[current]:
+                    comments[current].append(line)
+            elif line:
+                if current not in comments:  # samples before any HELP/TYPE line
+                    order.append(current)
+                    comments[current] = []
+                samples[current].append(line)
+    return "".join("\n".join(comments[m] + samples[m]) + "\n" for m in order)

@@ -1,0 +1,142 @@
+"""framepack-rt on Ray Serve (stream/cluster.py): a local Ray instance on loopback, the tiny model, 2 replicas.
+
+Two sessions land on different replicas and both stream to aiortc viewers; then one replica's process is
+killed: its viewer hears from the ingress that the session is lost, the other session goes on, and a new
+session starts. Ray's own servers stay on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set before ray is
+imported) and send no usage statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+
+import aiohttp
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's node address: loopback
+ray = pytest.importorskip("ray", reason="needs ray[serve]: pip install 'framepack-rt[cluster]'")
+serve = pytest.importorskip("ray.serve")
+
+from framepack_rt.stream.client import StreamClient  # noqa: E402
+from framepack_rt.stream.cluster import APP_NAME, ClusterSettings, build  # noqa: E402
+from framepack_rt.stream.server import ServerSettings  # noqa: E402
+
+FRAMES_TIMEOUT = 120  # two replicas generating on 2 shared cores
+LOST_WITHIN_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster_url():
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # A short grace: the first test's sessions end soon after its viewers leave.
+        settings = ServerSettings(model="tiny", device="cpu", steps=2, record_max_seconds=0, batching=False,
+                                  grace=1.0, max_sessions_per_client=3)
+        cluster = ClusterSettings(replicas=2, cpus_per_replica=0, media_host="127.0.0.1")
+        serve.run(build(settings, cluster), name=APP_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        ray.shutdown()  # ends every Ray process it started (replicas, controller, proxy)
+
+
+def run(coro, timeout: float = 300):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def generated(client: StreamClient, since: int = 0) -> None:
+    """A section generated for ``client``'s session (after message ``since``), and frames received."""
+    await client.wait_for(lambda m: m.get("type") == "section", timeout=FRAMES_TIMEOUT, since=since)
+    await client.wait_frames(len(client.frames) + 5, timeout=FRAMES_TIMEOUT)
+
+
+async def sessions(url: str) -> dict[str, dict]:
+    return {s["id"]: s for s in (await StreamClient(url).get_json("/api/sessions"))["sessions"]}
+
+
+def test_two_sessions_land_on_two_replicas_and_both_stream(cluster_url):
+    async def scenario() -> None:
+        first, second = StreamClient(cluster_url), StreamClient(cluster_url)
+        try:
+            await first.connect(prompt="a red ball moves right")
+            await second.connect(prompt="a red ball moves left")
+            await asyncio.gather(*(generated(c) for c in (first, second)))
+            listed = await sessions(cluster_url)
+            assert {first.session, second.session} <= set(listed)
+            assert listed[first.session]["replica"]["id"] != listed[second.session]["replica"]["id"]
+            assert all(s["replica"]["node"] == "127.0.0.1" for s in listed.values())
+            # Media comes from the replica itself: its answer's candidates are its loopback ones only.
+            assert "127.0.0.1" in first.pc.remoteDescription.sdp
+            health = await first.get_json("/api/health")
+            assert health["sessions"] == 2 and len(health["cluster"]["sessions_by_replica"]) == 2
+            async with aiohttp.ClientSession() as http, http.get(cluster_url + "metrics") as resp:
+                metrics = await resp.text()
+            assert 'framepack_cluster_sessions{replica="' in metrics and "framepack_rt_sessions{replica=" in metrics
+        finally:
+            await asyncio.gather(first.close(), second.close())
+
+    run(scenario())
+
+
+def test_a_killed_replica_ends_only_its_sessions_and_new_sessions_start(cluster_url):
+    async def scenario() -> None:
+        doomed, survivor, newcomer = StreamClient(cluster_url), StreamClient(cluster_url), StreamClient(cluster_url)
+        deadline = time.monotonic() + 30
+        while await sessions(cluster_url) and time.monotonic() < deadline:  # the last test's, ending (grace)
+            await asyncio.sleep(0.5)
+        try:
+            await doomed.connect()
+            await survivor.connect()
+            await asyncio.gather(*(generated(c) for c in (doomed, survivor)))
+            listed = await sessions(cluster_url)
+            victim = listed[doomed.session]["replica"]
+            assert listed[survivor.session]["replica"]["id"] != victim["id"]
+            os.kill(victim["pid"], signal.SIGKILL)
+            killed = time.monotonic()
+            end = await doomed.wait_end(timeout=LOST_WITHIN_S)
+            assert end["state"] == "lost" and "replica" in end["reason"], end
+            print(f"the viewer heard its session was lost {time.monotonic() - killed:.2f} s after the kill")
+            # The other session goes on, and a new one starts (on the survivor, or the restarted replica).
+            await generated(survivor, since=len(survivor.messages))
+            await newcomer.connect()
+            await generated(newcomer)
+            listed = await sessions(cluster_url)
+            assert doomed.session not in listed and {survivor.session, newcomer.session} <= set(listed)
+            health = await survivor.get_json("/api/health")
+            assert health["cluster"]["sessions_lost"] >= 1
+        finally:
+            await asyncio.gather(doomed.close(), survivor.close(), newcomer.close())
+
+    run(scenario())
+
+
+@pytest.mark.slow
+def test_serve_cluster_command_deploys_and_stops_on_ctrl_c(launch_serve):
+    """``framepack-rt serve --cluster ray``: a local Ray instance, the page and the API, then Ctrl-C takes it
+    all down (the Ray processes it started included)."""
+    import subprocess
+    import urllib.request
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc, url, lines = launch_serve("--cluster", "ray", "--replicas", "2", "--model", "tiny", "--device", "cpu",
+                                    "--cpus-per-replica", "0", env=env, timeout=240)
+    with urllib.request.urlopen(url + "api/health", timeout=30) as resp:
+        assert resp.status == 200 and b'"cluster"' in resp.read()
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert b"<html" in resp.read()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 0, "".join(lines)
+    left = subprocess.run(["pgrep", "-f", "ServeReplica:framepack-rt"], capture_output=True, text=True).stdout
+    assert not left.strip(), f"replicas left running: {left}"

@@ -1,0 +1,89 @@
+"""The cluster application's parts that need no Ray instance: settings, the builder's arguments, the sample
+configs, the session table, metrics merging. (tests/stream/test_cluster.py deploys it on a local Ray.)"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ray.serve", reason="needs ray[serve]: pip install 'framepack-rt[cluster]'")
+yaml = pytest.importorskip("yaml")
+
+from framepack_rt.stream import cluster  # noqa: E402
+from framepack_rt.stream.ingress import SessionTable, merge_metrics, relabel  # noqa: E402
+from framepack_rt.stream.server import ServerSettings  # noqa: E402
+
+DEPLOY = Path(cluster.__file__).parent / "deploy"
+
+
+def test_cluster_settings_check_their_bounds():
+    with pytest.raises(ValueError, match="--replicas 0"):
+        cluster.ClusterSettings(replicas=0)
+    with pytest.raises(ValueError, match="min <= replicas <= max"):
+        cluster.ClusterSettings(replicas=5, min_replicas=1, max_replicas=3)
+    with pytest.raises(ValueError, match="--target-sessions"):
+        cluster.ClusterSettings(target_sessions=0)
+
+
+def test_fixed_and_autoscaled_deployments_take_sessions_as_their_load():
+    settings = ServerSettings(model="tiny", max_sessions=3)
+    fixed = cluster.ClusterSettings(replicas=2, gpus_per_replica=1).deployment_options(settings)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"]["num_gpus"] == 1
+    assert fixed["max_ongoing_requests"] == 3 + cluster.API_HEADROOM  # sessions, plus room for API requests
+    scaled = cluster.ClusterSettings(replicas=2, min_replicas=1, max_replicas=6).deployment_options(settings)
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "initial_replicas": 2, "max_replicas": 6,
+                                            "target_ongoing_requests": 3}
+    assert "num_replicas" not in scaled
+
+
+def test_builder_takes_command_line_text_and_refuses_unknown_keys(monkeypatch):
+    monkeypatch.setenv("FRAMEPACK_RT_TOKEN", "a-token-from-the-env")
+    app = cluster.build_app({"model": "tiny", "replicas": "2", "max_sessions": "3", "grace": "1.5",
+                             "min_replicas": "1", "max_replicas": "4", "stamp": "true"})
+    from ray.serve import Application
+
+    assert isinstance(app, Application)
+    with pytest.raises(ValueError, match="unknown argument"):
+        cluster.build_app({"model": "tiny", "replica": 2})
+    assert cluster._typed(ServerSettings, "grace", "1.5") == 1.5
+    assert cluster._typed(ServerSettings, "stamp", "yes") is True
+    assert cluster._typed(cluster.ClusterSettings, "min_replicas", "3") == 3
+
+
+@pytest.mark.parametrize("name", ["serve_config.yaml", "rayservice.yaml"])
+def test_sample_configs_are_valid_serve_configs_for_the_builder(name, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((DEPLOY / name).read_text())
+    if document.get("kind") == "RayService":
+        document = yaml.safe_load(document["spec"]["serveConfigV2"])
+    app = ServeDeploySchema.model_validate(document).applications[0]
+    assert app.import_path == "framepack_rt.stream.cluster:build_app"
+    assert set(app.args) <= cluster.CLUSTER_FIELDS | cluster.SERVER_FIELDS
+    monkeypatch.setenv("FRAMEPACK_RT_TURN_USERNAME", "u")
+    monkeypatch.setenv("FRAMEPACK_RT_TURN_CREDENTIAL", "p")
+    cluster.build_app(app.args)  # every value converts and validates
+
+
+def test_session_table_remembers_why_sessions_ended():
+    async def scenario() -> None:
+        table = SessionTable()
+        a = table.add("a", {"id": "r1"}, "10.0.0.1")
+        table.add("b", {"id": "r2"}, "10.0.0.1")
+        assert table.started_by("10.0.0.1") == 2 and set(table.by_replica()) == {"r1", "r2"}
+        table.end(a, "the replica stopped", lost=True)
+        assert a.state == "lost" and table.get("a") is a and "a" not in table.live
+        assert table.lost_total == 1 and table.started_by("10.0.0.1") == 1
+
+    asyncio.run(scenario())
+
+
+def test_metrics_of_replicas_merge_with_their_replica_label():
+    one = '# HELP x_total X\n# TYPE x_total counter\nx_total 1\ny{kind="a b"} 2\n'
+    merged = merge_metrics([relabel(one, "r1"), relabel(one, "r2")])
+    assert merged.count("# HELP x_total X") == 1
+    assert 'x_total{replica="r1"} 1' in merged and 'x_total{replica="r2"} 1' in merged
+    assert 'y{replica="r2",kind="a b"} 2' in merged
