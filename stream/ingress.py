@@ -175,14 +175,25 @@ class ClusterIngress:
 
     async def _open(self, forwarded: ForwardedRequest) -> tuple[Any, dict[str, Any]]:
         """(the session's Serve stream, its first item: the answer). A replica that died before answering has
-        made no session: the offer goes to another (the router has learned of the death from the failure)."""
+        made no session: the offer goes to another (the router has learned of the death from the failure). One
+        that answered "full" (429, as its queue looked shorter than a replica with room) is avoided next time."""
+        avoid: tuple[str, ...] = ()
+        failure: Exception | None = None
         for attempt in range(OPEN_ATTEMPTS):
-            stream = self.replicas.options(stream=True).open_session.remote(forwarded)
+            stream = self.replicas.options(stream=True).open_session.remote(forwarded, avoid=avoid)
             try:
-                return stream, await stream.__anext__()
+                first = await stream.__anext__()
             except Exception as exc:  # noqa: BLE001 -- a replica died or none is up
                 log.warning("offer not taken by a replica (%s), attempt %d", type(exc).__name__, attempt + 1)
                 failure = exc
+                continue
+            if first["response"].status != 429 or first["replica"]["id"] in avoid:
+                return stream, first
+            avoid += (first["replica"]["id"],)
+            failure = None
+            full = (stream, first)
+        if failure is None:
+            return full  # every replica tried is full: their 429
         raise ReplicaUnavailable(f"no generation replica could take the session ({type(failure).__name__}); "
                                  "try again in a moment") from failure
 

@@ -87,9 +87,10 @@ class GenerationReplica:
             kept = {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
             return ForwardedResponse(resp.status, kept, body)
 
-    async def open_session(self, request: ForwardedRequest) -> AsyncIterator[dict[str, Any]]:
+    async def open_session(self, request: ForwardedRequest, avoid: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
         """Start a session from an offer (a Serve stream). Yields the answer {"response", "replica", "session"}
-        at once, then, when the session has ended, {"ended": reason}. A refused offer yields its answer only."""
+        at once, then, when the session has ended, {"ended": reason}. A refused offer yields its answer only.
+        ``avoid``: replicas that refused it as full (read by the request router)."""
         response = await self.forward(request)
         session = None
         if response.status == 200:
@@ -97,10 +98,6 @@ class GenerationReplica:
         yield {"response": response, "replica": self.info, "session": session.id if session else None}
         if session is not None:
             yield {"ended": await session.wait_closed()}
-
-    def record_routing_stats(self) -> dict[str, Any]:
-        """What the request router may read: sessions held and the most this replica takes."""
-        return {"sessions": len(self.server.sessions), "max_sessions": self.server.settings.max_sessions}
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose device worker stopped is replaced."""

@@ -87,3 +87,67 @@ def test_metrics_of_replicas_merge_with_their_replica_label():
     assert merged.count("# HELP x_total X") == 1
     assert 'x_total{replica="r1"} 1' in merged and 'x_total{replica="r2"} 1' in merged
     assert 'y{replica="r2",kind="a b"} 2' in merged
+
+
+def test_router_keeps_sessions_on_their_replica_and_offers_full_replicas_last():
+    from types import SimpleNamespace
+
+    from framepack_rt.stream.cluster_router import SessionRouter
+
+    a, b, c = (SimpleNamespace(replica_id=SimpleNamespace(unique_id=name)) for name in "abc")
+
+    def choose(**kwargs):
+        return asyncio.run(SessionRouter.choose_replicas(None, [a, b, c], SimpleNamespace(kwargs=kwargs)))
+
+    assert choose(replica="b") == [[b]]  # a session's requests: its holder only
+    assert choose(replica="gone") == [[a, b, c]]  # holder gone: any replica answers "no such session"
+    assert choose() == [[a, b, c]]  # a new session: the base class takes the shortest queue with room
+    assert choose(avoid=("a",)) == [[b, c], [a]]  # a replica that answered "full" goes last
+
+
+class FakeReplicas:
+    """The generation handle as the ingress uses it: each open_session call answers from ``answers`` (a status,
+    or an exception: the replica died), and records the ``avoid`` it was given."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers, self.avoided = list(answers), []
+
+    def options(self, stream: bool) -> "FakeReplicas":
+        return self
+
+    @property
+    def open_session(self) -> "FakeReplicas":
+        return self
+
+    def remote(self, forwarded, avoid=()):
+        from framepack_rt.stream.replica import ForwardedResponse
+
+        self.avoided.append(avoid)
+        answer, replica = self.answers.pop(0)
+
+        async def stream():
+            if isinstance(answer, Exception):
+                raise answer
+            yield {"response": ForwardedResponse(answer, {}, b"{}"), "replica": {"id": replica, "node": "n"},
+                   "session": None}
+
+        return stream()
+
+
+def test_ingress_offers_a_refused_or_failed_offer_to_another_replica():
+    from framepack_rt.stream.ingress import ClusterIngress, ReplicaUnavailable
+    from framepack_rt.stream.replica import ForwardedRequest
+
+    offer = ForwardedRequest("POST", "/offer", {}, b"{}", "10.0.0.1")
+
+    def open_with(answers):
+        replicas = FakeReplicas(answers)
+        ingress = ClusterIngress(replicas, max_request_bytes=1 << 20, max_sessions_per_client=2)
+        _, first = asyncio.run(ingress._open(offer))
+        return first["response"].status, replicas.avoided
+
+    assert open_with([(429, "a"), (200, "b")]) == (200, [(), ("a",)])  # full: tried elsewhere
+    assert open_with([(RuntimeError("died"), "a"), (200, "b")]) == (200, [(), ()])  # died before answering
+    assert open_with([(429, "a"), (429, "b"), (429, "c")])[0] == 429  # every replica full: the 429 stands
+    with pytest.raises(ReplicaUnavailable, match="try again"):
+        open_with([(RuntimeError("died"), "a")] * 3)
