@@ -21,25 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 from framepack_rt import FramePackConfig, FramePackTransformer
+from framepack_rt.commands.transformer_step import RELEASE_IMAGE_TOKENS, StepShapes, example_inputs
 from framepack_rt.model.lora import LoraSet, linear_targets
-
-
-def inputs(config: FramePackConfig, latent: int, text_len: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return dict(
-        hidden_states=randn(1, 16, 9, latent, latent), timestep=torch.tensor([700.0]),
-        encoder_hidden_states=randn(1, text_len, config.text_embed_dim),
-        encoder_attention_mask=torch.ones(1, text_len, dtype=torch.long),
-        pooled_projections=randn(1, config.pooled_projection_dim), image_embeds=randn(1, 729, config.image_proj_dim),
-        guidance=torch.tensor([10_000.0]), indices_latents=torch.arange(20, 29),
-        latents_clean=randn(1, 16, 2, latent, latent), indices_latents_clean=torch.tensor([0, 19]),
-        latents_history_2x=randn(1, 16, 2, latent, latent), indices_latents_history_2x=torch.tensor([17, 18]),
-        latents_history_4x=randn(1, 16, 16, latent, latent), indices_latents_history_4x=torch.arange(1, 17),
-    )
 
 
 def write_adapter(model: torch.nn.Module, rank: int, path: Path) -> int:
@@ -78,7 +61,9 @@ def main() -> None:
     args = p.parse_args()
     config = dataclasses.replace(FramePackConfig.preset("framepack-13b"), num_layers=1, num_single_layers=1)
     model = FramePackTransformer.from_config(config).eval()
-    kwargs = inputs(config, args.latent, args.text)
+    # F1 window-9 inputs of one step, as info, doctor and benchmarks/quantization.py build them.
+    kwargs = example_inputs(config, StepShapes(args.latent, args.latent, args.text, RELEASE_IMAGE_TOKENS, steps=1),
+                            timestep=700.0)
     result = {"latent": args.latent, "rank": args.rank, "torch": torch.__version__,
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     result["none_ms"] = timed(model, kwargs, args.repeats)

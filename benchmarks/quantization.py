@@ -19,25 +19,15 @@ import time
 import torch
 
 from framepack_rt import FramePackConfig, FramePackTransformer
+from framepack_rt.commands.transformer_step import RELEASE_IMAGE_TOKENS, StepShapes, example_inputs
 from framepack_rt.model.quantize import quantize_blocks, weight_bytes
 
 
-def inputs(config: FramePackConfig, latent: int, text_len: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=g)
-
-    return dict(
-        hidden_states=randn(1, 16, 9, latent, latent), timestep=torch.tensor([700.0]),
-        encoder_hidden_states=randn(1, text_len, config.text_embed_dim),
-        encoder_attention_mask=torch.ones(1, text_len, dtype=torch.long),
-        pooled_projections=randn(1, config.pooled_projection_dim), image_embeds=randn(1, 729, config.image_proj_dim),
-        guidance=torch.tensor([10_000.0]), indices_latents=torch.arange(20, 29),
-        latents_clean=randn(1, 16, 2, latent, latent), indices_latents_clean=torch.tensor([0, 19]),
-        latents_history_2x=randn(1, 16, 2, latent, latent), indices_latents_history_2x=torch.tensor([17, 18]),
-        latents_history_4x=randn(1, 16, 16, latent, latent), indices_latents_history_4x=torch.arange(1, 17),
-    )
+def inputs(config: FramePackConfig, latent: int, text_len: int, seed: int = 0) -> dict:
+    """F1 window-9 inputs of one step at latent ``latent`` x ``latent`` (the SigLIP image's 729 tokens): the
+    inputs info and doctor time, drawn from ``seed``. benchmarks/lora.py uses them too."""
+    shapes = StepShapes(latent, latent, text_len, RELEASE_IMAGE_TOKENS, steps=1)
+    return example_inputs(config, shapes, seed=seed, timestep=700.0)
 
 
 def block_bytes(model: torch.nn.Module) -> int:

@@ -6,4 +6,4 @@ pacing in :mod:`.buffer` and :mod:`.tracks`, the data-channel protocol in :mod:`
 for tests and benchmarks in :mod:`.client`. This module stays import-light: the CLI reads the default here.
 """
 
-DEFAULT_MODEL = "demo"  # what `framepack-rt serve` and `generate` load without --model: the trained demo
+from framepack_rt.pipeline.builtin import DEFAULT_MODEL  # noqa: F401 -- defined once, with the model names

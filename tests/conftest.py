@@ -113,22 +113,23 @@ def run_with_server():
     return run
 
 
-@pytest.fixture
-def launch_serve():
-    """launch(*args, env=None, timeout=90) -> (proc, url, lines): ``framepack-rt serve --port 0 *args`` in a
-    subprocess, returned once it has printed its URL. ``lines`` keeps filling with its output. Tests stop it
-    themselves (by pid); whatever still runs at teardown is killed."""
-    import re
-    import subprocess
-    import sys
-    import threading
+class ServeProcesses:
+    """``framepack-rt serve --port 0 *args`` subprocesses. Called as ``(*args, env=None, timeout=90)`` it
+    returns (proc, url, lines) once the server has printed its URL (``lines`` keeps filling with its output);
+    ``stop(proc, lines)`` ends one the way Ctrl-C does and fails the test unless it exits cleanly within 15 s;
+    ``close()`` kills whatever still runs."""
 
-    procs = []
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
 
-    def launch(*args: str, env: dict | None = None, timeout: float = 90.0):
+    def __call__(self, *args: str, env: dict | None = None, timeout: float = 90.0):
+        import re
+        import sys
+        import threading
+
         proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.commands.cli", "serve", "--port", "0", *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        procs.append(proc)
+        self.procs.append(proc)
         lines: list[str] = []
         url: list[str] = []
         found = threading.Event()
@@ -146,11 +147,39 @@ def launch_serve():
             pytest.fail(f"server printed no URL within {timeout:.0f} s:\n" + "".join(lines))
         return proc, url[0], lines
 
-    yield launch
-    for proc in procs:
-        if proc.poll() is None:
+    @staticmethod
+    def stop(proc: subprocess.Popen, lines: list[str]) -> None:
+        os.kill(proc.pid, signal.SIGTERM)  # the clean-shutdown path Ctrl-C takes too
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            pytest.fail("server did not stop within 15 s of SIGTERM:\n" + "".join(lines))
+        assert code == 0, "".join(lines)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture
+def launch_serve():
+    """launch(*args, env=None, timeout=90) -> (proc, url, lines), and launch.stop(proc, lines): see ServeProcesses.
+    Tests stop their servers themselves (by pid); whatever still runs at teardown is killed."""
+    servers = ServeProcesses()
+    yield servers
+    servers.close()
+
+
+@pytest.fixture(scope="module")
+def launch_serve_module():
+    """launch_serve for module-scoped fixtures (one server shared by a module's tests)."""
+    servers = ServeProcesses()
+    yield servers
+    servers.close()
 
 
 def _run_in_own_session(cmd: list[str], timeout: float, *, env: dict | None = None,

@@ -8,7 +8,8 @@ pixels, see stream/stamp.py) and the encoder's time per frame. ``--scaling`` add
 section index beside the naive full-history baseline (benchmarks/context_scaling.py); ``--viewers-sweep``
 adds latency against 1, 2, 4, 8 viewers of one session. Definitions: :mod:`framepack_rt.bench.report`.
 
-    python benchmarks/latency.py --model tiny --json out.json        # + out.png
+    python benchmarks/latency.py --json out.json                     # the demo model; + out.png
+    python benchmarks/latency.py --model tiny --json out.json        # random weights, 2 steps: the tests' model
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from framepack_rt.bench import report
+from framepack_rt.commands import model_flag
 from framepack_rt.pipeline import devices
+from framepack_rt.pipeline.builtin import DEFAULT_MODEL
 
 SWEEP = (1, 2, 4, 8)
 MAX_VIEWERS = 8  # what a server takes per session by default (stream/limits.py)
@@ -32,9 +35,10 @@ MAX_VIEWERS = 8  # what a server takes per session by default (stream/limits.py)
 
 @dataclass
 class BenchConfig:
-    """What to measure. Defaults keep ``--model tiny`` on a 2-core CPU well under two minutes."""
+    """What to measure. The model is every command's default (the demo); the other defaults keep a run on a
+    2-core CPU well under two minutes."""
 
-    model: str = "tiny"
+    model: str = DEFAULT_MODEL
     device: str = "auto"  # --device / --dtype: framepack_rt.pipeline.devices names (in-process server only)
     dtype: str = "auto"
     url: str | None = None  # a running server instead of an in-process one
@@ -382,7 +386,7 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
-    parser.add_argument("--model", default=d.model, help="model name or PATH (default: tiny)")
+    model_flag.add_argument(parser)
     devices.add_arguments(parser)  # --device, --dtype
     parser.add_argument("--url", help="measure a running `framepack-rt serve` instead of an in-process server")
     parser.add_argument("--token", default=os.environ.get("FRAMEPACK_RT_TOKEN"),
@@ -391,7 +395,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=d.seconds, help=f"streaming measured (default: {d.seconds:g})")
     parser.add_argument("--prompt-after", type=float, default=d.prompt_after,
                         help=f"seconds into the run to change the prompt (default: {d.prompt_after:g})")
-    parser.add_argument("--steps", type=int, help="sampling steps per section (default: 2 for tiny)")
+    parser.add_argument("--steps", type=int, help="sampling steps per section (default: the model's; 2 for tiny)")
     parser.add_argument("--fps", type=float, default=d.fps, help="playback fps (default: 30)")
     parser.add_argument("--window", type=int, default=d.window, help="latent frames per section (default: 9)")
     parser.add_argument("--buffer", type=float, default=d.buffer_seconds, metavar="SECONDS",

@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         if skipped:
             print(f"forward      skipped: {skipped}")
         return 0
-    height, width = args.latent_size
+    height, width = args.latent_size or info_latent_size(args.model)
     shapes = steps.StepShapes(height, width, steps.SMALL_TOKENS, steps.SMALL_TOKENS, steps=1)
     inputs = steps.example_inputs(config, shapes, placement.device, placement.compute_dtype)
     ms, out = steps.time_forward(model, inputs)
@@ -62,6 +62,18 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: must be > 0")
     return value
+
+
+def info_latent_size(model: str) -> tuple[int, int]:
+    """The latent size info times a forward at without --latent-size: the built-in sets' own (the demo's 64x64
+    frames: 8x8), else 12x12 (a folder's real 640 bucket would take minutes on a CPU)."""
+    from framepack_rt.commands import transformer_step as steps
+    from framepack_rt.pipeline.builtin import BUILTIN_MODELS
+
+    if model in BUILTIN_MODELS:
+        shapes = steps.shapes_for(model)
+        return shapes.latent_height, shapes.latent_width
+    return 12, 12
 
 
 def _latent_size(text: str) -> tuple[int, int]:
@@ -115,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framepack-rt", description="Real-time FramePack video generation")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="describe a transformer and time one forward pass")
-    info.add_argument("--model", default="tiny",
-                      help="tiny | demo | framepack-13b | PATH (a transformer folder, or a root with transformer/)")
-    info.add_argument("--latent-size", type=_latent_size, default=(12, 12), help="latent HxW (image / 8)")
+    from framepack_rt.commands import model_flag
+
+    model_flag.add_argument(info, presets=True)  # a PATH here may also be a transformer folder alone
+    info.add_argument("--latent-size", type=_latent_size, default=None,
+                      help="latent HxW (image / 8; default: the built-in models' own frame size, else 12x12)")
     info.add_argument("--resolution", type=int, metavar="PX",
                       help="print the memory plan at PX x PX pixels (weights, activations, buffers, VAE tiles)")
     info.add_argument("--window", type=int, default=9, help="latent frames per section, for the plan (default: 9)")
@@ -130,19 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(run=cmd_info)
 
     from framepack_rt.commands import doctor, generate
-    from framepack_rt.stream import DEFAULT_MODEL
 
     doctor_cmd = sub.add_parser("doctor", help="versions, device, kernel checks, attention, a timed step, memory: "
                                                "run first on a new GPU")
-    doctor.add_arguments(doctor_cmd, default_model=DEFAULT_MODEL)
+    doctor.add_arguments(doctor_cmd)
     doctor_cmd.set_defaults(run=doctor.run)
 
     gen = sub.add_parser("generate", help="write an MP4 from a start image and a prompt")
-    generate.add_arguments(gen, default_model=DEFAULT_MODEL)
+    generate.add_arguments(gen)
     gen.set_defaults(run=generate.run)
 
     serve = sub.add_parser("serve", help="stream live generation to browsers over WebRTC")
-    serve.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or PATH (default: {DEFAULT_MODEL})")
+    model_flag.add_argument(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8188, help="port (default: 8188; 0 picks a free one)")
     serve.add_argument("--fps", type=float, default=30.0, help="playback frame rate (default: 30)")
@@ -156,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="most generated video waiting to be played, bounding the delay (default: 2)")
     serve.add_argument("--stamp", action="store_true",
                        help="stamp frame numbers into the top rows, for `framepack-rt bench --url` glass-to-glass")
+    from framepack_rt.commands import threads
+
+    threads.add_argument(serve)  # --threads N
     devices.add_arguments(serve, memory=True)
     from framepack_rt.commands import parallel
 
@@ -180,10 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from framepack_rt.commands import threads
+
+    threads.prefer_passive_wait()  # before anything imports torch: OpenMP reads it once (threads.py)
     from framepack_rt.pipeline.parallel_launch import WorkerFailed
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    threads.apply(getattr(args, "threads", None))
     try:
         return args.run(args)
     except (UsageError, FileNotFoundError, ValueError) as exc:

@@ -42,10 +42,10 @@ PACKAGES = {"triton": "triton", "flash-attn": "flash_attn", "flash-attn-3": "fla
 Section = dict[str, Any]
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("--model", default=default_model,
-                        help=f"tiny | demo | framepack-13b | PATH (a model root or transformer folder; "
-                             f"default: {default_model})")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from framepack_rt.commands import model_flag
+
+    model_flag.add_argument(parser, presets=True)  # a PATH here may also be a transformer folder alone
     devices.add_arguments(parser, memory=True)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
 

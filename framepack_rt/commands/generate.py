@@ -13,8 +13,10 @@ from framepack_rt.pipeline.framepack_pipeline import FPS, MODES
 from framepack_rt.engine.schedules import num_sections, video_frames_for_latents
 
 
-def add_arguments(parser: argparse.ArgumentParser, default_model: str) -> None:
-    parser.add_argument("--model", default=default_model, help=f"demo | tiny | PATH to model folders (default: {default_model})")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from framepack_rt.commands import model_flag
+
+    model_flag.add_argument(parser)
     parser.add_argument("--image", help="start image (PNG/JPEG; default: the model's example start, e.g. the demo's "
                                         "red ball)")
     parser.add_argument("--prompt", help="what happens in the video (default with no --image: the example's prompt)")
@@ -93,6 +95,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def length_note(seconds: float, window: int, sections: int, frames: int) -> str:
+    """What --seconds becomes: video comes in whole sections (4 frames a latent), plus the start frame."""
+    per_section = 4 * window
+    return (f"--seconds {seconds:g} makes {sections} section{'s' if sections != 1 else ''} of {window} latents "
+            f"({per_section} frames, {per_section / FPS:.2f} s each) plus the start frame: {frames} frames, "
+            f"{frames / FPS:.2f} s at {FPS} fps. Video comes in whole sections: --seconds rounds to the nearest "
+            f"number of them (at least 1)")
+
+
 def warn_unused_entries(schedule, late, args: argparse.Namespace, sections: int) -> None:
     """Entries inside the video that never take over: prompts change where a section starts, so an entry
     after the last section's start, or one a later entry supersedes before the next start, is not used."""
@@ -129,8 +140,7 @@ def write_video(pipe, args: argparse.Namespace) -> int:
     steps = args.steps or pipe.default_steps
     sections = num_sections(args.seconds, args.window)
     frames = video_frames_for_latents(sections * args.window + 1)
-    print(f"--seconds {args.seconds:g}: {sections} section(s) of {args.window} latents, {frames} frames "
-          f"({frames / FPS:.2f} s at {FPS} fps; video comes in whole sections)", file=sys.stderr)
+    print(length_note(args.seconds, args.window, sections, frames), file=sys.stderr)
     if schedule is not None:
         late = [change for change in schedule if change.seconds >= frames / FPS]
         if late:

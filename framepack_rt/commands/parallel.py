@@ -166,11 +166,10 @@ def generate_worker(world: ParallelWorld, args: argparse.Namespace) -> int | Non
 def build_parser() -> argparse.ArgumentParser:
     """generate's flags and the parallel ones (added once: generate may already carry them)."""
     from framepack_rt.commands import generate
-    from framepack_rt.stream import DEFAULT_MODEL
 
     parser = argparse.ArgumentParser(prog="python -m framepack_rt.commands.parallel",
                                      description="framepack-rt generate on several worker processes")
-    generate.add_arguments(parser, DEFAULT_MODEL)
+    generate.add_arguments(parser)
     if not any(action.dest == "sequence_parallel" for action in parser._actions):
         add_arguments(parser)
     return parser

@@ -128,9 +128,11 @@ def load_transformer(spec: str, placement: Placement, *, random_on_device: bool 
     return model.eval()
 
 
-def example_inputs(config: FramePackConfig, shapes: StepShapes, device: torch.device, dtype: torch.dtype) -> dict:
-    """Seeded inputs of one F1 step at ``shapes`` (batch 1), on ``device``."""
-    g = torch.Generator().manual_seed(0)
+def example_inputs(config: FramePackConfig, shapes: StepShapes, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32, *, seed: int = 0, timestep: float = 500.0) -> dict:
+    """Seeded inputs of one F1 step at ``shapes`` (batch 1), on ``device``: what info and doctor time, and what
+    the 13B-width benchmarks (benchmarks/lora.py, quantization.py) feed their blocks."""
+    g = torch.Generator().manual_seed(seed)
     h, w, c, window = shapes.latent_height, shapes.latent_width, config.in_channels, shapes.window
 
     def randn(*shape: int) -> torch.Tensor:
@@ -139,7 +141,7 @@ def example_inputs(config: FramePackConfig, shapes: StepShapes, device: torch.de
     first_noisy = sum(HISTORY.values())  # frame 0 is the start (in "clean"), then the history, oldest first
     return dict(
         hidden_states=randn(1, c, window, h, w),
-        timestep=torch.tensor([500.0], device=device),
+        timestep=torch.tensor([timestep], device=device),
         encoder_hidden_states=randn(1, shapes.text_tokens, config.text_embed_dim),
         pooled_projections=randn(1, config.pooled_projection_dim),
         image_embeds=randn(1, shapes.image_tokens, config.image_proj_dim),

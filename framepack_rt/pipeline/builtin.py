@@ -18,7 +18,12 @@ import numpy as np
 if TYPE_CHECKING:
     from framepack_rt.engine.sampling import GuidanceConfig
 
-BUILTIN_MODELS = ("demo", "tiny")
+DEFAULT_MODEL = "demo"  # what every command (serve, generate, info, doctor, bench) loads without --model
+# The names --model takes besides a PATH, one line each for the commands' help. The pipeline sets run in every
+# command; the transformer presets have no encoders or VAE, so only info and doctor (one transformer step) take them.
+BUILTIN_MODELS = {"demo": "the trained demo model (3.7 M parameters, shipped)",
+                  "tiny": "random weights built in code: coloured noise, fast, for tests"}
+TRANSFORMER_PRESETS = {"framepack-13b": "the release's 13B transformer, random weights, no encoders or VAE"}
 DEMO_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "demo" / "weights"
 DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "demo" bucket of media.py
 DEMO_STEPS = 8  # default sampling steps of the demo model

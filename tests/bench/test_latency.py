@@ -92,7 +92,8 @@ def test_encoder_timer_wraps_and_restores():
 
 
 def test_config_is_checked():
-    assert BenchConfig().steps == 2  # tiny: few steps, so the CPU keeps up with 30 fps
+    assert BenchConfig().model == "demo" and BenchConfig().steps is None  # every command's default, its steps
+    assert BenchConfig(model="tiny").steps == 2  # tiny: few steps, so the CPU keeps up with 30 fps
     with pytest.raises(ValueError):
         BenchConfig(seconds=3, prompt_after=4)
     with pytest.raises(ValueError):
@@ -135,7 +136,8 @@ def test_bench_end_to_end_writes_every_field(tmp_path, capsys):
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not found: apt-get install -y chromium")
 def test_bench_with_a_headless_browser_viewer(tmp_path):
     out = tmp_path / "browser.json"
-    assert main(["bench", "--seconds", "3", "--prompt-after", "1", "--browser", "--json", str(out)]) == 0
+    assert main(["bench", "--model", "tiny", "--seconds", "3", "--prompt-after", "1", "--browser", "--json",
+                 str(out)]) == 0
     browser = json.loads(out.read_text())["browser"]
     # The page read the stamps back from a canvas: its own glass-to-glass (to the expected display time).
     assert 0 < browser["ttff_ms"] < 15_000

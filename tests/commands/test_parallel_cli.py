@@ -8,26 +8,10 @@ import subprocess
 import sys
 import time
 
-import av
 import numpy as np
 import pytest
-from PIL import Image
 
 RUN_TIMEOUT = 300  # seconds per parallel run: about 40 s on a loaded 2-core machine, most of it process start
-
-
-@pytest.fixture(scope="module")
-def start_image(tmp_path_factory):
-    path = tmp_path_factory.mktemp("parallel") / "start.png"
-    img = np.full((64, 64, 3), 30, np.uint8)
-    img[24:40, 8:24] = (220, 40, 40)
-    Image.fromarray(img).save(path)
-    return path
-
-
-def frames_of(path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
 def run_parallel_cli(run_bounded, *args: str) -> subprocess.CompletedProcess:
@@ -39,7 +23,8 @@ def run_parallel_cli(run_bounded, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("mode, flags", [("f1", ["--sequence-parallel", "2"]),
                                          ("inverted", ["--sequence-parallel", "2", "--cfg-parallel"])],
                          ids=["sequence_parallel_2_f1", "cfg_parallel_2_inverted"])
-def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags, run_bounded):
+def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags, run_bounded,
+                                                       mp4_frames):
     from framepack_rt.commands.cli import main
 
     common = ["--model", "tiny", "--device", "cpu", "--image", str(start_image), "--prompt", "a red ball moves right",
@@ -48,7 +33,7 @@ def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, m
     done = run_parallel_cli(run_bounded, *common, *flags, "--out", str(tmp_path / "two.mp4"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 workers" in done.stdout
-    one, two = frames_of(tmp_path / "one.mp4"), frames_of(tmp_path / "two.mp4")
+    one, two = mp4_frames(tmp_path / "one.mp4"), mp4_frames(tmp_path / "two.mp4")
     assert one.shape == two.shape and one.shape[0] > 37  # more than one section
     diff = np.abs(one.astype(np.float64) - two).mean()
     assert diff <= 0.5, f"mean |diff| {diff:.3f}/255 against one process"

@@ -67,7 +67,7 @@ def test_demo_is_the_default_model():
 
     assert DEFAULT_MODEL == "demo"
     parser = argparse.ArgumentParser()
-    generate.add_arguments(parser, default_model=DEFAULT_MODEL)
+    generate.add_arguments(parser)
     assert parser.parse_args(["--image", "x.png", "--seconds", "1", "--out", "o.mp4"]).model == "demo"
     help_text = subprocess.run([sys.executable, "-m", "framepack_rt.commands.cli", "generate", "--help"], capture_output=True,
                                text=True, check=True).stdout

@@ -14,18 +14,6 @@ from framepack_rt.pipeline.decode_ahead import DecodeAhead
 from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return FramePackPipeline.from_pretrained("tiny")
-
-
-@pytest.fixture
-def image():
-    img = np.full((64, 64, 3), 30, np.uint8)
-    img[24:40, 8:24] = (220, 40, 40)
-    return img
-
-
 def sections_of(stream, limit: int = 20) -> list:
     out = []
     for section in stream:

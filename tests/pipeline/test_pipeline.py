@@ -9,18 +9,6 @@ import torch
 from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return FramePackPipeline.from_pretrained("tiny")
-
-
-@pytest.fixture
-def image():
-    img = np.full((64, 64, 3), 30, np.uint8)
-    img[24:40, 8:24] = (220, 40, 40)
-    return img
-
-
 def test_stream_f1_frames_and_prompt_change(pipe, image):
     # Decoded one after the other: with decode overlap section 1 samples before section 0 is handed over, so a
     # prompt set between the two applies from 2 (tests/pipeline/test_decode_ahead.py).

@@ -1,9 +1,10 @@
-"""Fixtures of the server tests: a synthetic pipeline (frames made in numpy, so the server is what is measured)
-and browser-like offers made by aiortc."""
+"""Fixtures of the server tests: a synthetic pipeline (frames made in numpy, so the server is what is measured),
+browser-like offers made by aiortc, and the page in headless Chromium (``browser``, ``new_page``, ``artifacts``)."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Awaitable, Callable
 
@@ -69,3 +70,55 @@ async def _browser_offer() -> str:
 def browser_offer() -> Callable[[], Awaitable[str]]:
     """``await browser_offer()``: an offer no one will ever complete (its peer connection is closed)."""
     return _browser_offer
+
+
+# -- the page in headless Chromium (test_browser.py, test_page_browser.py) ------------------------------------
+# Debian's /usr/bin/chromium through playwright's Python package, with the flags framepack-rt bench --browser
+# uses (framepack_rt/bench/browser.py: one list for the benchmark and the tests).
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium for the module's tests (each test opens its own pages)."""
+    from playwright.sync_api import sync_playwright
+
+    from framepack_rt.bench.browser import CHROMIUM, FLAGS
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture
+def new_page(browser):
+    """new_page(url) -> a page at ``url`` in a fresh context (downloads allowed), once /api/config is in (the
+    example prompt fills #prompt); page.errors lists uncaught page errors. Contexts close at teardown, their
+    pages first leaving for about:blank (pagehide: a page lets go of its session, as a reload does)."""
+    contexts = []
+
+    def make(url: str):
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        contexts.append(context)
+        page = context.new_page()
+        page.errors = []
+        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_function("() => window.framepack && document.querySelector('#prompt').value !== ''",
+                               timeout=10_000)
+        return page
+
+    yield make
+    for context in contexts:
+        for page in context.pages:
+            page.goto("about:blank")
+        context.close()
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    """test-artifacts/ at the repository root, where the browser tests leave screenshots."""
+    folder = Path(__file__).resolve().parents[2] / "test-artifacts"
+    folder.mkdir(exist_ok=True)
+    return folder

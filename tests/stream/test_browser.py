@@ -1,28 +1,16 @@
-"""The page in real headless Chromium: `framepack-rt serve` as a subprocess (real tiny pipeline), driven with
+"""The page in real headless Chromium: `framepack-rt serve` as a subprocess (the default model), driven with
 playwright. Decodes frames, takes a prompt from #prompt, and leaves a screenshot in test-artifacts/."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-# Flags that work as root in a sandbox; --disable-features=WebRtcHideLocalIpsWithMdns avoids ~1 s of
-# failed mDNS look-ups; loopback candidates matter where lo is the only interface.
-FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--allow-loopback-in-peer-connection",
-]
+from framepack_rt.bench.browser import CHROMIUM
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} not found: apt-get install -y chromium")
@@ -43,14 +31,7 @@ def demo_server_url(launch_serve):
 def serve(launch_serve, *args: str):
     proc, url, lines = launch_serve(*args, timeout=60)
     yield url
-    os.kill(proc.pid, signal.SIGTERM)  # the clean-shutdown path Ctrl-C takes too
-    try:
-        code = proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail("server did not stop within 15 s of SIGTERM:\n" + "".join(lines))
-    assert code == 0, "".join(lines)
+    launch_serve.stop(proc, lines)  # SIGTERM, the clean-shutdown path Ctrl-C takes too: exit 0 within 15 s
 
 
 def get_json(url: str):
@@ -58,49 +39,38 @@ def get_json(url: str):
         return json.load(resp)
 
 
-def test_page_decodes_frames_and_sends_prompts(server_url):
-    from playwright.sync_api import sync_playwright
+def test_page_decodes_frames_and_sends_prompts(server_url, new_page, artifacts):
+    page = new_page(server_url)
+    page.click("#start")
+    # Until the first section the track repeats the start image; count generated frames after it.
+    page.wait_for_selector("#sections li", timeout=20_000)
+    # framesDecoded comes from getStats() (inbound-rtp), polled by the page once a second.
+    page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=5_000)
+    before = page.evaluate("window.framepack.framesDecoded")
+    page.wait_for_function(f"() => window.framepack.framesDecoded >= {before + 30}", timeout=10_000)
+    assert page.evaluate("window.framepack.framesPainted") > 0  # requestVideoFrameCallback saw frames
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server_url)
-            page.click("#start")
-            # Until the first section the track repeats the start image; count generated frames after it.
-            page.wait_for_selector("#sections li", timeout=20_000)
-            # framesDecoded comes from getStats() (inbound-rtp), polled by the page once a second.
-            page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=5_000)
-            before = page.evaluate("window.framepack.framesDecoded")
-            page.wait_for_function(f"() => window.framepack.framesDecoded >= {before + 30}", timeout=10_000)
-            assert page.evaluate("window.framepack.framesPainted") > 0  # requestVideoFrameCallback saw frames
-
-            prompt = "a storm rolls over the lake"
-            page.fill("#prompt", prompt)
-            page.press("#prompt", "Enter")
-            deadline = time.monotonic() + 10
-            sessions = []
-            while time.monotonic() < deadline:
-                sessions = get_json(server_url + "api/sessions")["sessions"]
-                if sessions and sessions[0]["prompt"] == prompt:
-                    break
-                time.sleep(0.2)
-            assert sessions and sessions[0]["prompt"] == prompt, sessions
-            page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
-                                   timeout=5_000)
-            # Let a section with the new prompt reach the list, the preview and the stats line.
-            page.wait_for_function(
-                f"() => [...document.querySelectorAll('#sections .prompt-text')].some(e => e.textContent === {prompt!r})",
-                timeout=10_000)
-            page.wait_for_function("() => document.querySelector('#st-rtt').textContent.includes('ms')", timeout=5_000)
-            page.screenshot(path=str(ARTIFACTS / "stream_browser.png"))
-            assert page.evaluate("window.framepack.framesDecoded") >= before + 30
-            assert not errors, errors
-        finally:
-            browser.close()
+    prompt = "a storm rolls over the lake"
+    page.fill("#prompt", prompt)
+    page.press("#prompt", "Enter")
+    deadline = time.monotonic() + 10
+    sessions = []
+    while time.monotonic() < deadline:
+        sessions = get_json(server_url + "api/sessions")["sessions"]
+        if sessions and sessions[0]["prompt"] == prompt:
+            break
+        time.sleep(0.2)
+    assert sessions and sessions[0]["prompt"] == prompt, sessions
+    page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
+                           timeout=5_000)
+    # Let a section with the new prompt reach the list, the preview and the stats line.
+    page.wait_for_function(
+        f"() => [...document.querySelectorAll('#sections .prompt-text')].some(e => e.textContent === {prompt!r})",
+        timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#st-rtt').textContent.includes('ms')", timeout=5_000)
+    page.screenshot(path=str(artifacts / "stream_browser.png"))
+    assert page.evaluate("window.framepack.framesDecoded") >= before + 30
+    assert not page.errors, page.errors
 
 
 # The red ball's centroid x in the frame the <video> shows now, as a fraction of the width (None: no red).
@@ -136,34 +106,26 @@ def sample_red_x(page, seconds: float) -> list[float]:
     return xs
 
 
-def test_the_demo_ball_follows_a_typed_prompt(demo_server_url):
+def test_the_demo_ball_follows_a_typed_prompt(demo_server_url, new_page, artifacts):
     """The default (trained demo) model opens with the red ball and 'a red ball moves right': the ball in the
     decoded video goes right; after 'a red ball moves left' is typed, it comes back left."""
-    from playwright.sync_api import sync_playwright
-
     server_url = demo_server_url
     assert get_json(server_url + "api/config")["default_prompt"] == "a red ball moves right"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.goto(server_url)
-            page.click("#start")
-            page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
-            # The start image plays until the first section: the encoders run once the connection is up.
-            page.wait_for_function("() => document.querySelectorAll('#sections li').length > 0", timeout=30_000)
-            right = sample_red_x(page, 3.0)  # the first sections (the ball moves 0.3 widths a second)
-            assert len(right) > 20 and max(right) - right[0] >= 0.1, right
+    page = new_page(server_url)
+    page.click("#start")
+    page.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
+    # The start image plays until the first section: the encoders run once the connection is up.
+    page.wait_for_function("() => document.querySelectorAll('#sections li').length > 0", timeout=30_000)
+    right = sample_red_x(page, 3.0)  # the first sections (the ball moves 0.3 widths a second)
+    assert len(right) > 20 and max(right) - right[0] >= 0.1, right
 
-            page.fill("#prompt", "a red ball moves left")
-            page.press("#prompt", "Enter")
-            page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
-                                   timeout=5_000)
-            # The new prompt is generated from the next section and plays after what is already buffered.
-            left = sample_red_x(page, 8.0)
-            assert left, "the red ball left the video"
-            peak = max(right[-1], max(left[: len(left) // 4 + 1]))
-            assert peak - min(left) >= 0.1, (right[-5:], left)
-            page.screenshot(path=str(ARTIFACTS / "stream_browser_demo.png"))
-        finally:
-            browser.close()
+    page.fill("#prompt", "a red ball moves left")
+    page.press("#prompt", "Enter")
+    page.wait_for_function("() => document.querySelector('#prompt-note').textContent.includes('applies from')",
+                           timeout=5_000)
+    # The new prompt is generated from the next section and plays after what is already buffered.
+    left = sample_red_x(page, 8.0)
+    assert left, "the red ball left the video"
+    peak = max(right[-1], max(left[: len(left) // 4 + 1]))
+    assert peak - min(left) >= 0.1, (right[-5:], left)
+    page.screenshot(path=str(artifacts / "stream_browser_demo.png"))

@@ -4,8 +4,8 @@ shown, and the start settings, the example prompt and the image check at pick ti
 
 Fixtures meant for more tests of the page: ``page_server`` (one served page for the module: `framepack-rt
 serve` in a subprocess with the tiny model), ``serve_page(*flags)`` (a server of a test's own, with more
-flags), ``browser`` (one Chromium for the module), ``new_page`` (a fresh page that
-collects page errors), and the helpers ``start_session`` and ``wait_frames``. The browser tests pass
+flags), ``browser`` (one Chromium for the module) and ``new_page`` (a fresh page that collects page errors)
+from tests/stream/conftest.py, and the helpers ``start_session`` and ``wait_frames``. The browser tests pass
 functions, never expressions, to wait_for_function: the page's CSP allows no eval (see test_security_browser).
 """
 
@@ -13,126 +13,43 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--allow-loopback-in-peer-connection",
-]
+from framepack_rt.bench.browser import CHROMIUM
+
 SERVE_ARGS = ("--model", "tiny", "--steps", "2")  # coloured noise, every code path, fast on two cores
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
                                 reason=f"{CHROMIUM} not found: apt-get install -y chromium")
 
 
-# -- fixtures and helpers (reusable by other tests of the page) ------------------------------------------------
-
-def launch(*args: str, timeout: float = 90.0) -> tuple[subprocess.Popen, str, list[str]]:
-    """`framepack-rt serve --port 0 --model tiny --steps 2 *args` in a subprocess, once it printed its URL."""
-    proc = subprocess.Popen([sys.executable, "-m", "framepack_rt.commands.cli", "serve", "--port", "0", *SERVE_ARGS,
-                             *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.append(line)
-            if "open http://" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not found.wait(timeout):
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"server printed no URL within {timeout:.0f} s:\n" + "".join(lines))
-    url = next(re.search(r"open (http://\S+)", line).group(1) for line in lines if "open http://" in line)
-    return proc, url, lines
-
-
-def stop(proc: subprocess.Popen, lines: list[str]) -> None:
-    """SIGTERM (the path Ctrl-C takes) and a clean exit within 15 s, else the test fails."""
-    os.kill(proc.pid, signal.SIGTERM)
-    try:
-        code = proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        pytest.fail("server did not stop within 15 s of SIGTERM:\n" + "".join(lines))
-    assert code == 0, "".join(lines)
-
+# -- fixtures and helpers (reusable by other tests of the page; browser and new_page: tests/stream/conftest.py) --
 
 @pytest.fixture(scope="module")
-def page_server() -> str:
+def page_server(launch_serve_module) -> str:
     """The URL of one served page with the default flags, shared by the module's tests (a server start costs
     10-40 s on two busy cores). Tests leave no session behind: new_page's pages let go of theirs at teardown."""
-    proc, url, lines = launch()
+    proc, url, lines = launch_serve_module(*SERVE_ARGS)
     yield url
-    stop(proc, lines)
+    launch_serve_module.stop(proc, lines)
 
 
 @pytest.fixture
-def serve_page():
+def serve_page(launch_serve):
     """serve_page(*flags) -> the URL of a server of its own with more flags (e.g. "--lora", "x.safetensors")."""
     servers = []
 
     def serve(*flags: str) -> str:
-        proc, url, lines = launch(*flags)
+        proc, url, lines = launch_serve(*SERVE_ARGS, *flags)
         servers.append((proc, lines))
         return url
 
     yield serve
     for proc, lines in servers:
-        stop(proc, lines)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """One headless Chromium for the module's tests (each test opens its own pages)."""
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture
-def new_page(browser):
-    """new_page(url) -> a page at ``url`` in a fresh context (downloads allowed); page.errors lists uncaught
-    page errors. Contexts close at teardown."""
-    contexts = []
-
-    def make(url: str):
-        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        contexts.append(context)
-        page = context.new_page()
-        page.errors = []
-        page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-        page.goto(url)
-        page.wait_for_function("() => window.framepack && document.querySelector('#prompt').value !== ''",
-                               timeout=10_000)  # /api/config is in: the example prompt is there
-        return page
-
-    yield make
-    for context in contexts:
-        for page in context.pages:
-            page.goto("about:blank")  # pagehide: the page lets go of its session, as a reload does
-        context.close()
+        launch_serve.stop(proc, lines)
 
 
 def start_session(page, timeout_ms: int = 20_000) -> str:
@@ -225,7 +142,7 @@ def test_quick_restarts_never_lock_out_and_download_mp4_has_the_frames_shown(pag
     assert not page.errors, page.errors
 
 
-def test_start_settings_example_prompt_and_a_bad_file_at_pick_time(page_server, new_page, tmp_path):
+def test_start_settings_example_prompt_and_a_bad_file_at_pick_time(page_server, new_page, tmp_path, artifacts):
     page = new_page(page_server)
     config = get_json(page_server + "api/config")
     assert page.input_value("#prompt") == config["default_prompt"]  # a value, not a placeholder: Enter works
@@ -255,8 +172,7 @@ def test_start_settings_example_prompt_and_a_bad_file_at_pick_time(page_server, 
     sid = page.evaluate("window.framepack.session")
     settings = get_json(f"{page_server}api/sessions/{sid}")["settings"]
     assert settings == {"seed": 7, "steps": 1, "cfg": settings["cfg"], "window": 5, "bucket": [64, 80]}
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "page_settings.png"))
+    page.screenshot(path=str(artifacts / "page_settings.png"))
     assert not page.errors, page.errors
 
 
