@@ -122,6 +122,28 @@ def test_a_killed_replica_ends_only_its_sessions_and_new_sessions_start(cluster_
     run(scenario())
 
 
+def test_the_page_tells_its_viewer_when_the_replica_died(cluster_url, new_page):
+    """The page in Chromium: its session's replica is killed, and the ingress's answer shows as its error."""
+    from framepack_rt.bench.browser import CHROMIUM
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium")
+    import json
+    import urllib.request
+
+    page = new_page(cluster_url)
+    page.click("#start")
+    page.wait_for_function("() => window.framepack.session && window.framepack.framesDecoded >= 5",
+                           timeout=FRAMES_TIMEOUT * 1000)
+    session = page.evaluate("() => window.framepack.session")
+    with urllib.request.urlopen(cluster_url + "api/sessions", timeout=30) as resp:
+        listed = {s["id"]: s for s in json.load(resp)["sessions"]}
+    os.kill(listed[session]["replica"]["pid"], signal.SIGKILL)
+    page.wait_for_function("() => document.querySelector('#error').textContent.includes('session lost')",
+                           timeout=LOST_WITHIN_S * 1000)
+    assert "replica" in page.text_content("#error") and page.text_content("#status") == "error"
+    assert not page.errors
+
 @pytest.mark.slow
 def test_serve_cluster_command_deploys_and_stops_on_ctrl_c(launch_serve):
     """``framepack-rt serve --cluster ray``: a local Ray instance, the page and the API, then Ctrl-C takes it
