@@ -14,8 +14,14 @@ def pipe():
     return FramePackPipeline.from_pretrained("tiny")
 
 
-@pytest.fixture
-def image() -> np.ndarray:
+@pytest.fixture(scope="module")
+def start_picture() -> np.ndarray:
+    """For module-scoped fixtures; tests take ``image``, their own copy."""
     img = np.full((64, 64, 3), 30, np.uint8)
     img[24:40, 8:24] = (220, 40, 40)
     return img
+
+
+@pytest.fixture
+def image(start_picture: np.ndarray) -> np.ndarray:
+    return start_picture.copy()

@@ -25,22 +25,14 @@ def write_peft(path, transformer, seed=0, size=0.5, rank=4):
     return path
 
 
-@pytest.fixture
-def image():
-    img = np.full((64, 64, 3), 30, np.uint8)
-    img[24:40, 8:24] = (220, 40, 40)
-    return img
-
-
 def frames(stream, n):
     return [next(stream).frames for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
-def lora_pipe(tmp_path_factory):
+def lora_pipe(tmp_path_factory, start_picture):
     """The tiny pipeline with one LoRA ("style", scale 1), and its frames before the LoRA was loaded."""
-    img = np.full((64, 64, 3), 30, np.uint8)
-    img[24:40, 8:24] = (220, 40, 40)
+    img = start_picture
     pipe = FramePackPipeline.from_pretrained("tiny")
     plain = frames(pipe.stream(img, PROMPT, steps=2), 3)
     path = write_peft(tmp_path_factory.mktemp("lora") / "style.safetensors", pipe.parts.transformer())
