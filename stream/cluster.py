@@ -50,6 +50,9 @@ class ClusterSettings:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     media_host: str = "node"
+    sequence_parallel: int = 1  # worker processes (GPUs) per replica for one stream (commands/parallel.py)
+    cfg_parallel: bool = False
+    parallel_timeout: float = 600.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:
@@ -63,6 +66,8 @@ class ClusterSettings:
             raise ValueError(f"--target-sessions {self.target_sessions}: must be positive")
         if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise ValueError("--gpus-per-replica and --cpus-per-replica: must be 0 or more")
+        if self.sequence_parallel < 1:
+            raise ValueError(f"--sequence-parallel {self.sequence_parallel}: must be at least 1")
 
     @property
     def autoscaling(self) -> bool:
@@ -103,7 +108,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-sessions", type=float, default=None, metavar="S",
                        help="sessions per replica the autoscaler aims for (default: --max-sessions)")
     group.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
-                       help="GPUs each replica reserves (default: 1 when the cluster has GPUs, else 0)")
+                       help="GPUs each replica reserves (default: one per worker, --sequence-parallel, when "
+                            "the cluster has GPUs, else 0)")
     group.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C",
                        help="CPUs each replica reserves (default 1)")
     group.add_argument("--media-host", default="node", metavar="ADDRESS",
@@ -112,13 +118,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(args: argparse.Namespace) -> ClusterSettings:
-    """serve's parsed flags as ClusterSettings; ValueError for combinations that cannot work."""
-    if args.sequence_parallel > 1 or args.cfg_parallel:
-        raise ValueError("--cluster ray with --sequence-parallel or --cfg-parallel is not supported yet: each "
-                         "replica runs one device; drop one of the two")
+    """serve's parsed flags as ClusterSettings (--sequence-parallel N: each replica's world of N workers)."""
     return ClusterSettings(replicas=args.replicas, min_replicas=args.min_replicas, max_replicas=args.max_replicas,
                            target_sessions=args.target_sessions, gpus_per_replica=args.gpus_per_replica,
-                           cpus_per_replica=args.cpus_per_replica, media_host=args.media_host)
+                           cpus_per_replica=args.cpus_per_replica, media_host=args.media_host,
+                           sequence_parallel=args.sequence_parallel, cfg_parallel=args.cfg_parallel,
+                           parallel_timeout=args.parallel_timeout)
 
 
 def build(settings: ServerSettings, cluster: ClusterSettings) -> Any:
@@ -131,7 +136,7 @@ def build(settings: ServerSettings, cluster: ClusterSettings) -> Any:
     generation = serve.deployment(GenerationReplica, name="generation", **cluster.deployment_options(settings))
     ingress = serve.deployment(ClusterIngress, name="ingress", num_replicas=1,
                                max_ongoing_requests=INGRESS_MAX_REQUESTS, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(generation.bind(settings, cluster.media_host), settings.max_request_bytes,
+    return ingress.bind(generation.bind(settings, cluster), settings.max_request_bytes,
                         settings.max_sessions_per_client)
 
 
@@ -192,7 +197,8 @@ def serve_cluster(settings: ServerSettings, cluster: ClusterSettings, host: str 
     try:
         if cluster.gpus_per_replica == 0 and settings.device in ("auto", "cuda") and \
                 ray.cluster_resources().get("GPU", 0) > 0:
-            cluster = dataclasses.replace(cluster, gpus_per_replica=1.0)  # one GPU each when the cluster has them
+            # one GPU per worker when the cluster has GPUs
+            cluster = dataclasses.replace(cluster, gpus_per_replica=float(cluster.sequence_parallel))
         if loopback and cluster.media_host == "node":
             cluster = dataclasses.replace(cluster, media_host="127.0.0.1")
         port = port or _free_port(host)  # Serve's proxy needs the number before it listens

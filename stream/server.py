@@ -10,6 +10,8 @@ Routes::
     GET  /api/sessions       [{id, prompt, sections_done, viewers, state, ...}]
     GET  /api/sessions/{id}  one session with its current stats
     GET  /api/sessions/{id}/stamps?since=N  send times of stamped frames (with ``--stamp``; benchmarks)
+    GET  /api/sessions/{id}/end?wait=S  waits up to S seconds (default 25, at most 60) for the session to end:
+                             {session, state: "running" | "closed", reason}
     GET  /api/sessions/{id}/video.mp4?key=K  everything recorded so far, one MP4 (stream/recording.py)
     DELETE /api/sessions/{id}?key=K  end the session now (its page's Restart and reload)
     GET  /api/health         liveness, model, counts
@@ -80,6 +82,7 @@ _CONNECTIONS = ConnectionLimits()
 TOKEN_HINT = "FRAMEPACK_RT_TOKEN (or --token)"
 VIDEO_ROUTE, RELEASE_ROUTE = "session-video", "session-release"  # check their access themselves (by key)
 DOWNLOAD_CHUNK = 1 << 20
+END_WAIT_S, END_WAIT_MAX_S = 25.0, 60.0  # GET /api/sessions/{id}/end: a long poll's default and longest wait
 
 
 @dataclass
@@ -285,6 +288,7 @@ class StreamServer:
         app.router.add_delete("/api/sessions/{id}", self._release_session, name=RELEASE_ROUTE)
         app.router.add_get("/api/sessions/{id}/video.mp4", self._get_video, name=VIDEO_ROUTE)
         app.router.add_get("/api/sessions/{id}/stamps", self._get_stamps)
+        app.router.add_get("/api/sessions/{id}/end", self._wait_end)
         app.router.add_get("/api/health", self._health)
         app.router.add_get("/api/config", self._config)
         app.router.add_get("/api/default-image", self._default_image)
@@ -558,6 +562,23 @@ class StreamServer:
         return web.json_response({**session.summary(), "stats": session.stats(),
                                   "recording": recording.summary() if recording else {"enabled": False}})
 
+    async def _wait_end(self, request: web.Request) -> web.Response:
+        """A long poll: answers when the session ends or after ``wait`` seconds (scripts; a cluster replica
+        follows its sessions with it)."""
+        session = self.sessions.get(request.match_info["id"])
+        if session is None:
+            return _error(404, f"no session {request.match_info['id']!r}; GET /api/sessions lists the live ones")
+        try:
+            wait = min(END_WAIT_MAX_S, max(0.0, float(request.query.get("wait", END_WAIT_S))))
+        except ValueError:
+            return _error(400, "wait must be a number of seconds")
+        try:
+            await asyncio.wait_for(session.wait_closed(), wait)
+        except asyncio.TimeoutError:
+            pass
+        return web.json_response({"session": session.id, "state": "closed" if session.closed else "running",
+                                  "reason": session.close_reason})
+
     async def _get_stamps(self, request: web.Request) -> web.Response:
         """[[frame, section, generated, sent], ...] in time.monotonic() seconds: this host's clock."""
         session = self.sessions.get(request.match_info["id"])
@@ -767,9 +788,11 @@ def load_pipeline(model: str | ServerSettings, *, device: str = "auto", dtype: s
 
 
 async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8188,
-                announce: Callable[[str], None] = print, load: Callable[[], Any] | None = None) -> bool:
+                announce: Callable[[str], None] = print, load: Callable[[], Any] | None = None,
+                media_hosts: list[str] | None = None) -> bool:
     """Load the model, serve until SIGINT/SIGTERM, then shut down cleanly. False if stopped while loading.
-    ``load``: returns the pipeline (default: load_pipeline(settings); several workers pass rank 0's)."""
+    ``load``: returns the pipeline (default: load_pipeline(settings); several workers pass rank 0's).
+    ``media_hosts``: see StreamServer.start (a cluster replica's rank 0)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -780,7 +803,7 @@ async def serve(settings: ServerSettings, host: str = "127.0.0.1", port: int = 8
         announce("stopped before the model finished loading")
         return False
     server = StreamServer(pipe, settings)
-    url = await server.start(host, port)
+    url = await server.start(host, port, media_hosts=media_hosts)
     announce(f"framepack-rt serve: open {url} in a browser (Ctrl-C to stop)")
     if settings.token:
         announce("access needs the token: open the URL with ?token=<your token> added (it is not printed)")

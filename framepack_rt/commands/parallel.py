@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -93,24 +93,32 @@ def refuse_unsupported(teacache: float | None, low_vram: bool) -> None:
 
 
 def serve_parallel(args: argparse.Namespace, settings: Any) -> int:
-    """``framepack-rt serve`` on ``args.sequence_parallel`` workers; returns when the server stops. Sessions take
-    turns on the device worker (continuous batching packs StepPlans the workers do not share: turned off)."""
-    refuse_unsupported(settings.teacache, settings.low_vram)
-    if getattr(settings, "loras", ()):
-        raise ValueError("--lora with --sequence-parallel or --cfg-parallel is not supported yet (a session's live "
-                         "LoRA scales would change rank 0's weights only): run on one worker")
-    if getattr(settings, "batching", False):
-        print("framepack-rt serve: several workers: sessions take turns (continuous batching is off)", flush=True)
-        settings = dataclasses.replace(settings, batching=False)
+    """``framepack-rt serve`` on ``args.sequence_parallel`` workers; returns when the server stops."""
+    settings = parallel_serve_settings(settings, announce=lambda line: print(line, flush=True))
     config = LaunchConfig(args.sequence_parallel, args.cfg_parallel, launch_device(args.device),
                           args.parallel_timeout)
     launch(serve_worker, config, settings, args.host, args.port, config.timeout_s)
     return 0
 
 
-def serve_worker(world: ParallelWorld, settings: Any, host: str, port: int, timeout_s: float) -> None:
+def parallel_serve_settings(settings: Any, announce: Callable[[str], None]) -> Any:
+    """``settings`` as a server on several workers runs them (ValueError for what they cannot do yet). Sessions
+    take turns on the device worker: continuous batching packs StepPlans the workers do not share (turned off)."""
+    refuse_unsupported(settings.teacache, settings.low_vram)
+    if getattr(settings, "loras", ()):
+        raise ValueError("--lora with --sequence-parallel or --cfg-parallel is not supported yet (a session's live "
+                         "LoRA scales would change rank 0's weights only): run on one worker")
+    if getattr(settings, "batching", False):
+        announce("framepack-rt serve: several workers: sessions take turns (continuous batching is off)")
+        settings = dataclasses.replace(settings, batching=False)
+    return settings
+
+
+def serve_worker(world: ParallelWorld, settings: Any, host: str, port: int, timeout_s: float,
+                 media_hosts: list[str] | None = None) -> None:
     """One worker of ``serve``: rank 0 serves until stopped (SIGINT, SIGTERM, or the world breaking), the
-    others follow its transformer calls. ``timeout_s``: the collective timeout (sets the keepalive)."""
+    others follow its transformer calls. ``timeout_s``: the collective timeout (sets the keepalive);
+    ``media_hosts``: where viewers' connections go when not ``host`` (a cluster replica's world)."""
     import asyncio
 
     from framepack_rt.model.parallel import check_world
@@ -140,7 +148,7 @@ def serve_worker(world: ParallelWorld, settings: Any, host: str, port: int, time
     with DistributedTransformer(transformer, world, on_broken=stop_serving) as proxy, Keepalive(proxy, every_s):
         served = with_transformer(pipe, proxy)
         asyncio.run(serve(settings, host, port, announce=lambda line: print(line, flush=True),
-                          load=lambda: served))
+                          load=lambda: served, media_hosts=media_hosts))
     if failures:
         raise failures[0]
 

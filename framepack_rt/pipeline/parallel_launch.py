@@ -127,8 +127,10 @@ def _worker(rank: int, job: Callable, config: LaunchConfig, port: int, result_pa
         dist.destroy_process_group()
 
 
-def launch(job: Callable[..., Any], config: LaunchConfig, *args: Any) -> Any:
-    """Run ``job(world, *args)`` on every worker; returns rank 0's result (None on other torchrun ranks)."""
+def launch(job: Callable[..., Any], config: LaunchConfig, *args: Any, stop: threading.Event | None = None) -> Any:
+    """Run ``job(world, *args)`` on every worker; returns rank 0's result (None on other torchrun ranks).
+    ``stop``: set from another thread, it stops the workers as SIGTERM would (a launch run off the main thread,
+    where no signal handler can be set)."""
     config.validate()
     if under_torchrun():
         world = join_world(config)
@@ -145,7 +147,8 @@ def launch(job: Callable[..., Any], config: LaunchConfig, *args: Any) -> Any:
                                      join=False, start_method="spawn")
         try:
             while not context.join(timeout=1.0, grace_period=STOP_GRACE_S):
-                pass
+                if stop is not None and stop.is_set():
+                    raise _Terminated("stopped")
         except _Terminated:  # the workers are stopped below; a server's rank 0 shuts down cleanly and returns
             _stop_all(context.processes)
             if not os.path.exists(result_path):

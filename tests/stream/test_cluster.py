@@ -9,10 +9,12 @@ imported) and send no usage statistics.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -53,7 +55,9 @@ def cluster_url():
 
 
 def run(coro, timeout: float = 300):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
+    """On a thread of its own: the browser test's playwright keeps an event loop in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, asyncio.wait_for(coro, timeout)).result()
 
 
 async def generated(client: StreamClient, since: int = 0) -> None:
@@ -148,17 +152,52 @@ def test_the_page_tells_its_viewer_when_the_replica_died(cluster_url, new_page):
 def test_serve_cluster_command_deploys_and_stops_on_ctrl_c(launch_serve):
     """``framepack-rt serve --cluster ray``: a local Ray instance, the page and the API, then Ctrl-C takes it
     all down (the Ray processes it started included)."""
-    import subprocess
     import urllib.request
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    mark = f"framepack-cli-test-{os.getpid()}-{time.time_ns()}"  # inherited by every Ray process it starts
+
+    def started_by_the_command() -> list[int]:
+        found = []
+        for environ in Path("/proc").glob("[0-9]*/environ"):
+            try:
+                if mark.encode() in environ.read_bytes():
+                    found.append(int(environ.parent.name))
+            except OSError:  # gone, or not ours to read
+                pass
+        return found
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "FRAMEPACK_TEST_MARK": mark}
     proc, url, lines = launch_serve("--cluster", "ray", "--replicas", "2", "--model", "tiny", "--device", "cpu",
                                     "--cpus-per-replica", "0", env=env, timeout=240)
     with urllib.request.urlopen(url + "api/health", timeout=30) as resp:
         assert resp.status == 200 and b'"cluster"' in resp.read()
     with urllib.request.urlopen(url, timeout=30) as resp:
         assert b"<html" in resp.read()
+    assert len(started_by_the_command()) >= 4  # the command, Ray's servers, the replicas: found by the mark
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, "".join(lines)
-    left = subprocess.run(["pgrep", "-f", "ServeReplica:framepack-rt"], capture_output=True, text=True).stdout
-    assert not left.strip(), f"replicas left running: {left}"
+    deadline = time.monotonic() + 30
+    while (left := started_by_the_command()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes the command started are still running: {left}"
+
+
+@pytest.mark.slow
+def test_a_replica_of_two_sequence_parallel_workers_streams(cluster_url):
+    """One replica whose stream runs on two worker processes (gloo): the application is redeployed so."""
+    settings = ServerSettings(model="tiny", device="cpu", steps=2, record_max_seconds=0, grace=1.0)
+    cluster = ClusterSettings(replicas=1, cpus_per_replica=0, media_host="127.0.0.1", sequence_parallel=2,
+                              parallel_timeout=60)
+    serve.run(build(settings, cluster), name=APP_NAME, route_prefix="/")
+
+    async def scenario() -> None:
+        viewer = StreamClient(cluster_url)
+        try:
+            await viewer.connect()
+            await generated(viewer)
+            listed = await sessions(cluster_url)
+            assert listed[viewer.session]["replica"]["node"] == "127.0.0.1"
+        finally:
+            await viewer.close()
+
+    run(scenario())

@@ -74,3 +74,27 @@ def test_states_running_then_stopped_never_finished(synthetic_pipe, run_with_ser
 
     states = run_with_server(synthetic_pipe, scenario)
     assert states in (["running", "stopped"], ["starting", "running", "stopped"]), states
+
+
+def test_a_long_poll_answers_when_the_session_ends(synthetic_pipe, run_with_server):
+    """GET /api/sessions/ID/end: "running" when the wait runs out, "closed" with the reason once it ends (a
+    cluster replica follows its sessions with it); 404 for no such session."""
+    async def scenario(server, url):
+        async with StreamClient(url) as owner, aiohttp.ClientSession() as http:
+            sid = await owner.connect()
+            base = f"{url}api/sessions/{sid}/end"
+            async with http.get(f"{base}?wait=0.2") as resp:
+                running = await resp.json()
+            waiting = asyncio.ensure_future(http.get(f"{base}?wait=30"))
+            await asyncio.sleep(0.3)
+            await _delete(f"{url}api/sessions/{sid}?key={server.sessions[sid].control_key}")
+            async with await asyncio.wait_for(waiting, 10) as resp:
+                ended = await resp.json()
+            async with http.get(f"{url}api/sessions/nope/end") as resp:
+                unknown = resp.status
+            return running, ended, unknown
+
+    running, ended, unknown = run_with_server(synthetic_pipe, scenario)
+    assert running["state"] == "running"
+    assert ended["state"] == "closed" and "ended by the viewer" in ended["reason"]
+    assert unknown == 404
