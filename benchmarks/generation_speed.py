@@ -2,15 +2,20 @@
 
     python benchmarks/generation_speed.py                    # the built-in default, CPU, default steps
     python benchmarks/generation_speed.py --steps 4 --sections 8 --json out.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/generation_speed.py --threads 1 --no-decode-overlap
 
 Runs one warm-up section, then times N sections of an F1 stream: frames produced per wall-clock second
-(steady state), split into sampling (transformer) and VAE decode, with the transformer's ms per step.
+(steady state), split into sampling (transformer) and VAE decode, with the transformer's ms per step. With
+decode overlap (the default) the decode of section k runs on its own thread beside the sampling of k + 1, so
+the two shares can add up to more than 100%. ``--threads`` sets torch's intra-op threads; OpenMP's wait policy
+is read from the environment when torch starts (OMP_WAIT_POLICY), so it is printed, not set, here.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -23,17 +28,26 @@ from framepack_rt.stream import DEFAULT_MODEL
 
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
-        device: str = "auto", cfg: float | None = None, dtype: str = "auto") -> dict:
+        device: str = "auto", cfg: float | None = None, dtype: str = "auto", threads: int | None = None,
+        decode_overlap: bool | None = None, channels_last: bool = False) -> dict:
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+
+    if threads:
+        torch.set_num_threads(threads)
 
     pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype)
     guidance = pipe.guidance(cfg)
+    if channels_last:  # the VAE decoder's tap convolutions in NHWC: faster, thread-count dependent (cpu_conv.py)
+        from framepack_rt.pipeline.cpu_conv import use_tap_convs
+
+        use_tap_convs(pipe.parts.vae().live.decoder, channels_last=True)
     if pipe.example is not None:  # the demo model's own start: what it was trained to continue
         image, prompt = pipe.example
     else:
         image, prompt = np.full((64, 64, 3), 30, np.uint8), "a red ball moves right"
         image[24:40, 8:24] = (220, 40, 40)
-    stream = pipe.stream(image, prompt, steps=steps, teacache=teacache, guidance=guidance)
+    stream = pipe.stream(image, prompt, steps=steps, teacache=teacache, guidance=guidance,
+                         decode_overlap=decode_overlap)
     next(stream)  # warm-up: first-call allocations, and the first section's shorter output
     rows = []
     began = time.perf_counter()
@@ -47,8 +61,10 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
     h, w = rows and stream._decoder._hw
     return dict(
         config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, cfg=guidance.cfg,
-                    teacache=teacache, device=pipe.placement.describe(), frame_size=[h, w]),
-        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                    teacache=teacache, device=pipe.placement.describe(), frame_size=[h, w],
+                    decode_overlap=stream._ahead is not None, channels_last=channels_last),
+        machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load {os.getloadavg()[0]:.2f}",
         fps=frames / wall,
         frames=frames,
         wall_s=wall,
@@ -67,15 +83,22 @@ def main() -> None:
     parser.add_argument("--teacache", type=float)
     devices.add_arguments(parser)  # --device, --dtype: auto by default, as every command
     parser.add_argument("--cfg", type=float, help="real-CFG scale (default: the model's; 1: off)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, the cores)")
+    parser.add_argument("--no-decode-overlap", dest="decode_overlap", action="store_false", default=None,
+                        help="decode each section after sampling it, on the same thread")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the VAE decoder's CPU convolutions in NHWC (faster; frames then depend on the thread "
+                             "count, so off by default)")
     parser.add_argument("--json")
     args = parser.parse_args()
     try:
-        r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg, args.dtype)
+        r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg, args.dtype, args.threads,
+                args.decode_overlap, args.channels_last)
     except (FileNotFoundError, ValueError) as exc:  # a bad --device/--dtype, too little memory, no such model
         parser.exit(2, f"generation_speed.py: {exc}\n")
     c = r["config"]
     print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, cfg {c['cfg']:g}, "
-          f"{c['device']} ({r['machine']})")
+          f"{c['device']}, decode overlap {'on' if c['decode_overlap'] else 'off'} ({r['machine']})")
     print(f"  {r['fps']:.1f} frames/s over {r['frames']} frames ({r['wall_s']:.2f} s)")
     print(f"  sampling {r['sample_share']:.0%} of the time ({r['ms_per_step_p50']:.1f} ms per step), "
           f"VAE decode {r['decode_share']:.0%}")

@@ -19,7 +19,7 @@ import numpy as np
 
 from framepack_rt.stream import control
 from framepack_rt.stream.buffer import BufferedFrame, FrameBuffer, rgb_to_yuv420
-from framepack_rt.stream.images import encode_jpeg_data_url
+from framepack_rt.stream.images import encode_jpeg_data_url, upscale_preview
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class Generation:
         preview = getattr(progress, "preview", None)
         if preview is not None and (last or now - self._last_preview >= self.PREVIEW_INTERVAL_S):
             self._last_preview = now
-            rgb = np.asarray(preview, dtype=np.uint8)
+            rgb = upscale_preview(np.asarray(preview, dtype=np.uint8))  # smooth, not 8x8 blocks on the page
             self.post(control.preview(progress.section, done, steps, encode_jpeg_data_url(rgb),
                                       rgb.shape[1], rgb.shape[0]))
 

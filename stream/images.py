@@ -91,6 +91,18 @@ def resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.asarray(im.resize((width, height), Image.Resampling.LANCZOS), dtype=np.uint8)
 
 
+def upscale_preview(rgb: np.ndarray, min_side: int = 128) -> np.ndarray:
+    """A latent-resolution preview (h, w, 3) scaled up smoothly (bicubic) by the integer factor that brings its
+    shorter side to ``min_side`` or more; already that large: unchanged. An 8x8 preview would otherwise reach
+    the page as blocks, and JPEG's 2x2 colour subsampling would smear what little it has."""
+    h, w = rgb.shape[:2]
+    factor = -(-min_side // max(1, min(h, w)))
+    if factor <= 1:
+        return rgb
+    im = Image.fromarray(np.ascontiguousarray(rgb))
+    return np.asarray(im.resize((w * factor, h * factor), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
 def encode_jpeg_data_url(rgb: np.ndarray, quality: int = 85) -> str:
     """(h, w, 3) uint8 -> data:image/jpeg;base64,... (latent previews over the data channel)."""
     buf = io.BytesIO()

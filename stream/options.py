@@ -137,11 +137,12 @@ def _add_batching_arguments(parser: argparse.ArgumentParser) -> None:
                    help="on: the open sections of all sessions advance one sampling step at a time as one packed "
                         "forward, and sections finishing together decode in one VAE batch; off: sessions take "
                         "turns, a whole section each (default: on)")
-    g.add_argument("--max-batch", type=_at_least_one, metavar="N",
+    g.add_argument("--max-batch", type=at_least_one, metavar="N",
                    help=f"most sections in one packed forward; more sessions take several (default: {MAX_BATCH})")
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
+    """argparse type: a whole number >= 1."""
     try:
         value = int(text)
     except ValueError:

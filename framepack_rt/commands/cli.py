@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -196,9 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers' "Loading weights" bars, one per encoder on every run (read when transformers is imported)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from framepack_rt.commands import threads
-
-    threads.prefer_passive_wait()  # before anything imports torch: OpenMP reads it once (threads.py)
     from framepack_rt.pipeline.parallel_launch import WorkerFailed
 
     parser = build_parser()

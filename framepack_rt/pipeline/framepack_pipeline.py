@@ -592,7 +592,7 @@ class FramePackPipeline:
         schedule = f1_schedule(window, sections) if mode == "f1" else inverted_schedule(
             sections, window, has_end_frame=end_image is not None)
 
-        start_latent, image_embeds, _ = self.encode_image(image)
+        start_latent, image_embeds, start_fitted = self.encode_image(image)
         end_latent = None
         if end_image is not None:
             end_fitted = fit_to_bucket(load_image(end_image), tuple(int(s) * 8 for s in start_latent.shape[-2:]))
@@ -610,7 +610,7 @@ class FramePackPipeline:
         def step_callback(event: StepEvent) -> None:
             holder["stream"].check_stop()
             if on_step is not None:
-                preview = latent_preview(event.denoised[:, :, -1:])[0, 0].numpy()
+                preview = latent_preview(event.denoised[:, :, -1:], preview_rgb)[0, 0].numpy()
                 on_step(StepProgress(event.section, event.step, event.steps, preview))
 
         negative = None
@@ -623,6 +623,8 @@ class FramePackPipeline:
             seed=seed, end_latent=end_latent, step_callback=step_callback, negative=negative,
         )
         vae = self.parts.vae()
+        # the preview's colours, decided once per stream: this VAE's, fitted with this start image (vae.py)
+        preview_rgb = vae.latent_rgb(start_latent, start_fitted) if on_step is not None else None
         if schedule.order.value == "forward":
             decoder = StreamingDecoder(vae, direction="forward")
             decoder.push(start_latent[0])  # the video begins with the start frame, as the release's F1 output

@@ -53,13 +53,12 @@ class LivePage {
     window.addEventListener("pagehide", () => this.release(true));
     const video = $("video");
     video.addEventListener("resize", () => {
-      // Fit the frame to the stream's shape; upscale small (tiny-model) frames without blurring them.
+      // Fit the frame to the stream's shape; small frames scale up smoothly (style.css), not in blocks.
       if (video.videoWidth && video.videoHeight) {
         const frame = $("video-frame");
         frame.style.aspectRatio = `${video.videoWidth} / ${video.videoHeight}`;
         frame.style.maxWidth = `calc((100vh - 250px) * ${video.videoWidth / video.videoHeight})`;
       }
-      video.classList.toggle("pixelated", video.videoWidth < 256);
     });
     if (this.joinId) {
       $("image-card").hidden = true; // a viewer joins a running generator: its start image is fixed

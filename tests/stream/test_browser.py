@@ -68,6 +68,10 @@ def test_page_decodes_frames_and_sends_prompts(server_url, new_page, artifacts):
         f"() => [...document.querySelectorAll('#sections .prompt-text')].some(e => e.textContent === {prompt!r})",
         timeout=10_000)
     page.wait_for_function("() => document.querySelector('#st-rtt').textContent.includes('ms')", timeout=5_000)
+    # Issue 19: the video and the latent preview are scaled smoothly, the preview sent upscaled (not 8x8 blocks).
+    page.wait_for_function("() => document.getElementById('preview').naturalWidth >= 128", timeout=5_000)
+    assert page.evaluate("getComputedStyle(document.getElementById('video')).imageRendering") == "auto"
+    assert page.evaluate("getComputedStyle(document.getElementById('preview')).imageRendering") == "auto"
     page.screenshot(path=str(artifacts / "stream_browser.png"))
     assert page.evaluate("window.framepack.framesDecoded") >= before + 30
     assert not page.errors, page.errors
