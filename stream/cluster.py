@@ -50,6 +50,8 @@ class ClusterSettings:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     media_host: str = "node"
+    upscale_delay_s: float | None = None  # how long load must stay above target before Serve adds a replica
+    downscale_delay_s: float | None = None  # ... below target before it removes one (None: Serve's defaults)
     sequence_parallel: int = 1  # worker processes (GPUs) per replica for one stream (commands/parallel.py)
     cfg_parallel: bool = False
     parallel_timeout: float = 600.0
@@ -88,7 +90,9 @@ class ClusterSettings:
             options["autoscaling_config"] = {
                 "min_replicas": self.min_replicas or 1, "initial_replicas": self.replicas,
                 "max_replicas": self.max_replicas or max(self.replicas, self.min_replicas or 1),
-                "target_ongoing_requests": self.target_sessions or settings.max_sessions}
+                "target_ongoing_requests": self.target_sessions or settings.max_sessions,
+                **{k: v for k, v in (("upscale_delay_s", self.upscale_delay_s),
+                                     ("downscale_delay_s", self.downscale_delay_s)) if v is not None}}
         else:
             options["num_replicas"] = self.replicas
         return options

@@ -144,6 +144,7 @@ def test_bench_with_a_headless_browser_viewer(tmp_path):
     assert 0 < browser["glass_to_glass_ms_p50"] < 2_000 and browser["frame_interval_ms_p50"] > 0
 
 
+@pytest.mark.slow  # 20 s; the token itself is tested in tests/stream/test_security*.py
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} not found: apt-get install -y chromium")
 def test_bench_reaches_a_token_protected_server(tmp_path, launch_serve):
     """--url with --token: the Python viewer and the browser viewer both get in; the token is not saved."""

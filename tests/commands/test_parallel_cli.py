@@ -21,7 +21,8 @@ def run_parallel_cli(run_bounded, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("mode, flags", [("f1", ["--sequence-parallel", "2"]),
-                                         ("inverted", ["--sequence-parallel", "2", "--cfg-parallel"])],
+                                         pytest.param("inverted", ["--sequence-parallel", "2", "--cfg-parallel"],
+                                                      marks=pytest.mark.slow)],  # 20 s more, the same path
                          ids=["sequence_parallel_2_f1", "cfg_parallel_2_inverted"])
 def test_two_workers_write_the_video_one_process_writes(tmp_path, start_image, mode, flags, run_bounded,
                                                        mp4_frames):

@@ -7,6 +7,7 @@ after decoding the MP4s, exactly. A different seed must change them (the compari
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import subprocess
@@ -29,11 +30,13 @@ def generate(image, out, seed: int, read, *, hash_seed: str, threads: str) -> np
 
 
 def test_the_cli_reproduces_its_seed(tmp_path, start_image, mp4_frames):
-    first = generate(start_image, tmp_path / "a.mp4", 3, mp4_frames, hash_seed="1", threads="2")
-    second = generate(start_image, tmp_path / "b.mp4", 3, mp4_frames, hash_seed="2", threads="1")
+    runs = [("a.mp4", 3, "1", "2"), ("b.mp4", 3, "2", "1"), ("c.mp4", 4, "1", "2")]  # out, seed, hash seed, threads
+    with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:  # three processes at once: they share no state
+        first, second, other = pool.map(
+            lambda run: generate(start_image, tmp_path / run[0], run[1], mp4_frames, hash_seed=run[2], threads=run[3]),
+            runs)
     assert first.shape == second.shape == (37, 64, 64, 3)
     assert np.array_equal(first, second), f"max difference {np.abs(first.astype(int) - second).max()}/255"
-    other = generate(start_image, tmp_path / "c.mp4", 4, mp4_frames, hash_seed="1", threads="2")
     assert np.abs(first.astype(int) - other).max() > 30  # another seed is another video
 
 

@@ -292,6 +292,7 @@ def _torchrun_2(run_bounded, tmp_path, *flags: str) -> None:
     assert done.returncode == 0, done.stdout[-3000:]
 
 
+@pytest.mark.slow  # 35 s; the FSDP path at world size 1 runs by default
 def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path, run_bounded):
     """FSDP at world size 2 on gloo (each rank writes its own checkpoint shard): 2 steps, a sharded save, a
     resume and a third step give the weights one process gets from 3 steps with --accumulate 2 (the same windows

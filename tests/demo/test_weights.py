@@ -74,6 +74,7 @@ def test_demo_is_the_default_model():
     assert "default: demo" in help_text
 
 
+@pytest.mark.slow  # 13 s; the turn test below moves it right first, by default
 def test_the_red_ball_moves_right_as_asked(pipe):
     """Seeded runs of the evaluation's direction criterion (README has the 50-run figure)."""
     from framepack_rt.demo.evaluate import eval_direction

@@ -56,6 +56,7 @@ def test_parallel_sections_equal_batched_cfg_in_one_process(parallel, one_proces
         assert err <= 1e-4, f"section {k}: max |diff| {err:.2e} after {a.shape} latents were sampled"
 
 
+@pytest.mark.slow  # 31 s; tests/stream/test_parallel_serve.py kills a worker end to end by default
 def test_a_dead_worker_ends_the_run_with_an_error(tmp_path, run_bounded):
     run_script(run_bounded, "die", str(tmp_path))
     seen = torch.load(tmp_path / "die.pt")

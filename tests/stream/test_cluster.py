@@ -201,3 +201,32 @@ def test_a_replica_of_two_sequence_parallel_workers_streams(cluster_url):
             await viewer.close()
 
     run(scenario())
+
+
+@pytest.mark.slow
+def test_sessions_scale_the_replicas_up(cluster_url):
+    """Autoscaling on sessions per replica: from 1 replica, target 1 session each, two sessions make Serve add a
+    second replica (the application is redeployed so)."""
+    settings = ServerSettings(model="tiny", device="cpu", steps=2, record_max_seconds=0, grace=1.0)
+    cluster = ClusterSettings(replicas=1, min_replicas=1, max_replicas=2, target_sessions=1, upscale_delay_s=1,
+                              cpus_per_replica=0, media_host="127.0.0.1")
+    serve.run(build(settings, cluster), name=APP_NAME, route_prefix="/")
+
+    def running_replicas() -> int:
+        status = serve.status().applications[APP_NAME].deployments["generation"]
+        return status.replica_states.get("RUNNING", 0)
+
+    async def scenario() -> int:
+        first, second = StreamClient(cluster_url), StreamClient(cluster_url)
+        try:
+            assert running_replicas() == 1
+            await first.connect()
+            await second.connect()
+            deadline = time.monotonic() + 120
+            while running_replicas() < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            return running_replicas()
+        finally:
+            await asyncio.gather(first.close(), second.close())
+
+    assert run(scenario()) == 2

@@ -176,7 +176,6 @@ def test_start_settings_example_prompt_and_a_bad_file_at_pick_time(page_server, 
     assert not page.errors, page.errors
 
 
-@pytest.mark.slow  # 54 s at load 9 on 2 cores; tests/stream/test_transitions.py proves the same path without a browser
 def test_a_transition_and_a_timeline_typed_on_the_page_reach_the_session(serve_page, new_page):
     """Issue 21 items 2 and 3 on the page: the transition field (its default from --transition-sections),
     weighted prompts typed as "a:0.7 | b:0.3", and a timeline with Apply; acks, section messages and
