@@ -16,13 +16,8 @@ import subprocess
 
 import pytest
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = [
-    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--autoplay-policy=no-user-gesture-required", "--disable-features=WebRtcHideLocalIpsWithMdns",
-    "--allow-loopback-in-peer-connection",
-]
+from framepack_rt.bench.browser import CHROMIUM
+
 TOKEN = "page-token-7f3a9c2e41"
 
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
@@ -44,44 +39,39 @@ def served(launch_serve):
             proc.wait()
 
 
-def test_page_takes_the_token_and_shares_view_only_links(served):
-    from playwright.sync_api import sync_playwright
-
+def test_page_takes_the_token_and_shares_view_only_links(served, browser):
     url, lines = served
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
-        try:
-            # Without the token the page says what to do, and Start fails with the server's 401 message.
-            stranger = browser.new_page()
-            stranger.goto(url)
-            stranger.wait_for_function("() => document.querySelector('#error').textContent.includes('needs a token')",
-                                       timeout=10_000)
-            stranger.click("#start")
-            stranger.wait_for_function("() => document.querySelector('#error').textContent.includes('could not start')",
-                                       timeout=15_000)
+    # Without the token the page says what to do, and Start fails with the server's 401 message.
+    stranger = browser.new_page()
+    stranger.goto(url)
+    stranger.wait_for_function("() => document.querySelector('#error').textContent.includes('needs a token')",
+                               timeout=10_000)
+    stranger.click("#start")
+    stranger.wait_for_function("() => document.querySelector('#error').textContent.includes('could not start')",
+                               timeout=15_000)
 
-            owner = browser.new_page()
-            violations = []  # the CSP has no 'unsafe-eval': neither the page nor playwright's waits may need it
-            owner.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
-            page_response = owner.goto(f"{url}?token={TOKEN}")
-            csp = page_response.headers["content-security-policy"]
-            assert "script-src 'self';" in csp and "unsafe-eval" not in csp
-            assert TOKEN not in owner.url  # moved out of the address bar (and so out of shared links)
-            owner.click("#start")
-            owner.wait_for_function("() => window.framepack.role === 'control'", timeout=20_000)
-            owner.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
-            owner.click("#copy-link")
-            link = re.search(r"join link: (\S+)", owner.text_content("#prompt-note")).group(1)
-            assert "key=" in link and TOKEN not in link
+    owner = browser.new_page()
+    violations = []  # the CSP has no 'unsafe-eval': neither the page nor playwright's waits may need it
+    owner.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
+    page_response = owner.goto(f"{url}?token={TOKEN}")
+    csp = page_response.headers["content-security-policy"]
+    assert "script-src 'self';" in csp and "unsafe-eval" not in csp
+    assert TOKEN not in owner.url  # moved out of the address bar (and so out of shared links)
+    owner.click("#start")
+    owner.wait_for_function("() => window.framepack.role === 'control'", timeout=20_000)
+    owner.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
+    owner.click("#copy-link")
+    link = re.search(r"join link: (\S+)", owner.text_content("#prompt-note")).group(1)
+    assert "key=" in link and TOKEN not in link
 
-            viewer = browser.new_page()
-            viewer.goto(link)
-            viewer.click("#start")
-            viewer.wait_for_function("() => window.framepack.role === 'view'", timeout=20_000)
-            viewer.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
-            assert viewer.is_disabled("#prompt") and viewer.is_disabled("#pause") and viewer.is_disabled("#stop")
-            assert "view only" in viewer.text_content("#session-label")
-            assert not violations, violations
-        finally:
-            browser.close()
+    viewer = browser.new_page()
+    viewer.goto(link)
+    viewer.click("#start")
+    viewer.wait_for_function("() => window.framepack.role === 'view'", timeout=20_000)
+    viewer.wait_for_function("() => window.framepack.framesDecoded > 0", timeout=20_000)
+    assert viewer.is_disabled("#prompt") and viewer.is_disabled("#pause") and viewer.is_disabled("#stop")
+    assert "view only" in viewer.text_content("#session-label")
+    assert not violations, violations
+    for page in (stranger, owner, viewer):
+        page.close()
     assert TOKEN not in "".join(lines)  # the server printed (and logged) the token nowhere
