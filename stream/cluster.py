@@ -26,7 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from framepack_rt.stream.ice import turn_credentials_from_env
+from framepack_rt.stream.ice import parse_port_range, turn_credentials_from_env
 from framepack_rt.stream.options import TOKEN_ENV
 from framepack_rt.stream.server import ServerSettings
 
@@ -50,6 +50,7 @@ class ClusterSettings:
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
     media_host: str = "node"
+    drain_timeout_s: float = 1800.0  # a replica Serve stops (scale-down, redeploy) waits this long for sessions
     upscale_delay_s: float | None = None  # how long load must stay above target before Serve adds a replica
     downscale_delay_s: float | None = None  # ... below target before it removes one (None: Serve's defaults)
     sequence_parallel: int = 1  # worker processes (GPUs) per replica for one stream (commands/parallel.py)
@@ -85,7 +86,10 @@ class ClusterSettings:
             ray_actor_options={"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
             max_ongoing_requests=settings.max_sessions + API_HEADROOM,
             request_router_config=RequestRouterConfig(request_router_class=SessionRouter),
-            health_check_period_s=5, health_check_timeout_s=60, graceful_shutdown_timeout_s=10)
+            health_check_period_s=5, health_check_timeout_s=60,
+            # Each session is one ongoing request: a replica being removed gets no new sessions and waits for its
+            # sessions to end, up to this long; then Serve kills it and those viewers are told they were lost.
+            graceful_shutdown_timeout_s=self.drain_timeout_s)
         if self.autoscaling:
             options["autoscaling_config"] = {
                 "min_replicas": self.min_replicas or 1, "initial_replicas": self.replicas,
@@ -116,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "the cluster has GPUs, else 0)")
     group.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C",
                        help="CPUs each replica reserves (default 1)")
+    group.add_argument("--drain-timeout", type=float, default=1800.0, metavar="SECONDS",
+                       help="a replica Serve removes (scale-down, redeploy) waits this long for its sessions to end "
+                            "before it is stopped and their viewers are told (default 1800)")
     group.add_argument("--media-host", default="node", metavar="ADDRESS",
                        help="where viewers' connections go: 'node' (each replica's node address; default) or one "
                             "address; a loopback --host keeps everything on loopback")
@@ -127,7 +134,7 @@ def settings_from(args: argparse.Namespace) -> ClusterSettings:
                            target_sessions=args.target_sessions, gpus_per_replica=args.gpus_per_replica,
                            cpus_per_replica=args.cpus_per_replica, media_host=args.media_host,
                            sequence_parallel=args.sequence_parallel, cfg_parallel=args.cfg_parallel,
-                           parallel_timeout=args.parallel_timeout)
+                           parallel_timeout=args.parallel_timeout, drain_timeout_s=args.drain_timeout)
 
 
 def build(settings: ServerSettings, cluster: ClusterSettings) -> Any:
@@ -140,12 +147,11 @@ def build(settings: ServerSettings, cluster: ClusterSettings) -> Any:
     generation = serve.deployment(GenerationReplica, name="generation", **cluster.deployment_options(settings))
     ingress = serve.deployment(ClusterIngress, name="ingress", num_replicas=1,
                                max_ongoing_requests=INGRESS_MAX_REQUESTS, ray_actor_options={"num_cpus": 0})
-    return ingress.bind(generation.bind(settings, cluster), settings.max_request_bytes,
-                        settings.max_sessions_per_client)
+    return ingress.bind(generation.bind(settings, cluster), settings)
 
 
-CLUSTER_FIELDS = {f.name for f in dataclasses.fields(ClusterSettings)}
-SERVER_FIELDS = {f.name for f in dataclasses.fields(ServerSettings)}
+CLUSTER_FIELDS = frozenset(f.name for f in dataclasses.fields(ClusterSettings))
+SERVER_FIELDS = frozenset(f.name for f in dataclasses.fields(ServerSettings))
 
 
 def build_app(args: dict[str, Any]) -> Any:
@@ -161,24 +167,29 @@ def build_app(args: dict[str, Any]) -> Any:
     server_args.setdefault("token", os.environ.get(TOKEN_ENV) or None)
     if server_args.get("ice_servers") and "turn_username" not in server_args:
         server_args["turn_username"], server_args["turn_credential"] = turn_credentials_from_env()
-    if server_args.get("udp_ports") is not None:
-        server_args["udp_ports"] = tuple(server_args["udp_ports"])
+    ports = server_args.get("udp_ports")
+    if ports is not None:
+        server_args["udp_ports"] = parse_port_range(ports) if isinstance(ports, str) else tuple(ports)
     server = ServerSettings(**server_args)
     return build(server, cluster)
 
 
 def _typed(cls: type, name: str, value: Any) -> Any:
-    """``value`` as field ``name`` of ``cls`` takes it (text from ``serve run key=value`` included)."""
+    """``value`` as field ``name`` of ``cls`` takes it (text from ``serve run key=value`` included): by the
+    field's annotation, so that a text field (a token of digits) stays text."""
     if not isinstance(value, str):
         return value
-    default = next(f for f in dataclasses.fields(cls) if f.name == name).default
-    kind = type(default) if default not in (None, dataclasses.MISSING) else None
-    if kind is bool:
+    kind = next(f for f in dataclasses.fields(cls) if f.name == name).type  # e.g. "int | None" (postponed)
+    if "str" in kind or value.lower() in ("none", "null"):
+        return None if value.lower() in ("none", "null") and "None" in kind else value
+    if kind.startswith(("tuple", "list")):  # from a config file they arrive as lists; ports as "MIN-MAX" text
+        return value
+    if kind.startswith("bool"):
         return value.lower() in ("1", "true", "yes", "on")
-    if kind in (int, float):
-        return kind(value)
-    if kind is None and value.replace(".", "", 1).isdigit():  # optional numbers (min_replicas=...)
-        return float(value) if "." in value else int(value)
+    if "int" in kind and "float" not in kind:
+        return int(value)
+    if "float" in kind:
+        return float(value)
     return value
 
 
@@ -204,6 +215,9 @@ def serve_cluster(settings: ServerSettings, cluster: ClusterSettings, host: str 
             # one GPU per worker when the cluster has GPUs
             cluster = dataclasses.replace(cluster, gpus_per_replica=float(cluster.sequence_parallel))
         if loopback and cluster.media_host == "node":
+            if address:  # replicas on other machines: viewers could never reach their loopback
+                raise ValueError(f"RAY_ADDRESS={address} with --host {host}: viewers must reach every replica's "
+                                 "node; give --host 0.0.0.0 (or the head's address), or --media-host ADDRESS")
             cluster = dataclasses.replace(cluster, media_host="127.0.0.1")
         port = port or _free_port(host)  # Serve's proxy needs the number before it listens
         announce(f"deploying {cluster.replicas} generation replica(s) of model {settings.model!r} on Ray "

@@ -8,19 +8,23 @@ follows each session's Serve stream, so when a replica's process dies it knows a
 
 Routes besides the single server's (stream/server.py):
 
-    GET /api/sessions/{id}/end?wait=S  waits up to S seconds (default 25, at most 60) for the session to end;
-                                       {"session", "state": "running" | "closed" | "lost", "reason"}. The page
-                                       polls it: a viewer of a replica that died learns it here, since the
-                                       replica's own control channel died with it. The session id is the key.
+    GET /api/sessions/{id}/end?wait=S&key=K  waits up to S seconds (default 25, at most 60) for the session
+                                       to end; {"session", "state": "running" | "closed" | "lost", "reason"}.
+                                       The page polls it: a viewer of a replica that died learns it here, since
+                                       the replica's own control channel died with it. With a token set it needs
+                                       the token or the session's view or control key (else 401, also for ids
+                                       that do not exist, as on one server).
 
-The ingress holds no model and no media; run one replica of it (the table is in its memory: if it restarts,
-sessions keep streaming from their replicas, but new joins to them are not routed).
+The ingress holds no model and no media; run one replica of it. The table is in its memory: if the ingress
+restarts, sessions keep streaming from their replicas, but joins to them, their listing and their per-client
+count are lost until they end.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
 import json
 import logging
 import re
@@ -32,8 +36,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from framepack_rt.stream.replica import ForwardedRequest, ForwardedResponse
-from framepack_rt.stream.security import SECURITY_HEADERS, SERVER_NAME, static_files
-from framepack_rt.stream.server import RETRY_AFTER_S, STATIC_DIR
+from framepack_rt.stream.security import SECURITY_HEADERS, SERVER_NAME, Access, static_files
+from framepack_rt.stream.server import RETRY_AFTER_S, STATIC_DIR, ServerSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class HeldSession:
     id: str
     replica: dict[str, Any]
     client: str = ""
+    keys: tuple[str, ...] = ()  # its view and control keys: either may wait on /end
     started: float = field(default_factory=time.time)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
@@ -68,8 +73,8 @@ class SessionTable:
         self._ended: collections.OrderedDict[str, HeldSession] = collections.OrderedDict()
         self.lost_total = 0
 
-    def add(self, session_id: str, replica: dict[str, Any], client: str) -> HeldSession:
-        held = self.live[session_id] = HeldSession(session_id, replica, client)
+    def add(self, session_id: str, replica: dict[str, Any], client: str, keys: tuple[str, ...] = ()) -> HeldSession:
+        held = self.live[session_id] = HeldSession(session_id, replica, client, keys)
         return held
 
     def started_by(self, client: str) -> int:
@@ -100,14 +105,18 @@ class ReplicaUnavailable(Exception):
 
 class ClusterIngress:
     """A Serve deployment class (stream/cluster.py deploys it). ``replicas``: the generation deployment's
-    handle; ``max_request_bytes``: the largest body read, ``max_sessions_per_client``: sessions one address may
-    hold in the whole cluster (the single server's settings, stream/server.py; each replica checks its own too)."""
+    handle; ``settings``: the servers' settings, of which the ingress applies the token (on /end), the largest
+    body, the sessions one address may hold in the whole cluster, and the trusted proxies (whose
+    X-Forwarded-For names the client; each replica checks its own limits too)."""
 
-    def __init__(self, replicas: Any, max_request_bytes: int, max_sessions_per_client: int) -> None:
+    def __init__(self, replicas: Any, settings: ServerSettings) -> None:
         self.replicas = replicas
-        self.max_request_bytes = max_request_bytes
-        self.max_sessions_per_client = max_sessions_per_client
+        self.max_request_bytes = settings.max_request_bytes
+        self.max_sessions_per_client = settings.max_sessions_per_client
+        self.trusted_proxies = frozenset(settings.trusted_proxies)
+        self.access = Access(settings.token)
         self.table = SessionTable()
+        self._opening: collections.Counter[str] = collections.Counter()  # offers on their way, per client
         self._static = static_files(STATIC_DIR)
         self._followers: set[asyncio.Task] = set()
 
@@ -135,14 +144,14 @@ class ClusterIngress:
             return JSONResponse({"error": f"request body over {self.max_request_bytes} bytes"}, status_code=413)
         query = request.url.query
         forwarded = ForwardedRequest(method, path + (f"?{query}" if query else ""), dict(request.headers), body,
-                                     request.client.host if request.client else "")
+                                     self.client_address(request))
         match = SESSION_PATH.match(path)
         if method == "POST" and path == "/offer":
             return await self._offer(forwarded)
         if method == "GET" and path == "/api/sessions":
             return await self._list(forwarded)
         if match and match.group(2) == "/end" and method == "GET":
-            return await self._wait_end(match.group(1), request.query_params.get("wait"))
+            return await self._wait_end(request, match.group(1))
         if match:
             held = self.table.live.get(match.group(1))
             return await self._forward(forwarded, held.replica["id"] if held else None)
@@ -154,19 +163,36 @@ class ClusterIngress:
             return await self._metrics(forwarded)
         return await self._forward(forwarded)  # the default image, and the single server's 404s and 405s
 
+    def client_address(self, request: Request) -> str:
+        """The peer's address, or behind a trusted proxy (--trusted-proxy) the one it appended to
+        X-Forwarded-For: as the single server decides (StreamServer.client_address)."""
+        peer = request.client.host if request.client else ""
+        if peer in self.trusted_proxies:
+            return request.headers.get("x-forwarded-for", "").split(",")[-1].strip() or peer
+        return peer
+
     # -- sessions --------------------------------------------------------------------------------------------
     async def _offer(self, forwarded: ForwardedRequest) -> Response:
         joining = _session_named(forwarded.body)
         if joining is not None:  # a join: to the replica holding it (unknown: any replica says 404, or 401)
             held = self.table.live.get(joining)
             return await self._forward(forwarded, held.replica["id"] if held else None)
-        if self.table.started_by(forwarded.client) >= self.max_sessions_per_client:
+        client = forwarded.client
+        if self.table.started_by(client) + self._opening[client] >= self.max_sessions_per_client:
             return JSONResponse({"error": f"your address already has {self.max_sessions_per_client} sessions (the "
                                           "most one client may have); try again when one ends"},
                                 status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
-        stream, first = await self._open(forwarded)
+        self._opening[client] += 1  # counted while the offer is out, so concurrent offers cannot all pass
+        try:
+            stream, first = await self._open(forwarded)
+        finally:
+            self._opening[client] -= 1
+            if not self._opening[client]:
+                del self._opening[client]
         if first["session"] is not None:
-            held = self.table.add(first["session"], first["replica"], forwarded.client)
+            answer = json.loads(first["response"].body)
+            keys = tuple(k for k in (answer.get("view_key"), answer.get("control_key")) if k)
+            held = self.table.add(first["session"], first["replica"], client, keys)
             task = asyncio.get_running_loop().create_task(self._follow(stream, held))
             self._followers.add(task)
             task.add_done_callback(self._followers.discard)
@@ -184,7 +210,7 @@ class ClusterIngress:
             try:
                 first = await stream.__anext__()
             except Exception as exc:  # noqa: BLE001 -- a replica died or none is up
-                log.warning("offer not taken by a replica (%s), attempt %d", type(exc).__name__, attempt + 1)
+                log.warning("offer not taken by a replica, attempt %d", attempt + 1, exc_info=exc)
                 failure = exc
                 continue
             if first["response"].status != 429 or first["replica"]["id"] in avoid:
@@ -207,15 +233,21 @@ class ClusterIngress:
             replica = held.replica
             self.table.end(held, f"the generation replica holding this session stopped (replica {replica['id']} on "
                                  f"{replica['node']}: {type(exc).__name__}); start a new session", lost=True)
-            log.warning("session %s lost with replica %s: %s", held.id, replica["id"], type(exc).__name__)
+            log.warning("session %s lost with replica %s", held.id, replica["id"], exc_info=exc)
             return
         self.table.end(held, reason, lost=False)
 
-    async def _wait_end(self, session_id: str, wait: str | None) -> Response:
+    async def _wait_end(self, request: Request, session_id: str) -> Response:
         held = self.table.get(session_id)
+        key = request.query_params.get("key", "")
+        if self.access.required and not self.access.has_token(request) and not (
+                held is not None and any(hmac.compare_digest(key.encode(), k.encode()) for k in held.keys)):
+            return JSONResponse({"error": "this needs the server token or the session's key (?key=, from the join "
+                                          "link or the offer's answer)"}, status_code=401)
         if held is None:
             return JSONResponse({"error": f"no session {session_id!r}; GET /api/sessions lists the live ones"},
                                 status_code=404)
+        wait = request.query_params.get("wait")
         try:
             timeout = min(END_WAIT_MAX_S, max(0.0, float(wait))) if wait is not None else END_WAIT_S
         except ValueError:
@@ -281,6 +313,8 @@ class ClusterIngress:
         try:
             answer = await self.replicas.forward.remote(forwarded, replica=replica_id)
         except Exception as exc:  # noqa: BLE001 -- the replica died while answering
+            log.warning("a replica did not answer %s %s", forwarded.method, forwarded.path.split("?")[0],
+                        exc_info=exc)
             raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
                                      "try again in a moment") from exc
         return _response(answer)

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 WORLD_START_S = 600.0  # a replica's worker processes load the model (the 13B: minutes) before rank 0 serves
 STOP_S = 60.0
+END_POLL_GIVE_UP_S = 30.0  # a replica's own server unreachable this long: its sessions are reported lost
 # Headers a forwarded request keeps, each way; everything else (hop-by-hop, Host, cookies) stays behind.
 REQUEST_HEADERS = ("authorization", "content-type", "range")
 RESPONSE_HEADERS = ("content-type", "retry-after", "content-disposition", "x-frames", "cache-control",
@@ -52,6 +53,8 @@ class ForwardedRequest:
 
 @dataclasses.dataclass(frozen=True)
 class ForwardedResponse:
+    """The replica server's answer: status, the headers worth passing on, the body."""
+
     status: int
     headers: dict[str, str]
     body: bytes
@@ -111,21 +114,33 @@ class GenerationReplica:
             yield {"ended": await self._wait_end(session)}
 
     async def _wait_end(self, session: str) -> str:
-        """Why ``session`` ended, once it has (the server's long poll, GET /api/sessions/ID/end)."""
+        """Why ``session`` ended, once it has (the server's long poll, GET /api/sessions/ID/end). A poll that
+        fails is asked again: only a server that stays unreachable for END_POLL_GIVE_UP_S ends the wait."""
         url = f"{self.url.rstrip('/')}/api/sessions/{session}/end?wait=60"
+        failing_since: float | None = None
         while True:
-            async with self._http.get(url, headers=self._own) as resp:
-                if resp.status == 404:  # ended and forgotten between two polls
-                    return "closed"
-                answer = await resp.json()
-            if answer["state"] != "running":
-                return answer["reason"]
+            try:
+                async with self._http.get(url, headers=self._own) as resp:
+                    if resp.status == 404:  # ended and forgotten between two polls
+                        return "closed"
+                    resp.raise_for_status()
+                    answer = await resp.json()
+                if answer["state"] != "running":
+                    return answer["reason"]
+                failing_since = None
+            except (aiohttp.ClientError, ValueError, KeyError) as exc:
+                now = asyncio.get_running_loop().time()
+                failing_since = failing_since or now
+                if now - failing_since > END_POLL_GIVE_UP_S:
+                    raise RuntimeError(f"this replica's server stopped answering about session {session}") from exc
+                await asyncio.sleep(1.0)
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose device worker (or worker world) stopped is replaced."""
-        alive = self._server.worker.alive if self._server is not None else self._world.alive
-        if not alive:
-            raise RuntimeError(f"replica {self.replica_id}: generation stopped")
+        if self._server is not None and not self._server.worker.alive:
+            raise RuntimeError(f"replica {self.replica_id}: the device worker stopped; the replica log has why")
+        if self._world is not None and not self._world.alive:
+            raise RuntimeError(f"replica {self.replica_id}: its worker processes stopped: {self._world.error}")
 
     async def __del__(self) -> None:
         """Serve's shutdown of this replica: hang up on its viewers, end the workers."""
@@ -179,7 +194,7 @@ class ReplicaWorld:
             except aiohttp.ClientError:
                 pass  # not listening yet
             await asyncio.sleep(0.5)
-        self.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.close)
         raise RuntimeError(f"the replica's worker processes did not start serving within {timeout_s:.0f} s")
 
     def close(self) -> None:

@@ -156,10 +156,13 @@ class LivePage {
 
   // On a cluster (Ray Serve) a viewer whose replica died hears it from the ingress: the control channel died too.
   async watchEnd(session) {
+    const key = this.viewKey ? `&key=${encodeURIComponent(this.viewKey)}` : "";
+    const headers = this.token ? { Authorization: `Bearer ${this.token}` } : {};
     while (this.session === session) {
       try {
-        const resp = await fetch(`/api/sessions/${encodeURIComponent(session)}/end?wait=25`);
-        if (!resp.ok || this.session !== session) return;
+        const resp = await fetch(`/api/sessions/${encodeURIComponent(session)}/end?wait=25${key}`, { headers });
+        if (this.session !== session || resp.status === 404 || resp.status === 401) return;
+        if (!resp.ok) throw new Error(`HTTP ${resp.status}`); // the ingress restarting: ask again
         const end = await resp.json();
         if (end.state === "closed") return; // its own control channel said why
         if (end.state === "lost") {

@@ -15,6 +15,7 @@ import signal
 import socket
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import aiohttp
 import pytest
@@ -39,7 +40,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def cluster_url():
+def cluster_url() -> Iterator[str]:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -54,7 +55,7 @@ def cluster_url():
         ray.shutdown()  # ends every Ray process it started (replicas, controller, proxy)
 
 
-def run(coro, timeout: float = 300):
+def run(coro: Any, timeout: float = 300) -> Any:
     """On a thread of its own: the browser test's playwright keeps an event loop in this one."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, asyncio.wait_for(coro, timeout)).result()
@@ -82,7 +83,9 @@ def test_two_sessions_land_on_two_replicas_and_both_stream(cluster_url):
             assert listed[first.session]["replica"]["id"] != listed[second.session]["replica"]["id"]
             assert all(s["replica"]["node"] == "127.0.0.1" for s in listed.values())
             # Media comes from the replica itself: its answer's candidates are its loopback ones only.
-            assert "127.0.0.1" in first.pc.remoteDescription.sdp
+            candidates = [line.split()[4] for line in first.pc.remoteDescription.sdp.splitlines()
+                          if line.startswith("a=candidate:")]
+            assert candidates and set(candidates) == {"127.0.0.1"}, candidates
             health = await first.get_json("/api/health")
             assert health["sessions"] == 2 and len(health["cluster"]["sessions_by_replica"]) == 2
             async with aiohttp.ClientSession() as http, http.get(cluster_url + "metrics") as resp:
@@ -100,6 +103,7 @@ def test_a_killed_replica_ends_only_its_sessions_and_new_sessions_start(cluster_
         deadline = time.monotonic() + 30
         while await sessions(cluster_url) and time.monotonic() < deadline:  # the last test's, ending (grace)
             await asyncio.sleep(0.5)
+        assert not await sessions(cluster_url), "the previous test's sessions did not end"
         try:
             await doomed.connect()
             await survivor.connect()

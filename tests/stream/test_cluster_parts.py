@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -109,8 +110,8 @@ class FakeReplicas:
     """The generation handle as the ingress uses it: each open_session call answers from ``answers`` (a status,
     or an exception: the replica died), and records the ``avoid`` it was given."""
 
-    def __init__(self, answers: list) -> None:
-        self.answers, self.avoided = list(answers), []
+    def __init__(self, answers: list, delay: float = 0.0) -> None:
+        self.answers, self.avoided, self.delay = list(answers), [], delay
 
     def options(self, stream: bool) -> "FakeReplicas":
         return self
@@ -119,13 +120,14 @@ class FakeReplicas:
     def open_session(self) -> "FakeReplicas":
         return self
 
-    def remote(self, forwarded, avoid=()):
+    def remote(self, forwarded: Any, avoid: tuple[str, ...] = ()) -> Any:
         from framepack_rt.stream.replica import ForwardedResponse
 
         self.avoided.append(avoid)
         answer, replica = self.answers.pop(0)
 
         async def stream():
+            await asyncio.sleep(self.delay)
             if isinstance(answer, Exception):
                 raise answer
             yield {"response": ForwardedResponse(answer, {}, b"{}"), "replica": {"id": replica, "node": "n"},
@@ -142,7 +144,7 @@ def test_ingress_offers_a_refused_or_failed_offer_to_another_replica():
 
     def open_with(answers):
         replicas = FakeReplicas(answers)
-        ingress = ClusterIngress(replicas, max_request_bytes=1 << 20, max_sessions_per_client=2)
+        ingress = ClusterIngress(replicas, ServerSettings(model="tiny"))
         _, first = asyncio.run(ingress._open(offer))
         return first["response"].status, replicas.avoided
 
@@ -151,3 +153,62 @@ def test_ingress_offers_a_refused_or_failed_offer_to_another_replica():
     assert open_with([(429, "a"), (429, "b"), (429, "c")])[0] == 429  # every replica full: the 429 stands
     with pytest.raises(ReplicaUnavailable, match="try again"):
         open_with([(RuntimeError("died"), "a")] * 3)
+
+
+def http_request(path: str, query: str = "", headers: dict[str, str] | None = None, peer: str = "10.0.0.9"):
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "GET", "path": path, "query_string": query.encode(),
+                    "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+                    "client": (peer, 40000)})
+
+
+def test_end_needs_the_token_or_the_sessions_key_when_a_token_is_set():
+    from framepack_rt.stream.ingress import ClusterIngress
+
+    async def scenario() -> list[int]:
+        ingress = ClusterIngress(FakeReplicas([]), ServerSettings(model="tiny", token="a-cluster-token"))
+        held = ingress.table.add("s1", {"id": "r1", "node": "n"}, "10.0.0.9", ("view-key", "control-key"))
+        ingress.table.end(held, "closed", lost=False)
+        asks = [("s1", ""), ("s1", "key=view-key"), ("s1", "key=control-key"), ("s1", "key=wrong"),
+                ("nope", ""), ("s1", "", "a-cluster-token"), ("nope", "", "a-cluster-token")]
+        codes = []
+        for session, query, *token in asks:
+            headers = {"Authorization": f"Bearer {token[0]}"} if token else {}
+            answer = await ingress._wait_end(http_request(f"/api/sessions/{session}/end", query, headers), session)
+            codes.append(answer.status_code)
+        return codes
+
+    assert asyncio.run(scenario()) == [401, 200, 200, 401, 401, 200, 404]
+
+
+def test_the_client_is_the_peer_or_what_a_trusted_proxy_forwards():
+    from framepack_rt.stream.ingress import ClusterIngress
+
+    ingress = ClusterIngress(FakeReplicas([]), ServerSettings(model="tiny", trusted_proxies=("10.0.0.1",)))
+    forwarded = {"X-Forwarded-For": "1.2.3.4, 5.6.7.8"}
+    assert ingress.client_address(http_request("/", headers=forwarded, peer="10.0.0.1")) == "5.6.7.8"
+    assert ingress.client_address(http_request("/", headers=forwarded, peer="10.0.0.2")) == "10.0.0.2"
+
+
+def test_offers_in_flight_count_against_the_clients_sessions():
+    from framepack_rt.stream.ingress import ClusterIngress
+    from framepack_rt.stream.replica import ForwardedRequest
+
+    async def scenario() -> list[int]:
+        replicas = FakeReplicas([(200, "a"), (200, "b")], delay=0.2)
+        ingress = ClusterIngress(replicas, ServerSettings(model="tiny", max_sessions_per_client=1))
+        offer = ForwardedRequest("POST", "/offer", {}, b"{}", "10.0.0.1")
+        answers = await asyncio.gather(ingress._offer(offer), ingress._offer(offer))
+        return sorted(a.status_code for a in answers)
+
+    assert asyncio.run(scenario()) == [200, 429]
+
+
+def test_builder_keeps_text_fields_as_text():
+    from ray.serve import Application
+
+    app_args = {"model": "tiny", "token": "12345678", "udp_ports": "40000-40100"}
+    assert isinstance(cluster.build_app(app_args), Application)  # a digits-only token passes check_token
+    assert cluster._typed(ServerSettings, "token", "12345678") == "12345678"
+    assert cluster._typed(ServerSettings, "cfg", "none") is None
