@@ -71,6 +71,7 @@ class StreamClient:
         # before joining a session more than 4096 frames old.
         self.last_stamp: int | None = None
         self.session: str | None = None
+        self.control_key: str | None = None
         self.frames: list[FrameArrival] = []
         self.messages: list[dict[str, Any]] = []
         self.pc: RTCPeerConnection | None = None
@@ -127,6 +128,7 @@ class StreamClient:
         self.offer_sent = time.monotonic()
         answer = await self.post_json("/offer", body)
         self.session = answer["session"]
+        self.control_key = answer.get("control_key")  # ?key= of DELETE and video.mp4 (given with control)
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         return opened
 

@@ -30,10 +30,10 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from framepack_rt.stream.replica import ForwardedRequest, ForwardedResponse
 from framepack_rt.stream.security import SECURITY_HEADERS, SERVER_NAME, Access, static_files
@@ -154,7 +154,10 @@ class ClusterIngress:
             return await self._wait_end(request, match.group(1))
         if match:
             held = self.table.live.get(match.group(1))
-            return await self._forward(forwarded, held.replica["id"] if held else None)
+            holder = held.replica["id"] if held else None
+            if match.group(2) == "/video.mp4" and method == "GET":  # large: passed on as it arrives
+                return await self._forward_streamed(forwarded, holder)
+            return await self._forward(forwarded, holder)
         if method == "GET" and path == "/api/health":
             return await self._health(forwarded)
         if method == "GET" and path == "/api/config":
@@ -309,6 +312,17 @@ class ClusterIngress:
         return Response(merge_metrics(parts + ["\n".join(own) + "\n"]),
                         headers={"Content-Type": answer.headers.get("content-type", "text/plain")})
 
+    async def _forward_streamed(self, forwarded: ForwardedRequest, replica_id: str | None) -> Response:
+        """A download, chunk by chunk: neither the replica nor the ingress holds the whole file."""
+        stream = self.replicas.options(stream=True).forward_stream.remote(forwarded, replica=replica_id)
+        try:
+            head = await stream.__anext__()
+        except Exception as exc:  # noqa: BLE001 -- the replica died while answering
+            log.warning("a replica did not answer %s", forwarded.path.split("?")[0], exc_info=exc)
+            raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
+                                     "try again in a moment") from exc
+        return StreamingResponse(_rest(stream), status_code=head.status, headers=dict(head.headers))
+
     async def _forward(self, forwarded: ForwardedRequest, replica_id: str | None = None) -> Response:
         try:
             answer = await self.replicas.forward.remote(forwarded, replica=replica_id)
@@ -318,6 +332,11 @@ class ClusterIngress:
             raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
                                      "try again in a moment") from exc
         return _response(answer)
+
+
+async def _rest(stream: Any) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield chunk
 
 
 def _response(answer: ForwardedResponse) -> Response:

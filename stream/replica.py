@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 WORLD_START_S = 600.0  # a replica's worker processes load the model (the 13B: minutes) before rank 0 serves
 STOP_S = 60.0
+STREAM_CHUNK = 1 << 20  # a download's pieces through Serve's object store
 END_POLL_GIVE_UP_S = 30.0  # a replica's own server unreachable this long: its sessions are reported lost
 # Headers a forwarded request keeps, each way; everything else (hop-by-hop, Host, cookies) stays behind.
 REQUEST_HEADERS = ("authorization", "content-type", "range")
@@ -102,6 +103,18 @@ class GenerationReplica:
             body = await resp.read()
             kept = {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
             return ForwardedResponse(resp.status, kept, body)
+
+    async def forward_stream(self, request: ForwardedRequest, replica: str | None = None) -> AsyncIterator[Any]:
+        """``forward`` for large answers (a session's video.mp4), as a Serve stream: the status and headers
+        first (a ForwardedResponse with an empty body), then the body in STREAM_CHUNK pieces."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
+        headers["X-Forwarded-For"] = request.client
+        async with self._http.request(request.method, self.url.rstrip("/") + request.path, data=request.body,
+                                      headers=headers, allow_redirects=False) as resp:
+            kept = {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
+            yield ForwardedResponse(resp.status, kept, b"")
+            async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
+                yield chunk
 
     async def open_session(self, request: ForwardedRequest, avoid: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
         """Start a session from an offer (a Serve stream). Yields the answer {"response", "replica", "session"}

@@ -46,8 +46,8 @@ def cluster_url() -> Iterator[str]:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # A short grace: the first test's sessions end soon after its viewers leave.
-        settings = ServerSettings(model="tiny", device="cpu", steps=2, record_max_seconds=0, batching=False,
-                                  grace=1.0, max_sessions_per_client=3)
+        settings = ServerSettings(model="tiny", device="cpu", steps=2, batching=False, grace=1.0,
+                                  max_sessions_per_client=3)
         cluster = ClusterSettings(replicas=2, cpus_per_replica=0, media_host="127.0.0.1")
         serve.run(build(settings, cluster), name=APP_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}/"
@@ -88,8 +88,15 @@ def test_two_sessions_land_on_two_replicas_and_both_stream(cluster_url):
             assert candidates and set(candidates) == {"127.0.0.1"}, candidates
             health = await first.get_json("/api/health")
             assert health["sessions"] == 2 and len(health["cluster"]["sessions_by_replica"]) == 2
-            async with aiohttp.ClientSession() as http, http.get(cluster_url + "metrics") as resp:
-                metrics = await resp.text()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(cluster_url + "metrics") as resp:
+                    metrics = await resp.text()
+                # The recording, from the session's replica through the ingress, streamed.
+                video = f"{cluster_url}api/sessions/{first.session}/video.mp4?key={first.control_key}"
+                async with http.get(video) as resp:
+                    assert resp.status == 200 and resp.headers["Content-Type"] == "video/mp4"
+                    mp4 = await resp.read()
+                assert mp4[4:8] == b"ftyp" and len(mp4) == int(resp.headers["Content-Length"])
             assert 'framepack_cluster_sessions{replica="' in metrics and "framepack_rt_sessions{replica=" in metrics
         finally:
             await asyncio.gather(first.close(), second.close())

@@ -158,9 +158,12 @@ def test_ingress_offers_a_refused_or_failed_offer_to_another_replica():
 def http_request(path: str, query: str = "", headers: dict[str, str] | None = None, peer: str = "10.0.0.9"):
     from starlette.requests import Request
 
+    async def receive() -> dict:  # an empty body
+        return {"type": "http.request", "body": b"", "more_body": False}
+
     return Request({"type": "http", "method": "GET", "path": path, "query_string": query.encode(),
                     "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-                    "client": (peer, 40000)})
+                    "client": (peer, 40000)}, receive)
 
 
 def test_end_needs_the_token_or_the_sessions_key_when_a_token_is_set():
@@ -212,3 +215,37 @@ def test_builder_keeps_text_fields_as_text():
     assert isinstance(cluster.build_app(app_args), Application)  # a digits-only token passes check_token
     assert cluster._typed(ServerSettings, "token", "12345678") == "12345678"
     assert cluster._typed(ServerSettings, "cfg", "none") is None
+
+
+def test_a_download_passes_through_the_ingress_chunk_by_chunk():
+    from framepack_rt.stream.ingress import ClusterIngress
+    from framepack_rt.stream.replica import ForwardedResponse
+
+    chunks = [b"a" * 10, b"b" * 7]
+
+    class Streaming:
+        def options(self, stream: bool) -> "Streaming":
+            return self
+
+        @property
+        def forward_stream(self) -> "Streaming":
+            return self
+
+        def remote(self, forwarded: Any, replica: str | None = None) -> Any:
+            async def stream():
+                yield ForwardedResponse(200, {"Content-Type": "video/mp4", "Content-Length": "17"}, b"")
+                for chunk in chunks:
+                    yield chunk
+
+            self.asked = replica
+            return stream()
+
+    async def scenario() -> tuple[int, bytes, str]:
+        replicas = Streaming()
+        ingress = ClusterIngress(replicas, ServerSettings(model="tiny"))
+        ingress.table.add("s1", {"id": "r1", "node": "n"}, "10.0.0.9")
+        response = await ingress._route(http_request("/api/sessions/s1/video.mp4", "key=k"))
+        body = b"".join([part async for part in response.body_iterator])
+        return response.status_code, body, replicas.asked
+
+    assert asyncio.run(scenario()) == (200, b"a" * 10 + b"b" * 7, "r1")
