@@ -88,6 +88,15 @@ def test_two_sessions_land_on_two_replicas_and_both_stream(cluster_url):
             assert candidates and set(candidates) == {"127.0.0.1"}, candidates
             health = await first.get_json("/api/health")
             assert health["sessions"] == 2 and len(health["cluster"]["sessions_by_replica"]) == 2
+            # A join and a session's own routes reach the replica holding it (on any other: 404).
+            joiner = StreamClient(cluster_url)
+            try:
+                assert await joiner.connect(session=second.session) == second.session
+                await joiner.wait_frames(5, timeout=FRAMES_TIMEOUT)
+            finally:
+                await joiner.close()
+            for client in (first, second):
+                assert (await client.get_json(f"/api/sessions/{client.session}"))["id"] == client.session
             async with aiohttp.ClientSession() as http:
                 async with http.get(cluster_url + "metrics") as resp:
                     metrics = await resp.text()
