@@ -30,20 +30,20 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
 from framepack_rt.stream.replica import ForwardedRequest, ForwardedResponse
 from framepack_rt.stream.security import SECURITY_HEADERS, SERVER_NAME, Access, static_files
-from framepack_rt.stream.server import RETRY_AFTER_S, STATIC_DIR, ServerSettings
+from framepack_rt.stream.limits import LimitExceeded, PerClient
+from framepack_rt.stream.server import RETRY_AFTER_S, STATIC_DIR, ServerSettings, end_wait_seconds, forwarded_client
 
 log = logging.getLogger(__name__)
 
 SESSION_PATH = re.compile(r"^/api/sessions/([^/]+)(/.*)?$")
 ENDED_KEPT = 1000  # ended sessions remembered (their /end answer) after they end
-END_WAIT_S, END_WAIT_MAX_S = 25.0, 60.0
 OPEN_ATTEMPTS = 3  # replicas tried for a new session when one dies before answering
 
 
@@ -53,8 +53,8 @@ class HeldSession:
 
     id: str
     replica: dict[str, Any]
-    client: str = ""
     keys: tuple[str, ...] = ()  # its view and control keys: either may wait on /end
+    release: Callable[[], None] = lambda: None  # its starter's place among the sessions one address may hold
     started: float = field(default_factory=time.time)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str = ""
@@ -73,12 +73,10 @@ class SessionTable:
         self._ended: collections.OrderedDict[str, HeldSession] = collections.OrderedDict()
         self.lost_total = 0
 
-    def add(self, session_id: str, replica: dict[str, Any], client: str, keys: tuple[str, ...] = ()) -> HeldSession:
-        held = self.live[session_id] = HeldSession(session_id, replica, client, keys)
+    def add(self, session_id: str, replica: dict[str, Any], keys: tuple[str, ...] = (),
+            release: Callable[[], None] = lambda: None) -> HeldSession:
+        held = self.live[session_id] = HeldSession(session_id, replica, keys, release)
         return held
-
-    def started_by(self, client: str) -> int:
-        return sum(s.client == client for s in self.live.values())
 
     def get(self, session_id: str) -> HeldSession | None:
         return self.live.get(session_id) or self._ended.get(session_id)
@@ -86,6 +84,7 @@ class SessionTable:
     def end(self, held: HeldSession, reason: str, lost: bool) -> None:
         held.reason, held.lost = reason, lost
         held.ended.set()
+        held.release()
         self.live.pop(held.id, None)
         self._ended[held.id] = held
         while len(self._ended) > ENDED_KEPT:
@@ -112,11 +111,11 @@ class ClusterIngress:
     def __init__(self, replicas: Any, settings: ServerSettings) -> None:
         self.replicas = replicas
         self.max_request_bytes = settings.max_request_bytes
-        self.max_sessions_per_client = settings.max_sessions_per_client
         self.trusted_proxies = frozenset(settings.trusted_proxies)
         self.access = Access(settings.token)
         self.table = SessionTable()
-        self._opening: collections.Counter[str] = collections.Counter()  # offers on their way, per client
+        # Sessions per address in the whole cluster, offers on their way included (taken before the offer goes).
+        self.client_sessions = PerClient(settings.max_sessions_per_client, "sessions", RETRY_AFTER_S)
         self._static = static_files(STATIC_DIR)
         self._followers: set[asyncio.Task] = set()
 
@@ -169,10 +168,8 @@ class ClusterIngress:
     def client_address(self, request: Request) -> str:
         """The peer's address, or behind a trusted proxy (--trusted-proxy) the one it appended to
         X-Forwarded-For: as the single server decides (StreamServer.client_address)."""
-        peer = request.client.host if request.client else ""
-        if peer in self.trusted_proxies:
-            return request.headers.get("x-forwarded-for", "").split(",")[-1].strip() or peer
-        return peer
+        return forwarded_client(request.client.host if request.client else "",
+                                request.headers.get("x-forwarded-for", ""), self.trusted_proxies)
 
     # -- sessions --------------------------------------------------------------------------------------------
     async def _offer(self, forwarded: ForwardedRequest) -> Response:
@@ -180,22 +177,21 @@ class ClusterIngress:
         if joining is not None:  # a join: to the replica holding it (unknown: any replica says 404, or 401)
             held = self.table.live.get(joining)
             return await self._forward(forwarded, held.replica["id"] if held else None)
-        client = forwarded.client
-        if self.table.started_by(client) + self._opening[client] >= self.max_sessions_per_client:
-            return JSONResponse({"error": f"your address already has {self.max_sessions_per_client} sessions (the "
-                                          "most one client may have); try again when one ends"},
-                                status_code=429, headers={"Retry-After": str(RETRY_AFTER_S)})
-        self._opening[client] += 1  # counted while the offer is out, so concurrent offers cannot all pass
+        try:
+            release = self.client_sessions.take(forwarded.client)  # held while the offer is out, too
+        except LimitExceeded as exc:
+            return JSONResponse({"error": str(exc)}, status_code=429, headers={"Retry-After": str(exc.retry_after)})
         try:
             stream, first = await self._open(forwarded)
-        finally:
-            self._opening[client] -= 1
-            if not self._opening[client]:
-                del self._opening[client]
-        if first["session"] is not None:
+        except BaseException:
+            release()
+            raise
+        if first["session"] is None:  # refused: no session holds the place
+            release()
+        else:
             answer = json.loads(first["response"].body)
             keys = tuple(k for k in (answer.get("view_key"), answer.get("control_key")) if k)
-            held = self.table.add(first["session"], first["replica"], client, keys)
+            held = self.table.add(first["session"], first["replica"], keys, release)
             task = asyncio.get_running_loop().create_task(self._follow(stream, held))
             self._followers.add(task)
             task.add_done_callback(self._followers.discard)
@@ -250,9 +246,8 @@ class ClusterIngress:
         if held is None:
             return JSONResponse({"error": f"no session {session_id!r}; GET /api/sessions lists the live ones"},
                                 status_code=404)
-        wait = request.query_params.get("wait")
         try:
-            timeout = min(END_WAIT_MAX_S, max(0.0, float(wait))) if wait is not None else END_WAIT_S
+            timeout = end_wait_seconds(request.query_params.get("wait"))
         except ValueError:
             return JSONResponse({"error": "wait must be a number of seconds"}, status_code=400)
         try:
@@ -295,14 +290,13 @@ class ClusterIngress:
 
     async def _metrics(self, forwarded: ForwardedRequest) -> Response:
         """Each replica that holds sessions, labelled replica="ID" (any one when none does), and the table's."""
-        holders = list(self.table.by_replica()) or [None]
+        live = self.table.by_replica()
         parts = []
-        for replica_id in holders:
+        for replica_id in list(live) or [None]:
             answer = await self._forward(forwarded, replica_id)
             if answer.status_code != 200:
                 return answer
             parts.append(relabel(answer.body.decode(), replica_id or "any"))
-        live = self.table.by_replica()
         own = ["# HELP framepack_cluster_sessions Live sessions per generation replica.",
                "# TYPE framepack_cluster_sessions gauge"]
         own += [f'framepack_cluster_sessions{{replica="{r}"}} {len(s)}' for r, s in live.items()]
@@ -318,20 +312,21 @@ class ClusterIngress:
         try:
             head = await stream.__anext__()
         except Exception as exc:  # noqa: BLE001 -- the replica died while answering
-            log.warning("a replica did not answer %s", forwarded.path.split("?")[0], exc_info=exc)
-            raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
-                                     "try again in a moment") from exc
+            raise _no_answer(forwarded, exc) from exc
         return StreamingResponse(_rest(stream), status_code=head.status, headers=dict(head.headers))
 
     async def _forward(self, forwarded: ForwardedRequest, replica_id: str | None = None) -> Response:
         try:
             answer = await self.replicas.forward.remote(forwarded, replica=replica_id)
         except Exception as exc:  # noqa: BLE001 -- the replica died while answering
-            log.warning("a replica did not answer %s %s", forwarded.method, forwarded.path.split("?")[0],
-                        exc_info=exc)
-            raise ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); "
-                                     "try again in a moment") from exc
+            raise _no_answer(forwarded, exc) from exc
         return _response(answer)
+
+
+def _no_answer(forwarded: ForwardedRequest, exc: Exception) -> ReplicaUnavailable:
+    """Logged with its cause (the path without its query: keys stay out of logs); the 503 the caller gets."""
+    log.warning("a replica did not answer %s %s", forwarded.method, forwarded.path.split("?")[0], exc_info=exc)
+    return ReplicaUnavailable(f"the generation replica did not answer ({type(exc).__name__}); try again in a moment")
 
 
 async def _rest(stream: Any) -> AsyncIterator[bytes]:

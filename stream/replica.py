@@ -96,25 +96,23 @@ class GenerationReplica:
     async def forward(self, request: ForwardedRequest, replica: str | None = None) -> ForwardedResponse:
         """Answer ``request`` with this replica's server. ``replica``: the replica the ingress wants (read by
         the request router, stream/cluster_router.py; when that one is gone any replica answers, with a 404)."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
-        headers["X-Forwarded-For"] = request.client
-        async with self._http.request(request.method, self.url.rstrip("/") + request.path, data=request.body,
-                                      headers=headers, allow_redirects=False) as resp:
-            body = await resp.read()
-            kept = {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
-            return ForwardedResponse(resp.status, kept, body)
+        async with self._send(request) as resp:
+            return ForwardedResponse(resp.status, _kept(resp), await resp.read())
 
     async def forward_stream(self, request: ForwardedRequest, replica: str | None = None) -> AsyncIterator[Any]:
         """``forward`` for large answers (a session's video.mp4), as a Serve stream: the status and headers
         first (a ForwardedResponse with an empty body), then the body in STREAM_CHUNK pieces."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
-        headers["X-Forwarded-For"] = request.client
-        async with self._http.request(request.method, self.url.rstrip("/") + request.path, data=request.body,
-                                      headers=headers, allow_redirects=False) as resp:
-            kept = {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
-            yield ForwardedResponse(resp.status, kept, b"")
+        async with self._send(request) as resp:
+            yield ForwardedResponse(resp.status, _kept(resp), b"")
             async for chunk in resp.content.iter_chunked(STREAM_CHUNK):
                 yield chunk
+
+    def _send(self, request: ForwardedRequest) -> Any:
+        """``request`` to this replica's server (an aiohttp response context), with the viewer's address."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in REQUEST_HEADERS}
+        headers["X-Forwarded-For"] = request.client
+        return self._http.request(request.method, self.url.rstrip("/") + request.path, data=request.body,
+                                  headers=headers, allow_redirects=False)
 
     async def open_session(self, request: ForwardedRequest, avoid: tuple[str, ...] = ()) -> AsyncIterator[dict[str, Any]]:
         """Start a session from an offer (a Serve stream). Yields the answer {"response", "replica", "session"}
@@ -162,6 +160,11 @@ class GenerationReplica:
         if self._world is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._world.close)
         await self._http.close()
+
+
+def _kept(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The response headers worth passing on to the viewer."""
+    return {k: v for k, v in resp.headers.items() if k.lower() in RESPONSE_HEADERS}
 
 
 class ReplicaWorld:

@@ -45,7 +45,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from aiohttp import web
 
@@ -437,11 +437,8 @@ class StreamServer:
     def client_address(self, request: web.Request) -> str:
         """Who sent ``request``: its peer address, or behind a trusted proxy (--trusted-proxy) the address
         that proxy appended to X-Forwarded-For."""
-        peer = request.remote or ""
-        if peer in self.settings.trusted_proxies:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
-            return forwarded or peer
-        return peer
+        return forwarded_client(request.remote or "", request.headers.get("X-Forwarded-For", ""),
+                                self.settings.trusted_proxies)
 
     # -- handlers --------------------------------------------------------------------------------------------
     async def _index(self, request: web.Request) -> web.StreamResponse:
@@ -569,7 +566,7 @@ class StreamServer:
         if session is None:
             return _error(404, f"no session {request.match_info['id']!r}; GET /api/sessions lists the live ones")
         try:
-            wait = min(END_WAIT_MAX_S, max(0.0, float(request.query.get("wait", END_WAIT_S))))
+            wait = end_wait_seconds(request.query.get("wait"))
         except ValueError:
             return _error(400, "wait must be a number of seconds")
         try:
@@ -730,6 +727,20 @@ class StreamServer:
             self._default_png = png_bytes(self.default_image)
         return web.Response(body=self._default_png, content_type="image/png",
                             headers={"Cache-Control": "max-age=3600"})
+
+
+def forwarded_client(peer: str, forwarded_for: str, trusted_proxies: Collection[str]) -> str:
+    """The client a request comes from: its peer, or behind a trusted proxy the address that proxy appended
+    to X-Forwarded-For (the last entry: the ones before it are the client's own say)."""
+    if peer in trusted_proxies:
+        return forwarded_for.split(",")[-1].strip() or peer
+    return peer
+
+
+def end_wait_seconds(text: str | None) -> float:
+    """GET /api/sessions/{id}/end's ``wait``: END_WAIT_S when absent, clipped to [0, END_WAIT_MAX_S];
+    ValueError when it is no number."""
+    return END_WAIT_S if text is None else min(END_WAIT_MAX_S, max(0.0, float(text)))
 
 
 def _model_fps(pipe: Any) -> float:

@@ -29,27 +29,26 @@ def random_adapter(model, rank=4, seed=0, targets=TARGETS, size=0.3):
                    torch.randn(modules[name].out_features, rank, generator=g) * size) for name in targets}
 
 
-def write_peft(path, adapter, alpha=None, prefix="transformer."):
+def write_adapter(path, adapter, alpha, key, down, up):
+    """One adapter file: per module ``key(name).{down,up}.weight`` and, given ``alpha``, ``key(name).alpha``."""
     state = {}
-    for name, (down, up) in adapter.items():
-        state[f"{prefix}{name}.lora_A.weight"] = down.clone()
-        state[f"{prefix}{name}.lora_B.weight"] = up.clone()
+    for name, (down_w, up_w) in adapter.items():
+        stem = key(name)
+        state[f"{stem}.{down}.weight"] = down_w.clone()
+        state[f"{stem}.{up}.weight"] = up_w.clone()
         if alpha is not None:
-            state[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+            state[f"{stem}.alpha"] = torch.tensor(float(alpha))
     save_file(state, str(path))
     return path
+
+
+def write_peft(path, adapter, alpha=None, prefix="transformer."):
+    return write_adapter(path, adapter, alpha, lambda name: prefix + name, "lora_A", "lora_B")
 
 
 def write_kohya(path, adapter, alpha=None):
-    state = {}
-    for name, (down, up) in adapter.items():
-        key = "lora_unet_" + name.replace(".", "_")
-        state[f"{key}.lora_down.weight"] = down.clone()
-        state[f"{key}.lora_up.weight"] = up.clone()
-        if alpha is not None:
-            state[f"{key}.alpha"] = torch.tensor(float(alpha))
-    save_file(state, str(path))
-    return path
+    return write_adapter(path, adapter, alpha, lambda name: "lora_unet_" + name.replace(".", "_"),
+                         "lora_down", "lora_up")
 
 
 def merged(model, adapters_and_scales):

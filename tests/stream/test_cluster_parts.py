@@ -14,6 +14,7 @@ yaml = pytest.importorskip("yaml")
 
 from framepack_rt.stream import cluster  # noqa: E402
 from framepack_rt.stream.ingress import SessionTable, merge_metrics, relabel  # noqa: E402
+from framepack_rt.stream.limits import PerClient  # noqa: E402
 from framepack_rt.stream.server import ServerSettings  # noqa: E402
 
 DEPLOY = Path(cluster.__file__).parent / "deploy"
@@ -72,12 +73,13 @@ def test_sample_configs_are_valid_serve_configs_for_the_builder(name, monkeypatc
 def test_session_table_remembers_why_sessions_ended():
     async def scenario() -> None:
         table = SessionTable()
-        a = table.add("a", {"id": "r1"}, "10.0.0.1")
-        table.add("b", {"id": "r2"}, "10.0.0.1")
-        assert table.started_by("10.0.0.1") == 2 and set(table.by_replica()) == {"r1", "r2"}
+        places = PerClient(2, "sessions")
+        a = table.add("a", {"id": "r1"}, release=places.take("10.0.0.1"))
+        table.add("b", {"id": "r2"}, release=places.take("10.0.0.1"))
+        assert places.held["10.0.0.1"] == 2 and set(table.by_replica()) == {"r1", "r2"}
         table.end(a, "the replica stopped", lost=True)
         assert a.state == "lost" and table.get("a") is a and "a" not in table.live
-        assert table.lost_total == 1 and table.started_by("10.0.0.1") == 1
+        assert table.lost_total == 1 and places.held["10.0.0.1"] == 1  # the ended one's place is free
 
     asyncio.run(scenario())
 
@@ -171,7 +173,7 @@ def test_end_needs_the_token_or_the_sessions_key_when_a_token_is_set():
 
     async def scenario() -> list[int]:
         ingress = ClusterIngress(FakeReplicas([]), ServerSettings(model="tiny", token="a-cluster-token"))
-        held = ingress.table.add("s1", {"id": "r1", "node": "n"}, "10.0.0.9", ("view-key", "control-key"))
+        held = ingress.table.add("s1", {"id": "r1", "node": "n"}, ("view-key", "control-key"))
         ingress.table.end(held, "closed", lost=False)
         asks = [("s1", ""), ("s1", "key=view-key"), ("s1", "key=control-key"), ("s1", "key=wrong"),
                 ("nope", ""), ("s1", "", "a-cluster-token"), ("nope", "", "a-cluster-token")]
@@ -243,7 +245,7 @@ def test_a_download_passes_through_the_ingress_chunk_by_chunk():
     async def scenario() -> tuple[int, bytes, str]:
         replicas = Streaming()
         ingress = ClusterIngress(replicas, ServerSettings(model="tiny"))
-        ingress.table.add("s1", {"id": "r1", "node": "n"}, "10.0.0.9")
+        ingress.table.add("s1", {"id": "r1", "node": "n"})
         response = await ingress._route(http_request("/api/sessions/s1/video.mp4", "key=k"))
         body = b"".join([part async for part in response.body_iterator])
         return response.status_code, body, replicas.asked
