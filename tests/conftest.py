@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Ray, whichever test module imports it first (its constants are read at import): a local instance's node
+# address is loopback, so its servers listen there only, and it sends no usage statistics.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import dataclasses  # noqa: E402
 import signal  # noqa: E402

@@ -2,8 +2,8 @@
 
 Two sessions land on different replicas and both stream to aiortc viewers; then one replica's process is
 killed: its viewer hears from the ingress that the session is lost, the other session goes on, and a new
-session starts. Ray's own servers stay on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set before ray is
-imported) and send no usage statistics.
+session starts. Ray's own servers stay on loopback (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, set in tests/conftest.py
+before any test imports ray) and send no usage statistics.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ from typing import Any, Iterator
 import aiohttp
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray's node address: loopback
 ray = pytest.importorskip("ray", reason="needs ray[serve]: pip install 'framepack-rt[cluster]'")
 serve = pytest.importorskip("ray.serve")
 
