@@ -123,6 +123,7 @@ class ServerSettings:
     memory_budget_gb: float | None = None
     quantize: str | None = None
     compile: bool = False
+    decoder: str = "auto"  # --decoder: "vae", "fast" (the model's fast decoder) or "auto" (fast when it has one)
     decode_overlap: bool | None = None  # --no-decode-overlap: False; None: the pipeline's default (on)
     # LoRA (model/lora.py): --lora FILE[:SCALE] as (path, scale) pairs, loaded unmerged (each session may change
     # its scales live with a "lora" control message); --fuse-lora merges them into the weights (scales fixed).
@@ -776,23 +777,25 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def load_pipeline(model: str | ServerSettings, *, device: str = "auto", dtype: str = "auto", low_vram: bool = False,
-                  memory_budget_gb: float | None = None, quantize: str | None = None, compile: bool = False) -> Any:
+                  memory_budget_gb: float | None = None, quantize: str | None = None, compile: bool = False,
+                  decoder: str = "auto") -> Any:
     """``FramePackPipeline.from_pretrained(model, device=, dtype=, ...)``; given ServerSettings, its model, device,
-    dtype, low-VRAM, quantize and compile fields. A clear error if the pipeline module is missing; one that says
+    dtype, low-VRAM, quantize, compile and decoder fields. A clear error if the pipeline module is missing; one that says
     what is needed and free (and the flag that fits) when the device cannot hold the model."""
     loras, fuse_lora = (), False
     if isinstance(model, ServerSettings):
         settings = model
         model, device, dtype = settings.model, settings.device, settings.dtype
         low_vram, memory_budget_gb = settings.low_vram, settings.memory_budget_gb
-        quantize, compile = settings.quantize, settings.compile
+        quantize, compile, decoder = settings.quantize, settings.compile, settings.decoder
         loras, fuse_lora = settings.loras, settings.fuse_lora
     try:
         from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
     except ImportError as exc:
         raise RuntimeError(f"cannot import framepack_rt.pipeline.framepack_pipeline ({exc}); reinstall framepack-rt") from None
     pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype, low_vram=low_vram,
-                                             memory_budget_gb=memory_budget_gb, quantize=quantize, compile=compile)
+                                             memory_budget_gb=memory_budget_gb, quantize=quantize, compile=compile,
+                                             decoder=decoder)
     if loras or fuse_lora:
         pipe.load_loras(loras, fuse=fuse_lora)
     return pipe

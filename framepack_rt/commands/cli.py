@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               teacache=args.teacache, cfg=args.cfg, buffer_seconds=args.buffer, stamp=args.stamp,
                               device=args.device, dtype=args.dtype, low_vram=args.low_vram,
                               memory_budget_gb=args.memory_budget_gb, quantize=args.quantize, compile=args.compile,
-                              loras=lora_flags.specs(args), fuse_lora=args.fuse_lora,
+                              decoder=args.decoder, loras=lora_flags.specs(args), fuse_lora=args.fuse_lora,
                               decode_overlap=False if args.no_decode_overlap else None,
                               **options.settings_kwargs(args))
     if args.cluster == "ray":  # many replicas on Ray Serve (stream/cluster.py)
@@ -174,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     threads.add_argument(serve)  # --threads N
     devices.add_arguments(serve, memory=True)
+    devices.add_decoder_argument(serve)
     from framepack_rt.commands import parallel
 
     parallel.add_arguments(serve)  # --sequence-parallel N, --cfg-parallel, --parallel-timeout, --no-decode-overlap

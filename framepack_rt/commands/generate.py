@@ -32,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
     parser.add_argument("--window", type=int, default=9, help="latent frames per section")
     devices.add_arguments(parser, memory=True)  # --device, --dtype, --low-vram, --memory-budget-gb, --quantize
+    devices.add_decoder_argument(parser)
     from framepack_rt.commands import parallel
 
     parallel.add_arguments(parser)  # --sequence-parallel N, --cfg-parallel, --parallel-timeout
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     began = time.perf_counter()
     pipe = FramePackPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype, low_vram=args.low_vram,
                                              memory_budget_gb=args.memory_budget_gb, quantize=args.quantize,
-                                             compile=args.compile)
+                                             compile=args.compile, decoder=args.decoder)
     if loras:
         pipe.load_loras(loras, fuse=args.fuse_lora)
     frames_written = write_video(pipe, args)

@@ -159,7 +159,7 @@ def generate_worker(world: ParallelWorld, args: argparse.Namespace) -> int | Non
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     pipe = FramePackPipeline.from_pretrained(args.model, device=world.device, dtype=args.dtype,
-                                             quantize=args.quantize, compile=args.compile)
+                                             quantize=args.quantize, compile=args.compile, decoder=args.decoder)
     transformer = pipe.parts.transformer()
     check_world(transformer.config.num_attention_heads, world.sp_size)
     if world.rank != 0:

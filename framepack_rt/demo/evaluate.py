@@ -134,13 +134,13 @@ def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps
     """The same with the vanilla schedule (no start slot), through the engine: the pipeline has no such mode."""
     from framepack_rt.engine.generator import SamplerConfig, SectionGenerator
     from framepack_rt.engine.schedules import vanilla_schedule
-    from framepack_rt.pipeline.vae import StreamingDecoder
+    from framepack_rt.pipeline.framepack_pipeline import make_decoder
 
     start, embeds, _ = pipe.encode_image(image)
     sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
     gen = SectionGenerator(pipe.parts.transformer(), vanilla_schedule(), start, pipe.conditioning(prompts[0], embeds),
                            sampler=sampler, seed=seed)
-    decoder = StreamingDecoder(pipe.parts.vae(), direction="forward")
+    decoder = make_decoder(pipe.parts.vae(), pipe.default_decoder, "forward", None)  # as the pipeline's streams
     chunks = [decoder.push(start[0]).frames]
     for k, prompt in enumerate(prompts):
         if k and prompt != prompts[k - 1]:
@@ -277,16 +277,16 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
     return "\n".join(lines)
 
 
-def load_pipeline(model: str, cfg: float | None = None):
+def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto"):
     """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
-    demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off)."""
+    demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off); ``decoder``: as serve's --decoder."""
     from framepack_rt.demo import DEMO_STEPS, demo_guidance
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     if model == "demo":
-        pipe = FramePackPipeline.from_pretrained("demo")
+        pipe = FramePackPipeline.from_pretrained("demo", decoder=decoder)
     else:
-        pipe = FramePackPipeline.from_pretrained(model, buckets="demo")  # a folder: a run's weights
+        pipe = FramePackPipeline.from_pretrained(model, buckets="demo", decoder=decoder)  # a folder: a run's weights
         pipe.default_steps = DEMO_STEPS
     pipe.default_guidance = demo_guidance(cfg)
     return pipe
@@ -301,14 +301,16 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=4, help="0: skip")
+    p.add_argument("--decoder", choices=("auto", "vae", "fast"), default="auto",
+                   help="frames from latents: the VAE, or the model's fast decoder (auto: fast when it has one)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg)
+    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder)
     began = time.perf_counter()
     results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
     fidelity = eval_fidelity(pipe, args.fidelity_runs, steps=args.steps) if args.fidelity_runs else None
-    report = {"model": args.model, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
+    report = {"model": args.model, "decoder": args.decoder, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
               "wall_s": time.perf_counter() - began,
               **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift, "fidelity": fidelity}
     print(f"{args.model}: {report['steps']} steps, cfg {report['cfg']:g}, {report['wall_s']:.0f} s")

@@ -149,7 +149,7 @@ def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = 
     root = Path(root)
     sizes = {}
     write_example(root, *example_start())  # what a server opens this model with
-    for name in PARTS:
+    for name in PARTS + ("fast_decoder",) * (models.fast_decoder is not None):
         part = getattr(models, name)
         if isinstance(part, torch.nn.Module):
             part = copy.deepcopy(part).to(dtype)
@@ -191,7 +191,8 @@ class InMemoryParts:
         self.text = TextEncoder(models.text_encoder.to(self.device), models.tokenizer)
         self.clip = CLIPTextEncoder(models.text_encoder_2.to(self.device), models.tokenizer_2)
         self.image = ImageEncoder(models.image_encoder.to(self.device), models.feature_extractor)
-        self._vae = VideoVAE(models.vae.to(self.device))
+        fast = models.fast_decoder.to(self.device).eval() if models.fast_decoder is not None else None
+        self._vae = VideoVAE(models.vae.to(self.device), fast_decoder=fast)
         self._transformer = models.transformer.to(self.device).eval()
 
     def encode_text(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:

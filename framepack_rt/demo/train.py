@@ -5,8 +5,9 @@ Demo, on a CPU (each stage resumes from its checkpoint in OUT when re-run):
     python -m framepack_rt.demo.train vae --out runs/demo            # stage 1: the VAE on world clips
     python -m framepack_rt.demo.train encode --out runs/demo         # clips -> latent cache (runs/demo/latents.pt)
     python -m framepack_rt.demo.train transformer --out runs/demo    # stage 2: the transformer
+    python -m framepack_rt.demo.train decoder --out runs/demo        # stage 3: the fast decoder (train_decoder.py)
     python -m framepack_rt.demo.train export --out runs/demo         # fp16 weights -> framepack_rt/demo/weights
-    python -m framepack_rt.demo.train all --out runs/demo            # the four in a row
+    python -m framepack_rt.demo.train all --out runs/demo            # the five in a row
 
 The shipped weights were made on the 2-core CPU with exactly these (README gives the times and results):
 
@@ -457,6 +458,10 @@ def export(args: argparse.Namespace) -> Path:
     models = build_demo_models(ENCODER_SEED)
     models.vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     models.transformer = FramePackTransformer.from_pretrained(out / "transformer", dtype=torch.float32)
+    if (out / "fast_decoder" / "config.json").is_file():  # stage 3, when it was run
+        from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+        models.fast_decoder = load_fast_decoder(out / "fast_decoder")
     sizes = save_demo_models(models, target)
     total = sum(sizes.values())
     print(f"wrote {target}: {total / 2**20:.2f} MiB ({', '.join(f'{k} {v / 2**20:.2f}' for k, v in sizes.items())})")
@@ -518,8 +523,11 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--grad-checkpoint", dest="grad_checkpoint", action="store_true")
         sp.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
+    from framepack_rt.demo.train_decoder import add_arguments as decoder_args
+
     for name, extra in (("vae", [vae_args]), ("encode", [encode_args]), ("transformer", [transformer_args]),
-                        ("export", []), ("all", [vae_args, encode_args, transformer_args])):
+                        ("decoder", [decoder_args]), ("export", []),
+                        ("all", [vae_args, encode_args, transformer_args, decoder_args])):
         sp = sub.add_parser(name)
         common(sp)
         for add in extra:
@@ -548,6 +556,10 @@ def main(argv: list[str] | None = None) -> None:
         encode_world(args)
     if args.stage in ("transformer", "all"):
         train_transformer(args)
+    if args.stage in ("decoder", "all"):
+        from framepack_rt.demo.train_decoder import train_decoder
+
+        train_decoder(args)
     if args.stage in ("export", "all"):
         export(args)
 

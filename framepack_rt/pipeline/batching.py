@@ -28,7 +28,7 @@ import torch
 
 from framepack_rt.engine.batching import SectionRun, StepBatcher
 from framepack_rt.pipeline.framepack_pipeline import Section, VideoStream, _Stopped
-from framepack_rt.pipeline.vae import frame_count
+from framepack_rt.pipeline.vae import StreamingDecoder, frame_count
 
 DECODE_BATCH = 4  # tiles per VAE batch (see the module docstring)
 
@@ -111,27 +111,34 @@ def decode_together(finished: list[tuple[VideoStream, SectionRun]]) -> list[tupl
     for stream, run in finished:
         recorded.append((stream, run, _tiles_of_push(stream, run)))
     tiles = [z for _, _, zs in recorded for z in zs]
-    decoded = iter(_decode_tiles(finished[0][0]._decoder.vae, tiles)) if tiles else iter(())
+    tiled_vae = next((s._decoder.vae for s, _ in finished if isinstance(s._decoder, StreamingDecoder)), None)
+    decoded = iter(_decode_tiles(tiled_vae, tiles)) if tiles else iter(())
     shared_ms = (time.perf_counter() - began) * 1000 / len(finished)
     outcomes: list[tuple[VideoStream, Section | BaseException]] = []
     for stream, run, zs in recorded:
         decoder = stream._decoder
-        real = decoder.vae
-        decoder.vae = _ReplayVAE(real, [next(decoded) for _ in zs])
+        tiled = isinstance(decoder, StreamingDecoder)
+        if tiled:
+            real = decoder.vae
+            decoder.vae = _ReplayVAE(real, [next(decoded) for _ in zs])
         try:
             section = stream._decode(run.result)
         except Exception as exc:  # noqa: BLE001 -- one stream's failure is its own outcome
             outcomes.append((stream, exc))
             continue
         finally:
-            decoder.vae = real
+            if tiled:
+                decoder.vae = real
         decode_ms = section.decode_ms + shared_ms
         outcomes.append((stream, replace(section, decode_ms=decode_ms, ms=section.sample_ms + decode_ms)))
     return outcomes
 
 
 def _tiles_of_push(stream: VideoStream, run: SectionRun) -> list[torch.Tensor]:
-    """The VAE tiles ``stream``'s decode of this section asks for, found on a copy of its decoder."""
+    """The VAE tiles ``stream``'s decode of this section asks for, found on a copy of its decoder; none when it
+    decodes with a fast decoder (a few ms a section: decoded alone)."""
+    if not isinstance(stream._decoder, StreamingDecoder):
+        return []
     probe = copy.copy(stream._decoder)
     probe.latents_decoded = list(probe.latents_decoded)
     recorder = probe.vae = _RecordingVAE(stream._decoder.vae)

@@ -19,6 +19,8 @@ import torch
 
 from framepack_rt.model.quantize import QUANTIZE_CHOICES
 
+DECODER_CHOICES = ("auto", "vae", "fast")  # what streams decode frames with (framepack_pipeline.make_decoder)
+
 DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_CHOICES = ("auto", *DTYPES)
@@ -191,6 +193,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, memory: bool = False) -> N
                             help="store the transformer blocks' weights as fp8 (half of bf16's bytes)")
         parser.add_argument("--compile", action="store_true",
                             help="torch.compile each transformer block (slower start, faster steps on GPUs)")
+
+
+def add_decoder_argument(parser: argparse.ArgumentParser) -> None:
+    """--decoder, for the commands that decode frames (serve, generate)."""
+    parser.add_argument("--decoder", choices=DECODER_CHOICES, default="auto",
+                        help="frames from latents: the VAE's decoder, or the model's fast decoder (its fast_decoder/ "
+                             "folder; the demo ships one); default auto: fast when the model has one")
 
 
 def check_memory_flags(low_vram: bool, memory_budget_gb: float | None) -> None:

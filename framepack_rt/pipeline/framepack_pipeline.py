@@ -28,7 +28,9 @@ from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedu
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
 from framepack_rt.pipeline.decode_ahead import DecodeAhead, overlap_by_default
-from framepack_rt.pipeline.vae import StreamingDecoder, latent_preview
+from framepack_rt.pipeline.devices import DECODER_CHOICES
+from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder
+from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE, latent_preview
 
 if TYPE_CHECKING:
     from framepack_rt.pipeline.devices import Placement
@@ -77,7 +79,8 @@ class _Stopped(Exception):
 class VideoStream:
     """Iterator of :class:`Section`; ``set_prompt`` / ``pause`` / ``resume`` / ``stop`` are thread-safe."""
 
-    def __init__(self, pipe: "FramePackPipeline", generator: SectionGenerator, decoder: StreamingDecoder,
+    def __init__(self, pipe: "FramePackPipeline", generator: SectionGenerator,
+                 decoder: StreamingDecoder | CausalStreamingDecoder,
                  prompt: str, prompt_schedule: list[PromptChange] | None, image_embeds: torch.Tensor,
                  decode_overlap: bool = False, first: Conditioning | None = None) -> None:
         """first: the conditioning of ``prompt`` the generator starts with (so it is not encoded again)."""
@@ -351,17 +354,40 @@ class VideoStream:
         )
 
 
+DECODERS = DECODER_CHOICES
+
+
+def check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+
+
+def make_decoder(vae: VideoVAE, decoder: str, direction: str,
+                 total_latents: int | None) -> StreamingDecoder | CausalStreamingDecoder:
+    """A stream's frame decoder, chosen once: the VAE's tiles, or the model's fast decoder ("auto": if it has one)."""
+    if decoder == "fast" and vae.fast is None:
+        raise ValueError("this model has no fast decoder (a fast_decoder/ folder beside vae/): use decoder 'vae' or "
+                         "'auto', or train one with `python -m framepack_rt.demo.train decoder`")
+    if decoder == "fast" or (decoder == "auto" and vae.fast is not None):
+        return CausalStreamingDecoder(vae.fast, direction=direction, total_latents=total_latents)
+    return StreamingDecoder(vae, direction=direction, total_latents=total_latents)
+
+
 class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
                  default_guidance: GuidanceConfig = GuidanceConfig(),
-                 example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None) -> None:
+                 example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None,
+                 decoder: str = "auto") -> None:
         """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
         servers and tools open with it. None: the model has no preference. placement: the device and dtype
-        from_pretrained resolved (None when the parts were built elsewhere)."""
+        from_pretrained resolved (None when the parts were built elsewhere). decoder: what streams decode with
+        when not told, one of DECODERS ("auto": the model's fast decoder when it has one, else the VAE)."""
+        check_decoder(decoder)
         self.parts = parts
+        self.default_decoder = decoder
         self.placement = placement
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
@@ -384,6 +410,7 @@ class FramePackPipeline:
         check_memory: bool = True,
         quantize: str | None = None,
         compile: bool = False,
+        decoder: str = "auto",
         **part_paths: str | Path,
     ) -> "FramePackPipeline":
         """``"demo"`` (the trained demo model shipped in the package: 64x64, moves shapes as prompts say),
@@ -399,7 +426,8 @@ class FramePackPipeline:
         :class:`~framepack_rt.pipeline.memory.InsufficientMemory` (needed, free, the setting that fits) instead
         of running out while loading. ``buckets``: the resolution set for folders ("640", the release's; "tiny"
         for small test models). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
-        ``compile``: torch.compile each transformer block (compiled at the first step)."""
+        ``compile``: torch.compile each transformer block (compiled at the first step). ``decoder``: "auto"
+        (the folder's fast_decoder/ when it has one: fast_decoder.py), "vae" or "fast"; streams may override it."""
         from framepack_rt.pipeline.devices import check_memory_flags, fp32_only, resolve_placement
         from framepack_rt.pipeline.memory import (DEFAULT_BUDGET_GB, GiB, InsufficientMemory, ensure_fits,
                                                    estimate_folders)
@@ -412,11 +440,11 @@ class FramePackPipeline:
         if str(path) == "tiny" and not part_paths:
             placement = fp32_only(placement)
             return cls(TinyParts(device=placement.device, options=options), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS,
-                       placement=placement)
-        settings: dict = {"buckets": buckets}
+                       placement=placement, decoder=decoder)
+        settings: dict = {"buckets": buckets, "decoder": decoder}
         if str(path) == "demo" and not part_paths:
             path = builtin.demo_weights_dir()
-            settings = {"buckets": "demo", "default_steps": builtin.DEMO_STEPS,
+            settings = {**settings, "buckets": "demo", "default_steps": builtin.DEMO_STEPS,
                         "default_guidance": builtin.demo_guidance()}
         roots = [] if str(path) == "tiny" else [path]
         if roots and (example := builtin.read_example(roots[0])) is not None:
@@ -568,6 +596,7 @@ class FramePackPipeline:
         guidance: GuidanceConfig | None = None,
         negative_prompt: str | None = None,
         decode_overlap: bool | None = None,
+        decoder: str | None = None,
     ) -> VideoStream:
         """Start generating; returns the :class:`VideoStream` of sections.
 
@@ -577,7 +606,9 @@ class FramePackPipeline:
         (``default_guidance``; :meth:`guidance` changes only its scale). negative_prompt: what real CFG steers
         away from (None or empty: zero text embeddings). decode_overlap: decode section k on its own thread
         (CUDA stream) while k + 1 samples; None: on, except in low-VRAM mode (decode_ahead.overlap_by_default).
+        decoder: "vae", "fast" (the model's FastVideoDecoder) or "auto"; None: the pipeline's ``default_decoder``.
         """
+        check_decoder(decoder or self.default_decoder)
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
         if seconds is not None and seconds <= 0:
@@ -625,12 +656,12 @@ class FramePackPipeline:
         vae = self.parts.vae()
         # the preview's colours, decided once per stream: this VAE's, fitted with this start image (vae.py)
         preview_rgb = vae.latent_rgb(start_latent, start_fitted) if on_step is not None else None
-        if schedule.order.value == "forward":
-            decoder = StreamingDecoder(vae, direction="forward")
-            decoder.push(start_latent[0])  # the video begins with the start frame, as the release's F1 output
-        else:
-            decoder = StreamingDecoder(vae, direction="backward", total_latents=schedule.num_sections * window + 1)
-        stream = VideoStream(self, generator, decoder, prompt, prompt_schedule, image_embeds,
+        forward = schedule.order.value == "forward"
+        frames_out = make_decoder(vae, decoder or self.default_decoder, "forward" if forward else "backward",
+                                  None if forward else schedule.num_sections * window + 1)
+        if forward:
+            frames_out.push(start_latent[0])  # the video begins with the start frame, as the release's F1 output
+        stream = VideoStream(self, generator, frames_out, prompt, prompt_schedule, image_embeds,
                              decode_overlap=self._decode_overlap(decode_overlap, generator.device), first=first)
         holder["stream"] = stream
         return stream

@@ -56,6 +56,13 @@ PARTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
 }
 
 
+# Parts a model folder may have; used when present.
+OPTIONAL_PARTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
+    "fast_decoder": ("config.json and diffusion_pytorch_model.safetensors of FastVideoDecoder (fast_decoder.py)",
+                     _all(_CONFIG, _DIFFUSERS_WEIGHTS)),
+}
+
+
 class MissingModelPart(FileNotFoundError):
     """A part's folder is absent or lacks its files; the message names the folder and what belongs there."""
 
@@ -70,11 +77,12 @@ class ModelPaths:
     image_encoder: Path
     feature_extractor: Path
     transformer: Path
+    fast_decoder: Path | None = None
 
 
 def check_part(part: str, folder: PathLike) -> Path:
     """``folder`` if it holds ``part`` in its published layout; MissingModelPart otherwise."""
-    expected, check = PARTS[part]
+    expected, check = {**PARTS, **OPTIONAL_PARTS}[part]
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise MissingModelPart(f"{folder}: no such folder; expected {expected} ({part})")
@@ -102,10 +110,17 @@ def resolve_part(part: str, roots: list[PathLike], override: PathLike | None = N
 
 def resolve_model_paths(*roots: PathLike, **parts: PathLike | None) -> ModelPaths:
     """All parts: ``resolve_model_paths("/models")`` or per part, e.g. ``vae="/x/vae"``; both may mix."""
-    unknown = sorted(set(parts) - set(PARTS))
+    unknown = sorted(set(parts) - set(PARTS) - set(OPTIONAL_PARTS))
     if unknown:
-        raise ValueError(f"unknown model parts {unknown}; parts are {sorted(PARTS)}")
-    return ModelPaths(**{p: resolve_part(p, list(roots), parts.get(p)) for p in PARTS})
+        raise ValueError(f"unknown model parts {unknown}; parts are {sorted(PARTS)}, optional {sorted(OPTIONAL_PARTS)}")
+    found = {p: resolve_part(p, list(roots), parts.get(p)) for p in PARTS}
+    for p in OPTIONAL_PARTS:
+        if parts.get(p) is not None:  # asked for: must be right
+            found[p] = check_part(p, parts[p])
+        else:  # a root's copy is used when it is complete, and ignored when absent
+            found[p] = next((Path(r).expanduser() / p for r in roots
+                             if OPTIONAL_PARTS[p][1](Path(r).expanduser() / p)), None)
+    return ModelPaths(**found)
 
 
 class ModelLoader:
@@ -167,7 +182,7 @@ class ModelLoader:
         from framepack_rt.pipeline.vae import VideoVAE
 
         return VideoVAE.from_pretrained(self.paths.vae, device=self.device, dtype=self.dtype_for("vae", dtype),
-                                        spatial_tiling=self.spatial_tiling)
+                                        spatial_tiling=self.spatial_tiling, fast_decoder=self.paths.fast_decoder)
 
     def transformer(self, dtype: torch.dtype | None = None, quantize: str | None = None):
         from framepack_rt.model.transformer import FramePackTransformer

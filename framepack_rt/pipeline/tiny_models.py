@@ -135,6 +135,7 @@ class TinyModels:
     feature_extractor: SiglipImageProcessorPil
     vae: "torch.nn.Module"  # diffusers AutoencoderKLHunyuanVideo (diffusers imported lazily)
     transformer: "torch.nn.Module"  # FramePackTransformer
+    fast_decoder: "torch.nn.Module | None" = None  # FastVideoDecoder, when one was trained for this VAE
 
 
 def build_tiny_models(seed: int = 0) -> TinyModels:

@@ -157,8 +157,11 @@ class PreviewFit:
 class VideoVAE:
     """diffusers ``AutoencoderKLHunyuanVideo`` with the scaling factor and pixel conversions applied."""
 
-    def __init__(self, model: torch.nn.Module, *, spatial_tiling: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, *, spatial_tiling: bool = False,
+                 fast_decoder: torch.nn.Module | None = None) -> None:
+        """fast_decoder: a FastVideoDecoder trained for this VAE (fast_decoder.py), which streams may decode with."""
         self.model: torch.nn.Module | None = model.eval()
+        self.fast = fast_decoder
         self.scaling_factor = float(model.config.scaling_factor)
         # Streaming equality with decode() relies on diffusers' temporal tiling being on (its default).
         model.use_framewise_decoding = True
@@ -168,13 +171,19 @@ class VideoVAE:
         self._preview_fit: PreviewFit | None = None  # the latent preview's generic fit, made once (latent_rgb)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu",
-                        dtype: torch.dtype | None = None, spatial_tiling: bool = False) -> "VideoVAE":
+    def from_pretrained(cls, path: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                        spatial_tiling: bool = False, fast_decoder: str | Path | None = None) -> "VideoVAE":
+        """``path``: a vae/ folder; ``fast_decoder``: its fast_decoder/ folder, if the model has one."""
         from diffusers import AutoencoderKLHunyuanVideo
 
         dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
         model = AutoencoderKLHunyuanVideo.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
-        return cls(model.to(device), spatial_tiling=spatial_tiling)
+        fast = None
+        if fast_decoder is not None:
+            from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+            fast = load_fast_decoder(fast_decoder, device=device, dtype=dtype)
+        return cls(model.to(device), spatial_tiling=spatial_tiling, fast_decoder=fast)
 
     @property
     def live(self) -> torch.nn.Module:
@@ -193,7 +202,7 @@ class VideoVAE:
     def release(self) -> None:
         """Drop the weights (low-VRAM mode: load -> decode -> free)."""
         on_cuda = self.model is not None and self.device.type == "cuda"
-        self.model = None
+        self.model = self.fast = None
         gc.collect()
         if on_cuda:
             torch.cuda.empty_cache()

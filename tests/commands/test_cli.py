@@ -221,3 +221,11 @@ def test_generate_says_which_schedule_entries_fall_past_the_end(tmp_path, start_
 def test_a_model_without_an_example_needs_an_image(tmp_path, capsys):
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--seconds", "1", "--out", str(tmp_path / "x.mp4")]) == 2
     assert "has no example start: pass --image" in capsys.readouterr().err
+
+
+def test_fast_decoder_on_a_model_without_one_says_what_to_do(tmp_path, start_image, capsys):
+    assert main(["generate", "--model", "tiny", "--image", str(start_image), "--prompt", "x", "--seconds", "1",
+                 "--steps", "1", "--decoder", "fast", "--out", str(tmp_path / "x.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "no fast decoder" in err and "decoder 'vae'" in err
+    assert not (tmp_path / "x.mp4").exists()

@@ -319,3 +319,33 @@ def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path, run_
     assert err <= 2e-5, f"FSDP over 2 ranks vs one process: max |diff| {err:.2e} (weights moved {moved:.1e})"
     grad_norms = [[r["grad_norm"] for r in _log(folder)] for folder in (two, one)]
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)  # the same gradients, step by step
+
+
+def _decoder_stage(tmp_path, steps: int) -> list[dict]:
+    args = T.parser().parse_args(["decoder", "--out", str(tmp_path), "--size", "32", "--decoder-steps", str(steps),
+                                  "--decoder-clips", "4", "--decoder-batch", "4", "--decoder-latents", "2",
+                                  "--decoder-widths", "16,8,8,8", "--log-every", "1", "--save-every", "5"])
+    from framepack_rt.demo.train_decoder import train_decoder
+
+    train_decoder(args)
+    return [json.loads(line) for line in (tmp_path / "decoder_log.jsonl").read_text().splitlines()]
+
+
+def test_decoder_stage_learns_resumes_and_keeps_its_cache(tmp_path):
+    """Stage 3 on a random VAE at 32 px: one cache for both runs, the second run continues at step 6, and the
+    decoder's loss on the same 4 clips falls."""
+    from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+    with pytest.raises(FileNotFoundError, match="no VAE"):
+        _decoder_stage(tmp_path, 1)
+    torch.manual_seed(0)
+    T.build_vae().save_pretrained(tmp_path / "vae")
+    first = _decoder_stage(tmp_path, 5)
+    log = _decoder_stage(tmp_path, 40)
+    steps = [r["step"] for r in log if "step" in r]
+    assert steps[:6] == [1, 2, 3, 4, 5, 6] and steps[-1] == 40 and len(first) == 6
+    assert sum("cached_clips" in r for r in log) == 1
+    losses = [r["loss"] for r in log if "step" in r]
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
+    decoder = load_fast_decoder(tmp_path / "fast_decoder")
+    assert decoder.spatial_compression_ratio == 8 and list(decoder.config.block_out_channels) == [16, 8, 8, 8]

@@ -15,6 +15,7 @@ import torch
 
 from framepack_rt.pipeline.encoders import CLIPTextEncoder, ImageEncoder, TextEncoder
 from framepack_rt.pipeline.model_folders import (
+    OPTIONAL_PARTS,
     PARTS,
     MissingModelPart,
     ModelLoader,
@@ -44,8 +45,9 @@ def copy_parts(src: Path, dst: Path, parts) -> Path:
 def test_root_layout_resolves_every_part(saved):
     root, _ = saved
     paths = resolve_model_paths(root)
-    assert set(vars(paths)) == set(PARTS)
+    assert set(vars(paths)) == set(PARTS) | set(OPTIONAL_PARTS)
     assert all(getattr(paths, p) == root / p for p in PARTS)
+    assert paths.fast_decoder is None  # optional, and this folder has none
 
 
 def test_separate_downloads_and_per_part_paths(saved, tmp_path):

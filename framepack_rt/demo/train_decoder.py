@@ -1,0 +1,137 @@
+"""Stage 3 of the demo's training: the fast streaming decoder (framepack_rt.pipeline.fast_decoder) for a VAE.
+
+    python -m framepack_rt.demo.train decoder --out runs/fd     # needs OUT/vae: the VAE whose latents it decodes
+
+The VAE stays frozen. World clips of ``--decoder-latents`` latents are encoded once (their scaled posterior means,
+cached in OUT/decoder_cache.pt with the clips' seeds); each step takes a batch of cached clips, renders their
+frames again from the seeds (the world is deterministic), and trains the decoder to give those frames back from
+the latents, with a little noise on the latents: in a stream they come from the sampler, not from the encoder.
+The loss is the VAE's (L1 + MSE, weighted up on the shapes). Checkpoints (OUT/decoder_ckpt) make it resumable
+with the same command; the result is OUT/fast_decoder in the diffusers layout, which ``export`` ships.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from framepack_rt.demo import dist as D
+from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
+from framepack_rt.pipeline.fast_decoder import FastVideoDecoder
+
+CACHE_SEED = 3  # clip seeds come from (seed, CACHE_SEED): apart from the VAE's (seed, step) and the evaluation's
+
+
+def clip_seeds(seed: int, count: int) -> list[int]:
+    """The world seeds of the cached clips."""
+    return [int(s) for s in np.random.default_rng([seed, CACHE_SEED]).integers(2**31, size=count)]
+
+
+def clip_pixels(seeds: list[int], num_latents: int, cfg: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips rendered from their seeds -> pixels (B, 3, 4T - 3, H, W) in [-1, 1] and a shape mask (B, 1, ...)."""
+    clips = [make_clip(s, frames_for_latents(num_latents), cfg) for s in seeds]
+    pixels = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    bg = torch.tensor([c.background for c in clips], dtype=torch.float32).view(len(seeds), 3, 1, 1, 1) / 127.5 - 1
+    return pixels, ((pixels - bg).abs().amax(dim=1, keepdim=True) > 0.02).float()
+
+
+@torch.no_grad()
+def build_cache(vae: torch.nn.Module, seeds: list[int], num_latents: int, cfg: WorldConfig,
+                batch: int = 8) -> torch.Tensor:
+    """Scaled posterior means (N, C, T, h, w) fp16 of the clips, encoded ``batch`` at a time."""
+    scale = float(vae.config.scaling_factor)
+    out = []
+    for i in range(0, len(seeds), batch):
+        pixels, _ = clip_pixels(seeds[i : i + batch], num_latents, cfg)
+        out.append((vae.encode(pixels).latent_dist.mode() * scale).half())
+    return torch.cat(out)
+
+
+def load_or_build_cache(out: Path, vae: torch.nn.Module, args: argparse.Namespace, cfg: WorldConfig,
+                        info: D.DistInfo) -> tuple[list[int], torch.Tensor]:
+    path = out / "decoder_cache.pt"
+    seeds = clip_seeds(args.seed, args.decoder_clips)
+    if path.exists():
+        data = torch.load(path, weights_only=True)
+        if data["seeds"] == seeds and data["size"] == cfg.size and data["latents"].shape[2] == args.decoder_latents:
+            return seeds, data["latents"]
+        D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "cache": "stale, rebuilt"}, info)
+    began = time.perf_counter()
+    latents = build_cache(vae, seeds, args.decoder_latents, cfg)
+    torch.save({"seeds": seeds, "size": cfg.size, "latents": latents}, path)
+    D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "cached_clips": len(seeds),
+                                           "s": round(time.perf_counter() - began, 1)}, info)
+    return seeds, latents
+
+
+def decoder_loss(decoder: FastVideoDecoder, latents: torch.Tensor, pixels: torch.Tensor, fg: torch.Tensor,
+                 fg_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE of the decoded clip against its frames, weighted up on the shapes."""
+    recon = decoder(latents)
+    weight = 1.0 + fg_weight * fg
+    err = recon - pixels
+    loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
+    return loss, {"mse": err.pow(2).mean().item()}
+
+
+def train_decoder(args: argparse.Namespace) -> Path:
+    """Writes OUT/fast_decoder (diffusers layout) and OUT/decoder_ckpt (resumable)."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    from framepack_rt.demo.train import learning_rate, over_budget
+
+    out, info = Path(args.out), D.DistInfo()
+    if not (out / "vae" / "config.json").is_file():
+        raise FileNotFoundError(f"{out / 'vae'}: no VAE; train one (`train vae --out {out}`) or link its folder "
+                                f"there (`ln -s /path/to/vae {out / 'vae'}`)")
+    cfg = WorldConfig(size=args.size)
+    vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
+    seeds, cache = load_or_build_cache(out, vae, args, cfg, info)
+    del vae
+    torch.manual_seed(args.seed)
+    widths = tuple(int(w) for w in args.decoder_widths.split(","))
+    decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths).train()
+    opt = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
+    extra = D.load_checkpoint(out / "decoder_ckpt", decoder, opt, info) or {"step": 0}
+    log, began = out / "decoder_log.jsonl", time.perf_counter()
+    for step in range(extra["step"], args.decoder_steps):
+        if over_budget(args, began):
+            D.save_checkpoint(out / "decoder_ckpt", decoder, opt, {"step": step}, info)
+            break
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, args.decoder_lr, 50, args.decoder_steps, 0.05)
+        rng = np.random.default_rng([args.seed, CACHE_SEED, step])  # batches depend on (seed, step): resumable
+        pick = rng.choice(len(seeds), size=args.decoder_batch, replace=False)
+        pixels, fg = clip_pixels([seeds[i] for i in pick], args.decoder_latents, cfg)
+        latents = cache[torch.from_numpy(pick)].float()
+        noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
+        std = torch.from_numpy(rng.uniform(0, args.latent_noise, (len(pick), 1, 1, 1, 1)).astype(np.float32))
+        loss, parts = decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % args.log_every == 0 or step == extra["step"]:
+            D.log_line(log, {"stage": "decoder", "step": step + 1, "loss": loss.item(), **parts,
+                             "grad_norm": float(norm), "s": round(time.perf_counter() - began, 1)}, info)
+        if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
+            D.save_checkpoint(out / "decoder_ckpt", decoder, opt, {"step": step + 1}, info)
+    decoder.eval().save_pretrained(out / "fast_decoder")
+    return out / "fast_decoder"
+
+
+def add_arguments(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--decoder-steps", dest="decoder_steps", type=int, default=3000)
+    sp.add_argument("--decoder-batch", dest="decoder_batch", type=int, default=8, help="clips per step")
+    sp.add_argument("--decoder-lr", dest="decoder_lr", type=float, default=2e-3)
+    sp.add_argument("--decoder-clips", dest="decoder_clips", type=int, default=1000, help="clips encoded once")
+    sp.add_argument("--decoder-latents", dest="decoder_latents", type=int, default=5, help="latents per clip")
+    sp.add_argument("--decoder-widths", dest="decoder_widths", default="64,32,16,16",
+                    help="channels from the latent resolution up to the full one (one more entry per 2x)")
+    sp.add_argument("--latent-noise", dest="latent_noise", type=float, default=0.1,
+                    help="max std of the noise added to the latents (sampled latents are not the encoder's)")
+    sp.add_argument("--decoder-fg-weight", dest="decoder_fg_weight", type=float, default=10.0)

@@ -1,0 +1,171 @@
+"""A small causal decoder for streaming: latents -> frames at a fraction of the VAE decoder's cost.
+
+Real-time video systems decode with a tiny autoencoder distilled for the big one's latent space (TAESD for
+images, TAEHV for HunyuanVideo). ``FastVideoDecoder`` is that idea for this package's VAEs: a 2D convolution
+stack that turns each latent, read together with the latent before it, into that latent's four frames at once.
+It runs per latent (not per frame, and with no temporal tiles), so its full-resolution layers run once for four
+frames, and every latent is decoded exactly once: the VAE's tiles (5 latents, stride 3) decode each latent
+5/3 times. Frames of latent t are final as soon as latents t - 1 and t are known, so a stream holds nothing back
+(but a start latent pushed alone, which waits for the first section).
+
+Latent t (t >= 1) covers frames 4t - 3 .. 4t; latent 0 covers frame 0 only, as HunyuanVideo's causal VAE lays
+them out, so a clip of T latents has the VAE's 4T - 3 frames. It reads *scaled* latents (what the transformer
+makes) and is trained against one VAE (``python -m framepack_rt.demo.train decoder``); a model folder ships it
+as ``fast_decoder/`` beside ``vae/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from framepack_rt.pipeline.vae import FrameChunk, to_uint8
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(x))))
+
+
+class FastVideoDecoder(ModelMixin, ConfigMixin):
+    """Scaled latents (B, C, T, h, w) -> pixels (B, 3, 4T - 3, 8h, 8w) in about [-1, 1], one latent at a time.
+
+    ``block_out_channels[i]`` is the width at 2^i times the latent resolution; the last entry is the
+    full-resolution width (ReLU convolutions, no normalisation: cheap on a CPU).
+    """
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(self, latent_channels: int = 16, out_channels: int = 3,
+                 block_out_channels: tuple[int, ...] = (64, 32, 16, 16), temporal_compression_ratio: int = 4) -> None:
+        super().__init__()
+        widths = list(block_out_channels)
+        if len(widths) < 2:
+            raise ValueError("block_out_channels needs at least two widths (one per resolution)")
+        self.conv_in = nn.Conv2d(2 * latent_channels, widths[0], 3, padding=1)  # the latent and the one before
+        stages = []
+        for i in range(len(widths) - 1):
+            stages += [_Residual(widths[i]), nn.Upsample(scale_factor=2, mode="nearest"),
+                       nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.ReLU()]
+        self.stages = nn.Sequential(*stages)
+        self.conv_out = nn.Conv2d(widths[-1], out_channels * temporal_compression_ratio, 3, padding=1)
+
+    @property
+    def spatial_compression_ratio(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def forward(self, latents: torch.Tensor, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """latents (B, C, T, h, w). ``previous`` (B, C, 1, h, w): the latent before them, whose frames are
+        already out; then all 4T frames come back. None: latents[:, :, 0] is a clip's first latent (read with
+        itself as the one before), which gives one frame: 4T - 3 in all."""
+        b, c, t, h, w = latents.shape
+        before = latents[:, :, :1] if previous is None else previous.to(latents.dtype)
+        context = torch.cat([before, latents[:, :, :-1]], dim=2)
+        x = torch.cat([latents, context], dim=1).transpose(1, 2).reshape(b * t, 2 * c, h, w)
+        x = self.conv_out(self.stages(torch.relu(self.conv_in(x))))
+        r, ch = self.config.temporal_compression_ratio, self.config.out_channels
+        frames = x.reshape(b, t, r, ch, *x.shape[-2:]).permute(0, 3, 1, 2, 4, 5).reshape(b, ch, t * r, *x.shape[-2:])
+        return frames if previous is not None else frames[:, :, r - 1 :]
+
+
+class CausalStreamingDecoder:
+    """:class:`framepack_rt.pipeline.vae.StreamingDecoder`'s calls (push, finish, FrameChunk,
+    ``latents_decoded``) with a :class:`FastVideoDecoder`: each push returns the frames of every latent whose
+    predecessor is known, so nothing is held back and each latent is decoded once.
+
+    Forward (F1): a push of k latents returns 4k frames (4k - 3 for the clip's first push). A start latent
+    pushed alone is decoded with the next push, so the first section starts at frame 0, as with the VAE's
+    decoder. Backward (sections pushed end-first, ``total_latents`` known): a section's first latent waits for
+    the section before it.
+    """
+
+    def __init__(self, model: FastVideoDecoder, *, direction: Literal["forward", "backward"] = "forward",
+                 total_latents: int | None = None) -> None:
+        if direction not in ("forward", "backward"):
+            raise ValueError(f"direction must be 'forward' or 'backward', got {direction!r}")
+        if direction == "backward" and not total_latents:
+            raise ValueError("backward decoding needs total_latents: frame positions count from latent 0")
+        self.model, self.direction, self.total = model.eval(), direction, total_latents
+        self.latents_decoded: list[int] = []
+        self._param = next(model.parameters())
+        self._n = 0  # forward: latents pushed
+        self._lo = total_latents or 0  # backward: the earliest latent pushed
+        self._edge: torch.Tensor | None = None  # the latent at the open edge: forward the last, backward the first
+        self._finished = False
+        self._hw = (0, 0)
+
+    def push(self, latents: torch.Tensor) -> FrameChunk:
+        """Scaled latents (C, k, h, w) or (1, C, k, h, w) of the next section -> the frames now final."""
+        if self._finished:
+            raise RuntimeError("push after finish()")
+        z = latents[None] if latents.ndim == 4 else latents
+        if z.ndim != 5 or z.shape[0] != 1:
+            raise ValueError(f"expected (C, k, h, w) or (1, C, k, h, w) latents, got {tuple(latents.shape)}")
+        z = z.to(self._param.device, self._param.dtype)
+        ratio = self.model.spatial_compression_ratio
+        self._hw = (z.shape[-2] * ratio, z.shape[-1] * ratio)
+        k = z.shape[2]
+        if self.direction == "forward":
+            if self._n == 0 and self._edge is None and k == 1:  # the start latent alone: kept for the first section
+                self._edge = z
+                self.latents_decoded.append(0)
+                return FrameChunk(0, self._empty())
+            if self._n == 0 and self._edge is not None:
+                z, self._edge = torch.cat([self._edge, z], dim=2), None
+            start = 0 if self._n == 0 else 4 * self._n - 3
+            frames = self._run(z, self._edge)
+            self._n += z.shape[2]
+            self._edge = z[:, :, -1:]
+            return FrameChunk(start, frames)
+        lo = self._lo - k
+        if lo < 0:
+            raise ValueError(f"more latents pushed than total_latents={self.total}")
+        seq = z if self._edge is None else torch.cat([z, self._edge], dim=2)
+        if lo == 0:  # the clip's first latent: decodable on its own
+            frames, start = self._run(seq, None), 0
+        else:  # latent lo waits for lo - 1, in the next push
+            frames, start = self._run(seq[:, :, 1:], seq[:, :, :1]), 4 * (lo + 1) - 3
+        self._lo, self._edge = lo, z[:, :, :1]
+        return FrameChunk(start, frames)
+
+    def finish(self) -> FrameChunk:
+        """Nothing is held back going forward; backward, check that the clip is complete."""
+        self._finished = True
+        if self.direction == "backward" and self._lo != 0:
+            raise ValueError(f"clip incomplete: {self.total - self._lo} of {self.total} latents pushed")
+        if self.direction == "forward" and self._n == 0 and self._edge is not None:  # only the start was pushed
+            self._n = 1
+            return FrameChunk(0, self._run(self._edge, None))
+        self.latents_decoded.append(0)
+        start = 4 * self._n - 3 if self.direction == "forward" and self._n else 0
+        return FrameChunk(start, self._empty())
+
+    def _empty(self) -> torch.Tensor:
+        h, w = self._hw
+        return torch.zeros(0, h, w, 3, dtype=torch.uint8)
+
+    @torch.no_grad()
+    def _run(self, z: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        self.latents_decoded.append(z.shape[2])
+        if z.shape[2] == 0:
+            return self._empty()
+        return to_uint8(self.model(z, previous))[0]
+
+
+def load_fast_decoder(path: str | Path, *, device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None) -> FastVideoDecoder:
+    """A ``fast_decoder/`` folder (config.json + diffusion_pytorch_model.safetensors), fp32 on the CPU."""
+    dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+    model = FastVideoDecoder.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return model.to(device).eval()

@@ -1,0 +1,172 @@
+"""The fast streaming decoder (pipeline/fast_decoder.py): frame layout, streaming in either direction equal to one
+decode of the whole clip, the optional model-folder part, the pipeline's choice, batched streams, and training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from framepack_rt.pipeline.batching import StreamBatch
+from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, FastVideoDecoder, load_fast_decoder
+from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+from framepack_rt.pipeline.model_folders import MissingModelPart, resolve_model_paths
+from framepack_rt.pipeline.tiny_models import write_tiny_models
+from framepack_rt.pipeline.vae import StreamingDecoder, assemble, frame_count, to_uint8
+
+
+@pytest.fixture(scope="module")
+def fast() -> FastVideoDecoder:
+    torch.manual_seed(0)
+    return FastVideoDecoder(block_out_channels=(16, 8, 8, 8)).eval()
+
+
+@pytest.mark.parametrize("hw", [(3, 5), (8, 8)])
+def test_frames_per_latent_as_the_vae_lays_them_out(fast, hw):
+    z = torch.randn(2, 16, 4, *hw)
+    with torch.no_grad():
+        clip, more = fast(z), fast(z, previous=torch.randn(2, 16, 1, *hw))
+    assert clip.shape == (2, 3, frame_count(4), hw[0] * 8, hw[1] * 8)
+    assert more.shape == (2, 3, 16, hw[0] * 8, hw[1] * 8)
+
+
+def test_frames_of_a_latent_depend_only_on_it_and_the_one_before(fast):
+    z = torch.randn(1, 16, 5, 4, 4)
+    changed = z.clone()
+    changed[:, :, 3] += 1.0
+    with torch.no_grad():
+        a, b = fast(z), fast(changed)
+    differs = (a - b).abs().amax(dim=(0, 1, 3, 4)) > 0
+    # latent 3 covers frames 9-12 and is the context of latent 4 (frames 13-16); nothing before frame 9 moves
+    assert not differs[:9].any() and differs[9:].all()
+
+
+def _latents(n: int, hw=(4, 6)) -> torch.Tensor:
+    return torch.randn(16, n, *hw, generator=torch.Generator().manual_seed(n))
+
+
+def test_forward_stream_equals_one_decode_and_holds_nothing_back(fast):
+    z = _latents(1 + 9 + 9 + 9)
+    whole = to_uint8(fast(z[None]).detach())[0]
+    decoder = CausalStreamingDecoder(fast)
+    chunks = [decoder.push(z[:, :1])] + [decoder.push(z[:, i : i + 9]) for i in (1, 10, 19)]
+    # the start latent alone waits for the first section (which then begins at frame 0, as with the VAE)
+    assert [(c.start, len(c.frames)) for c in chunks] == [(0, 0), (0, 37), (37, 36), (73, 36)]
+    tail = decoder.finish()
+    assert (tail.start, len(tail.frames)) == (109, 0)
+    assert decoder.latents_decoded == [0, 10, 9, 9, 0]
+    alone = CausalStreamingDecoder(fast)
+    alone.push(z[:, :1])
+    assert len(alone.finish().frames) == 1
+    got = assemble(chunks)
+    assert got.shape == whole.shape
+    assert (got.int() - whole.int()).abs().max() <= 1  # batch-size dependent conv rounding, at most one level
+
+
+def test_backward_stream_assembles_the_same_clip(fast):
+    total = 1 + 9 + 9
+    z = _latents(total)
+    whole = to_uint8(fast(z[None]).detach())[0]
+    decoder = CausalStreamingDecoder(fast, direction="backward", total_latents=total)
+    chunks = [decoder.push(z[:, 10:19]), decoder.push(z[:, 1:10]), decoder.push(z[:, :1])]
+    # a section's first latent waits for the one before it: 8 latents, then 8 + 1, then latent 0 and latent 1
+    assert [(c.start, len(c.frames)) for c in chunks] == [(41, 32), (5, 36), (0, 5)]
+    decoder.finish()
+    assert (assemble(chunks).int() - whole.int()).abs().max() <= 1
+
+
+def test_misuse_is_refused_with_what_to_do(fast):
+    with pytest.raises(ValueError, match="total_latents"):
+        CausalStreamingDecoder(fast, direction="backward")
+    with pytest.raises(ValueError, match="direction"):
+        CausalStreamingDecoder(fast, direction="sideways")
+    backward = CausalStreamingDecoder(fast, direction="backward", total_latents=5)
+    backward.push(_latents(3))
+    with pytest.raises(ValueError, match="more latents"):
+        backward.push(_latents(3))
+    with pytest.raises(ValueError, match="incomplete"):
+        backward.finish()
+    forward = CausalStreamingDecoder(fast)
+    with pytest.raises(ValueError, match="expected"):
+        forward.push(torch.zeros(2, 16, 1, 4, 4))
+    forward.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        forward.push(_latents(1))
+
+
+def test_model_folder_part_is_optional(tmp_path, fast):
+    write_tiny_models(tmp_path)
+    assert resolve_model_paths(tmp_path).fast_decoder is None
+    fast.save_pretrained(tmp_path / "fast_decoder")
+    assert resolve_model_paths(tmp_path).fast_decoder == tmp_path / "fast_decoder"
+    with pytest.raises(MissingModelPart, match="FastVideoDecoder"):
+        resolve_model_paths(tmp_path, fast_decoder=tmp_path / "vae_missing")
+    loaded = load_fast_decoder(tmp_path / "fast_decoder")
+    z = _latents(3)[None]
+    with torch.no_grad():
+        assert torch.equal(loaded(z), fast(z))
+
+
+def test_pipeline_streams_with_the_fast_decoder_of_its_folder(tmp_path, fast, image):
+    write_tiny_models(tmp_path)
+    without = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu")
+    with pytest.raises(ValueError, match="no fast decoder"):
+        without.stream(image, "a red ball", steps=1, decoder="fast")
+    with pytest.raises(ValueError, match="unknown decoder"):
+        without.stream(image, "a red ball", steps=1, decoder="taesd")
+    fast.save_pretrained(tmp_path / "fast_decoder")
+    pipe = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu")
+    for mode, seconds in (("f1", None), ("inverted", 2.0)):
+        streams = {kind: pipe.stream(image, "a red ball", steps=1, mode=mode, seconds=seconds, decoder=kind,
+                                     decode_overlap=False) for kind in ("auto", "vae")}
+        assert isinstance(streams["auto"]._decoder, CausalStreamingDecoder)
+        assert isinstance(streams["vae"]._decoder, StreamingDecoder)
+        fast_sections, vae_sections = list(_take(streams["auto"], 3)), list(_take(streams["vae"], 3))
+        # every frame of the clip comes out once; the fast decoder holds none back, so F1 sections run ahead
+        if mode == "inverted":
+            assert assemble_frames(fast_sections).shape == assemble_frames(vae_sections).shape
+        else:
+            assert [s.first_frame for s in fast_sections] == [0, 37, 73]
+            assert sum(len(s.frames) for s in fast_sections) >= sum(len(s.frames) for s in vae_sections)
+
+
+def _take(stream, n: int):
+    for _ in range(n):
+        try:
+            yield next(stream)
+        except StopIteration:
+            return
+
+
+def assemble_frames(sections) -> np.ndarray:
+    ordered = sorted(sections, key=lambda s: s.first_frame)
+    position = 0
+    for s in ordered:
+        assert s.first_frame == position
+        position += len(s.frames)
+    return np.concatenate([s.frames for s in ordered])
+
+
+def test_batched_streams_decode_with_their_fast_decoders(pipe, fast, image):
+    """Fast-decoder streams in a StreamBatch give their solo frames (they skip the VAE tile batching)."""
+    vae = pipe.parts.vae()
+    vae.fast = fast
+    try:
+        specs = [("a red ball", 1), ("a blue square moves", 2)]
+        solo = [[next(s).frames for _ in range(2)] for s in
+                (pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder="fast") for p, seed in specs)]
+        streams = [pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder="fast") for p, seed in specs]
+        batch, got = StreamBatch(), {0: [], 1: []}
+        for _ in range(10):
+            for stream in streams:
+                batch.join(stream)
+            for stream, outcome in batch.step():
+                assert not isinstance(outcome, BaseException), outcome
+                got[streams.index(stream)].append(outcome.frames)
+            if all(len(v) >= 2 for v in got.values()):
+                break
+        for i in range(2):
+            for expect, frames in zip(solo[i], got[i][:2], strict=True):
+                assert np.abs(expect.astype(int) - frames.astype(int)).max() <= 1
+    finally:
+        vae.fast = None
