@@ -29,13 +29,13 @@ from framepack_rt.stream import DEFAULT_MODEL
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
         device: str = "auto", cfg: float | None = None, dtype: str = "auto", threads: int | None = None,
-        decode_overlap: bool | None = None, channels_last: bool = False) -> dict:
+        decode_overlap: bool | None = None, channels_last: bool = False, decoder: str = "auto") -> dict:
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     if threads:
         torch.set_num_threads(threads)
 
-    pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype)
+    pipe = FramePackPipeline.from_pretrained(model, device=device, dtype=dtype, decoder=decoder)
     guidance = pipe.guidance(cfg)
     if channels_last:  # the VAE decoder's tap convolutions in NHWC: faster, thread-count dependent (cpu_conv.py)
         from framepack_rt.pipeline.cpu_conv import use_tap_convs
@@ -62,7 +62,8 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
     return dict(
         config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, cfg=guidance.cfg,
                     teacache=teacache, device=pipe.placement.describe(), frame_size=[h, w],
-                    decode_overlap=stream._ahead is not None, channels_last=channels_last),
+                    decode_overlap=stream._ahead is not None, channels_last=channels_last,
+                    decoder=type(stream._decoder).__name__),
         machine=f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                 f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load {os.getloadavg()[0]:.2f}",
         fps=frames / wall,
@@ -89,19 +90,20 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true",
                         help="the VAE decoder's CPU convolutions in NHWC (faster; frames then depend on the thread "
                              "count, so off by default)")
+    devices.add_decoder_argument(parser)  # --decoder auto|vae|fast
     parser.add_argument("--json")
     args = parser.parse_args()
     try:
         r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg, args.dtype, args.threads,
-                args.decode_overlap, args.channels_last)
+                args.decode_overlap, args.channels_last, args.decoder)
     except (FileNotFoundError, ValueError) as exc:  # a bad --device/--dtype, too little memory, no such model
         parser.exit(2, f"generation_speed.py: {exc}\n")
     c = r["config"]
     print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, cfg {c['cfg']:g}, "
-          f"{c['device']}, decode overlap {'on' if c['decode_overlap'] else 'off'} ({r['machine']})")
+          f"{c['device']}, {c['decoder']}, decode overlap {'on' if c['decode_overlap'] else 'off'} ({r['machine']})")
     print(f"  {r['fps']:.1f} frames/s over {r['frames']} frames ({r['wall_s']:.2f} s)")
     print(f"  sampling {r['sample_share']:.0%} of the time ({r['ms_per_step_p50']:.1f} ms per step), "
-          f"VAE decode {r['decode_share']:.0%}")
+          f"decode {r['decode_share']:.0%}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

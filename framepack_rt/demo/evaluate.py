@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from framepack_rt.demo.world import COLOURS, start_image
+from framepack_rt.pipeline import devices
 
 RED = COLOURS["red"]
 COLOUR_TOLERANCE = 100.0  # RGB distance at which a pixel stops counting as a colour (colour_weights)
@@ -301,8 +302,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=4, help="0: skip")
-    p.add_argument("--decoder", choices=("auto", "vae", "fast"), default="auto",
-                   help="frames from latents: the VAE, or the model's fast decoder (auto: fast when it has one)")
+    devices.add_decoder_argument(p)  # --decoder auto|vae|fast
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder)

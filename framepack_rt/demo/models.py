@@ -141,8 +141,6 @@ def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = 
 
     The in-memory models are not changed (each part is copied for the cast).
     """
-    import copy
-
     from framepack_rt.demo import example_start
     from framepack_rt.pipeline.builtin import write_example
 
@@ -150,13 +148,20 @@ def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = 
     sizes = {}
     write_example(root, *example_start())  # what a server opens this model with
     for name in PARTS + ("fast_decoder",) * (models.fast_decoder is not None):
-        part = getattr(models, name)
-        if isinstance(part, torch.nn.Module):
-            part = copy.deepcopy(part).to(dtype)
-        part.save_pretrained(root / name)
-        _drop_source_path(root / name / "config.json")
-        sizes[name] = sum(f.stat().st_size for f in (root / name).rglob("*") if f.is_file())
+        sizes[name] = save_part(getattr(models, name), root / name, dtype)
     return sizes
+
+
+def save_part(part, folder: str | Path, dtype: torch.dtype = torch.float16) -> int:
+    """One part (a model, cast to ``dtype`` on a copy, or a tokenizer / processor) saved in ``folder``; its bytes."""
+    import copy
+
+    folder = Path(folder)
+    if isinstance(part, torch.nn.Module):
+        part = copy.deepcopy(part).to(dtype)
+    part.save_pretrained(folder)
+    _drop_source_path(folder / "config.json")
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
 def _drop_source_path(config: Path) -> None:

@@ -24,6 +24,9 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     python -m framepack_rt.demo.train transformer --out runs/tr2 --init runs/tr/transformer \
         --cache runs/c1/latents.pt runs/c2/latents.pt --steps 6000 --lr 2e-4 --warmup 100 --text-dropout 0.1
     python -m framepack_rt.demo.train export --out runs/tr2
+    mkdir -p runs/fd64 && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/fd64/vae   # stage 3, for that VAE:
+    python -m framepack_rt.demo.train decoder --out runs/fd64 --decoder-steps 3000 --save-every 250
+    python -m framepack_rt.demo.train export --out runs/fd64      # adds fast_decoder/ to the shipped set
 
 The first VAE run ran before commit 0a10d24, when models.VAE_CONFIG had norm_num_groups=4: with 2 channels
 a group a plain frame normalises to a sign pattern, and plain backgrounds decoded to one colour. The next two
@@ -447,14 +450,22 @@ def save_transformer_folder(model: torch.nn.Module, ema: dict | None, path: Path
 
 # --------------------------------------------------------------------------------------------------- export
 def export(args: argparse.Namespace) -> Path:
-    """The demo set with the trained VAE and transformer, fp16, in the published layout (default WEIGHTS_DIR)."""
+    """The demo set with the trained VAE and transformer (and fast decoder, when stage 3 ran), fp16, in the
+    published layout (default WEIGHTS_DIR). A run with only a fast decoder (trained for a set's VAE, linked as
+    OUT/vae) adds just that part to the target set."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from framepack_rt.demo.models import save_demo_models
+    from framepack_rt.demo.models import save_demo_models, save_part
     from framepack_rt.model.transformer import FramePackTransformer
 
     out = Path(args.out)
     target = Path(args.to) if args.to else WEIGHTS_DIR
+    if not (out / "transformer").is_dir() and (out / "fast_decoder" / "config.json").is_file():
+        from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+        size = save_part(load_fast_decoder(out / "fast_decoder"), target / "fast_decoder")
+        print(f"wrote {target / 'fast_decoder'}: {size / 2**20:.2f} MiB")
+        return target
     models = build_demo_models(ENCODER_SEED)
     models.vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     models.transformer = FramePackTransformer.from_pretrained(out / "transformer", dtype=torch.float32)

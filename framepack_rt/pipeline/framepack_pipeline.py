@@ -354,12 +354,9 @@ class VideoStream:
         )
 
 
-DECODERS = DECODER_CHOICES
-
-
 def check_decoder(decoder: str) -> None:
-    if decoder not in DECODERS:
-        raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODERS)}")
+    if decoder not in DECODER_CHOICES:
+        raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODER_CHOICES)}")
 
 
 def make_decoder(vae: VideoVAE, decoder: str, direction: str,
@@ -384,7 +381,7 @@ class FramePackPipeline:
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
         servers and tools open with it. None: the model has no preference. placement: the device and dtype
         from_pretrained resolved (None when the parts were built elsewhere). decoder: what streams decode with
-        when not told, one of DECODERS ("auto": the model's fast decoder when it has one, else the VAE)."""
+        when not told, one of devices.DECODER_CHOICES ("auto": the model's fast decoder when it has one, else the VAE)."""
         check_decoder(decoder)
         self.parts = parts
         self.default_decoder = decoder
