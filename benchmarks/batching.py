@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from framepack_rt.pipeline import devices
 from framepack_rt.stream import DEFAULT_MODEL
 
 MODES = ("round-robin", "batched")
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600.0, help="per configuration, seconds")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's); 1 makes frames per CPU-second a load-robust figure")
+    devices.add_decoder_argument(parser)  # --decoder auto|vae|fast
     parser.add_argument("--json", default="benchmarks/results/batching.json")
     parser.add_argument("--plot", default="benchmarks/results/batching.png")
     args = parser.parse_args()
@@ -147,7 +149,8 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    pipe = FramePackPipeline.from_pretrained(args.model)
+    pipe = FramePackPipeline.from_pretrained(args.model, decoder=args.decoder)
+    decoder = "fast" if args.decoder == "fast" or (args.decoder == "auto" and pipe.parts.vae().fast is not None) else "vae"
     results = []
     for n in args.sessions:
         for mode in MODES:  # both workers at each N, back to back: the same machine load
@@ -161,7 +164,7 @@ def main() -> None:
             print(f"   x{n}: batched / round-robin = {b['aggregate_fps'] / rr['aggregate_fps']:.2f} (wall), "
                   f"{b['frames_per_cpu_s'] / rr['frames_per_cpu_s']:.2f} (CPU time)", flush=True)
     load = os.getloadavg()
-    report = {"model": args.model, "results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    report = {"model": args.model, "decoder": decoder, "results": results, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
               "load_average_after": load, "warmup": args.warmup, "sections": args.sections,
               "max_batch": args.max_batch}

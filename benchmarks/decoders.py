@@ -15,33 +15,14 @@ import argparse
 import json
 import os
 import platform
-import time
 
 import numpy as np
 import torch
 
-from framepack_rt.demo.train_decoder import clip_pixels
+from framepack_rt.demo.train_decoder import clip_pixels, decode_stream, picture_errors
 from framepack_rt.demo.world import WorldConfig
 from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder
-from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE, assemble
-
-
-def decode_stream(decoder, latents: torch.Tensor, window: int) -> tuple[torch.Tensor, list[float]]:
-    """latents (C, T, h, w) pushed as a stream pushes them -> frames (4T - 3, H, W, 3) uint8, ms per push."""
-    chunks, times = [decoder.push(latents[:, :1])], []
-    for i in range(1, latents.shape[1], window):
-        began = time.perf_counter()
-        chunks.append(decoder.push(latents[:, i : i + window]))
-        times.append((time.perf_counter() - began) * 1000)
-    chunks.append(decoder.finish())
-    return assemble(chunks), times
-
-
-def errors(frames: torch.Tensor, truth: torch.Tensor, shapes: torch.Tensor) -> tuple[float, float]:
-    """PSNR (dB) over all pixels and mean |error| on the shapes' pixels, in levels of 255."""
-    diff = frames.float() - truth.float()
-    psnr = float(10 * torch.log10(255.0**2 / diff.pow(2).mean()))
-    return psnr, float(diff.abs().mean(dim=-1)[shapes].mean())
+from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE
 
 
 def run(model: str = "demo", size: int = 64, clips: int = 4, sections: int = 4, window: int = 9, seed: int = 7) -> dict:
@@ -65,7 +46,7 @@ def run(model: str = "demo", size: int = 64, clips: int = 4, sections: int = 4, 
             decoder = StreamingDecoder(vae) if name == "vae" else CausalStreamingDecoder(vae.fast)
             frames, times = decode_stream(decoder, latents, window)
             truth = ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round()
-            psnr, shape_err = errors(frames, truth, fg[0, 0].bool())
+            psnr, shape_err = picture_errors(frames, truth, fg[0, 0].bool())
             ms += times[1:]
             psnrs.append(psnr)
             shape_errs.append(shape_err)

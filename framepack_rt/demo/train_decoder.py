@@ -22,6 +22,7 @@ import torch
 from framepack_rt.demo import dist as D
 from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
 from framepack_rt.pipeline.fast_decoder import FastVideoDecoder
+from framepack_rt.pipeline.vae import assemble
 
 CACHE_SEED = 3  # clip seeds come from (seed, CACHE_SEED): apart from the VAE's (seed, step) and the evaluation's
 
@@ -122,6 +123,24 @@ def train_decoder(args: argparse.Namespace) -> Path:
             D.save_checkpoint(out / "decoder_ckpt", decoder, opt, {"step": step + 1}, info)
     decoder.eval().save_pretrained(out / "fast_decoder")
     return out / "fast_decoder"
+
+
+def decode_stream(decoder, latents: torch.Tensor, window: int) -> tuple[torch.Tensor, list[float]]:
+    """latents (C, T, h, w) pushed as a stream pushes them -> frames (4T - 3, H, W, 3) uint8, ms per push."""
+    chunks, times = [decoder.push(latents[:, :1])], []
+    for i in range(1, latents.shape[1], window):
+        began = time.perf_counter()
+        chunks.append(decoder.push(latents[:, i : i + window]))
+        times.append((time.perf_counter() - began) * 1000)
+    chunks.append(decoder.finish())
+    return assemble(chunks), times
+
+
+def picture_errors(frames: torch.Tensor, truth: torch.Tensor, shapes: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB) over all pixels and mean |error| on the shapes' pixels, in levels of 255."""
+    diff = frames.float() - truth.float()
+    psnr = float(10 * torch.log10(255.0**2 / diff.pow(2).mean()))
+    return psnr, float(diff.abs().mean(dim=-1)[shapes].mean())
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
