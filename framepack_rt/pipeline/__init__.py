@@ -1,6 +1,8 @@
 """The pipeline layer: pictures and prompts in, video frames out (imports the engine and the model).
 
 * ``framepack_pipeline`` -- FramePackPipeline.from_pretrained / .stream() / .generate().
+* ``video_stream``       -- VideoStream: one generation's sections; prompt, LoRA, pause and stop changes.
+* ``fast_decoder``       -- FastVideoDecoder and its streaming decoder: latents to frames at a fraction of the VAE's cost.
 * ``encoders``           -- LLaMA / CLIP / SigLIP wrappers (transformers classes).
 * ``vae``                -- HunyuanVideo VAE (diffusers), StreamingDecoder, latent preview.
 * ``cpu_conv``           -- conv2d-tap path for the VAE's Conv3d on CPUs.

@@ -27,7 +27,7 @@ from typing import Hashable
 import torch
 
 from framepack_rt.engine.batching import SectionRun, StepBatcher
-from framepack_rt.pipeline.framepack_pipeline import Section, VideoStream, _Stopped
+from framepack_rt.pipeline.video_stream import Section, VideoStream, _Stopped
 from framepack_rt.pipeline.vae import StreamingDecoder, frame_count
 
 DECODE_BATCH = 4  # tiles per VAE batch (see the module docstring)
