@@ -145,12 +145,12 @@ def main() -> None:
     parser.add_argument("--plot", default="benchmarks/results/batching.png")
     args = parser.parse_args()
 
-    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
+    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline, resolve_decoder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = FramePackPipeline.from_pretrained(args.model, decoder=args.decoder)
-    decoder = "fast" if args.decoder == "fast" or (args.decoder == "auto" and pipe.parts.vae().fast is not None) else "vae"
+    decoder = resolve_decoder(pipe.parts.vae().fast is not None, args.decoder)
     results = []
     for n in args.sessions:
         for mode in MODES:  # both workers at each N, back to back: the same machine load

@@ -41,6 +41,7 @@ class BenchConfig:
     model: str = DEFAULT_MODEL
     device: str = "auto"  # --device / --dtype: framepack_rt.pipeline.devices names (in-process server only)
     dtype: str = "auto"
+    decoder: str = "auto"  # --decoder: the in-process server's frame decoder (auto: the model's fast one if any)
     url: str | None = None  # a running server instead of an in-process one
     token: str | None = field(default=None, repr=False)  # that server's --token (never printed or saved)
     viewers: int = 1
@@ -115,7 +116,7 @@ def load_warm_pipeline(cfg: BenchConfig) -> tuple[Any, float]:
     from framepack_rt.stream.server import load_pipeline
 
     began = time.monotonic()
-    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    pipe = load_pipeline(cfg.model, device=cfg.device, dtype=cfg.dtype, decoder=cfg.decoder)
     stream = pipe.stream(default_scene(), "warm-up", steps=cfg.steps, window=cfg.window)
     next(stream)
     stream.stop()
@@ -388,6 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchConfig()
     model_flag.add_argument(parser)
     devices.add_arguments(parser)  # --device, --dtype
+    devices.add_decoder_argument(parser)
     parser.add_argument("--url", help="measure a running `framepack-rt serve` instead of an in-process server")
     parser.add_argument("--token", default=os.environ.get("FRAMEPACK_RT_TOKEN"),
                         help="that server's access token (default: $FRAMEPACK_RT_TOKEN)")
@@ -415,7 +417,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_cli(args: argparse.Namespace) -> int:
     began = time.monotonic()
-    cfg = BenchConfig(model=args.model, device=args.device, dtype=args.dtype, url=args.url, token=args.token,
+    cfg = BenchConfig(model=args.model, device=args.device, dtype=args.dtype, decoder=args.decoder, url=args.url,
+                      token=args.token,
                       viewers=args.viewers, seconds=args.seconds, prompt_after=args.prompt_after, steps=args.steps,
                       fps=args.fps, window=args.window, buffer_seconds=args.buffer, stamp=not args.no_stamp,
                       browser=args.browser, scaling=args.scaling, viewers_sweep=args.viewers_sweep,

@@ -152,7 +152,8 @@ def save_demo_models(models: TinyModels, root: str | Path, dtype: torch.dtype = 
     return sizes
 
 
-def save_part(part, folder: str | Path, dtype: torch.dtype = torch.float16) -> int:
+def save_part(part: torch.nn.Module | PreTrainedTokenizerFast | SiglipImageProcessorPil, folder: str | Path,
+              dtype: torch.dtype = torch.float16) -> int:
     """One part (a model, cast to ``dtype`` on a copy, or a tokenizer / processor) saved in ``folder``; its bytes."""
     import copy
 

@@ -461,7 +461,13 @@ def export(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     target = Path(args.to) if args.to else WEIGHTS_DIR
     if not (out / "transformer").is_dir() and (out / "fast_decoder" / "config.json").is_file():
+        from framepack_rt.demo.train_decoder import vae_fingerprint
         from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+        if (target / "vae").is_dir() and vae_fingerprint(out / "vae") != vae_fingerprint(target / "vae"):
+            raise ValueError(f"{out / 'vae'} is not the VAE of {target}: this fast decoder was trained for another "
+                             f"VAE. Train it against that set's VAE (ln -sfn {target / 'vae'} {out / 'vae'}, then "
+                             "`train decoder` again)")
 
         size = save_part(load_fast_decoder(out / "fast_decoder"), target / "fast_decoder")
         print(f"wrote {target / 'fast_decoder'}: {size / 2**20:.2f} MiB")

@@ -21,8 +21,8 @@ import torch
 
 from framepack_rt.demo import dist as D
 from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
-from framepack_rt.pipeline.fast_decoder import FastVideoDecoder
-from framepack_rt.pipeline.vae import assemble
+from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, FastVideoDecoder
+from framepack_rt.pipeline.vae import StreamingDecoder, assemble
 
 CACHE_SEED = 3  # clip seeds come from (seed, CACHE_SEED): apart from the VAE's (seed, step) and the evaluation's
 
@@ -52,18 +52,34 @@ def build_cache(vae: torch.nn.Module, seeds: list[int], num_latents: int, cfg: W
     return torch.cat(out)
 
 
+def vae_fingerprint(folder: str | Path) -> str:
+    """A VAE folder's weights, rounded to fp16 (as sets ship them), hashed: equal for the same VAE in fp32 or fp16."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        for name, tensor in sorted(load_file(file).items()):
+            digest.update(name.encode())
+            digest.update(tensor.half().contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_or_build_cache(out: Path, vae: torch.nn.Module, args: argparse.Namespace, cfg: WorldConfig,
                         info: D.DistInfo) -> tuple[list[int], torch.Tensor]:
+    """The run's cached latents, rebuilt when the clips or the VAE (OUT/vae, by fingerprint) changed."""
     path = out / "decoder_cache.pt"
     seeds = clip_seeds(args.seed, args.decoder_clips)
+    key = {"seeds": seeds, "size": cfg.size, "vae": vae_fingerprint(out / "vae")}
     if path.exists():
         data = torch.load(path, weights_only=True)
-        if data["seeds"] == seeds and data["size"] == cfg.size and data["latents"].shape[2] == args.decoder_latents:
+        if all(data.get(k) == v for k, v in key.items()) and data["latents"].shape[2] == args.decoder_latents:
             return seeds, data["latents"]
         D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "cache": "stale, rebuilt"}, info)
     began = time.perf_counter()
     latents = build_cache(vae, seeds, args.decoder_latents, cfg)
-    torch.save({"seeds": seeds, "size": cfg.size, "latents": latents}, path)
+    torch.save({**key, "latents": latents}, path)
     D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "cached_clips": len(seeds),
                                            "s": round(time.perf_counter() - began, 1)}, info)
     return seeds, latents
@@ -125,7 +141,8 @@ def train_decoder(args: argparse.Namespace) -> Path:
     return out / "fast_decoder"
 
 
-def decode_stream(decoder, latents: torch.Tensor, window: int) -> tuple[torch.Tensor, list[float]]:
+def decode_stream(decoder: StreamingDecoder | CausalStreamingDecoder, latents: torch.Tensor,
+                  window: int) -> tuple[torch.Tensor, list[float]]:
     """latents (C, T, h, w) pushed as a stream pushes them -> frames (4T - 3, H, W, 3) uint8, ms per push."""
     chunks, times = [decoder.push(latents[:, :1])], []
     for i in range(1, latents.shape[1], window):

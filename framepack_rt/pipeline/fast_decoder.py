@@ -165,7 +165,8 @@ class CausalStreamingDecoder:
 
 def load_fast_decoder(path: str | Path, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None) -> FastVideoDecoder:
-    """A ``fast_decoder/`` folder (config.json + diffusion_pytorch_model.safetensors), fp32 on the CPU."""
+    """A ``fast_decoder/`` folder (config.json + diffusion_pytorch_model.safetensors); ``dtype`` None: fp16 on
+    CUDA, else fp32."""
     dtype = dtype or (torch.float16 if torch.device(device).type == "cuda" else torch.float32)
     model = FastVideoDecoder.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
     return model.to(device).eval()

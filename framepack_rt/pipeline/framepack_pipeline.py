@@ -41,13 +41,22 @@ def check_decoder(decoder: str) -> None:
         raise ValueError(f"unknown decoder {decoder!r}: choose one of {', '.join(DECODER_CHOICES)}")
 
 
+NO_FAST_DECODER = ("this model has no fast decoder (a fast_decoder/ folder beside vae/): use decoder 'vae' or 'auto', "
+                   "or train one with `python -m framepack_rt.demo.train decoder`")
+
+
+def resolve_decoder(has_fast: bool, decoder: str) -> str:
+    """"vae" or "fast": what ``decoder`` ("auto", "vae", "fast") means for a model with or without a fast decoder."""
+    check_decoder(decoder)
+    if decoder == "fast" and not has_fast:
+        raise ValueError(NO_FAST_DECODER)
+    return "fast" if decoder == "fast" or (decoder == "auto" and has_fast) else "vae"
+
+
 def make_decoder(vae: VideoVAE, decoder: str, direction: str,
                  total_latents: int | None) -> StreamingDecoder | CausalStreamingDecoder:
     """A stream's frame decoder, chosen once: the VAE's tiles, or the model's fast decoder ("auto": if it has one)."""
-    if decoder == "fast" and vae.fast is None:
-        raise ValueError("this model has no fast decoder (a fast_decoder/ folder beside vae/): use decoder 'vae' or "
-                         "'auto', or train one with `python -m framepack_rt.demo.train decoder`")
-    if decoder == "fast" or (decoder == "auto" and vae.fast is not None):
+    if resolve_decoder(vae.fast is not None, decoder) == "fast":
         return CausalStreamingDecoder(vae.fast, direction=direction, total_latents=total_latents)
     return StreamingDecoder(vae, direction=direction, total_latents=total_latents)
 
@@ -117,6 +126,7 @@ class FramePackPipeline:
         options = TransformerOptions(quantize=quantize, compile=compile)
         placement = resolve_placement(device, dtype)
         if str(path) == "tiny" and not part_paths:
+            resolve_decoder(False, decoder)  # the built-in tiny set has no fast decoder: refuse "fast" now
             placement = fp32_only(placement)
             return cls(TinyParts(device=placement.device, options=options), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS,
                        placement=placement, decoder=decoder)
@@ -129,6 +139,7 @@ class FramePackPipeline:
         if roots and (example := builtin.read_example(roots[0])) is not None:
             settings["example"] = example
         paths = resolve_model_paths(*roots, **part_paths)
+        resolve_decoder(paths.fast_decoder is not None, decoder)  # "fast" without one: refused before loading
         budget = int((memory_budget_gb or DEFAULT_BUDGET_GB) * GiB) if low_vram else None
         # Planned at the largest bucket the pipeline will run; in low-VRAM mode the plan also splits the budget
         # (the blocks get what the activations, VAE and workspace leave) and places the encoders.

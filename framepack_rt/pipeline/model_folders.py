@@ -56,7 +56,7 @@ PARTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
 }
 
 
-# Parts a model folder may have; used when present.
+# Parts a model folder may have; used when present. A fast decoder belongs to one VAE: found beside vae/ only.
 OPTIONAL_PARTS: dict[str, tuple[str, Callable[[Path], bool]]] = {
     "fast_decoder": ("config.json and diffusion_pytorch_model.safetensors of FastVideoDecoder (fast_decoder.py)",
                      _all(_CONFIG, _DIFFUSERS_WEIGHTS)),
@@ -114,12 +114,11 @@ def resolve_model_paths(*roots: PathLike, **parts: PathLike | None) -> ModelPath
     if unknown:
         raise ValueError(f"unknown model parts {unknown}; parts are {sorted(PARTS)}, optional {sorted(OPTIONAL_PARTS)}")
     found = {p: resolve_part(p, list(roots), parts.get(p)) for p in PARTS}
-    for p in OPTIONAL_PARTS:
-        if parts.get(p) is not None:  # asked for: must be right
-            found[p] = check_part(p, parts[p])
-        else:  # a root's copy is used when it is complete, and ignored when absent
-            found[p] = next((Path(r).expanduser() / p for r in roots
-                             if OPTIONAL_PARTS[p][1](Path(r).expanduser() / p)), None)
+    if parts.get("fast_decoder") is not None:  # asked for: must be right
+        found["fast_decoder"] = check_part("fast_decoder", parts["fast_decoder"])
+    else:  # the one beside the VAE in use, when complete (another VAE's latents would decode to nonsense)
+        beside = found["vae"].parent / "fast_decoder"
+        found["fast_decoder"] = beside if OPTIONAL_PARTS["fast_decoder"][1](beside) else None
     return ModelPaths(**found)
 
 

@@ -154,6 +154,17 @@ class PreviewFit:
         return LatentRGB(weight_map, solution[-1].contiguous())
 
 
+def check_pair(vae_config, fast_decoder: torch.nn.Module) -> None:
+    """A fast decoder reads one VAE's latents: the same channels and compression, or a ValueError."""
+    theirs = (fast_decoder.config.latent_channels, fast_decoder.spatial_compression_ratio,
+              fast_decoder.config.temporal_compression_ratio)
+    ours = (vae_config.latent_channels, vae_config.spatial_compression_ratio, vae_config.temporal_compression_ratio)
+    if theirs != ours:
+        raise ValueError(f"the fast decoder reads latents of {theirs[0]} channels at {theirs[1]}x/{theirs[2]}x "
+                         f"compression, the VAE makes {ours[0]} at {ours[1]}x/{ours[2]}x: use the fast decoder trained "
+                         "for this VAE (`python -m framepack_rt.demo.train decoder`), or decoder 'vae'")
+
+
 class VideoVAE:
     """diffusers ``AutoencoderKLHunyuanVideo`` with the scaling factor and pixel conversions applied."""
 
@@ -161,6 +172,8 @@ class VideoVAE:
                  fast_decoder: torch.nn.Module | None = None) -> None:
         """fast_decoder: a FastVideoDecoder trained for this VAE (fast_decoder.py), which streams may decode with."""
         self.model: torch.nn.Module | None = model.eval()
+        if fast_decoder is not None:
+            check_pair(model.config, fast_decoder)
         self.fast = fast_decoder
         self.scaling_factor = float(model.config.scaling_factor)
         # Streaming equality with decode() relies on diffusers' temporal tiling being on (its default).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 
 import numpy as np
@@ -354,3 +355,13 @@ def test_decoder_stage_learns_resumes_and_keeps_its_cache(tmp_path):
     shipped = load_fast_decoder(tmp_path / "set" / "fast_decoder")
     assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["fast_decoder"]
     assert all(torch.equal(a.half().float(), b) for a, b in zip(decoder.parameters(), shipped.parameters()))
+    # ... only into a set whose VAE it was trained for
+    torch.manual_seed(1)
+    T.build_vae().save_pretrained(tmp_path / "other_set" / "vae")
+    with pytest.raises(ValueError, match="not the VAE of"):
+        T.export(T.parser().parse_args(["export", "--out", str(tmp_path), "--to", str(tmp_path / "other_set")]))
+    # a new VAE in OUT/vae: the latent cache is encoded again
+    shutil.rmtree(tmp_path / "vae")
+    shutil.copytree(tmp_path / "other_set" / "vae", tmp_path / "vae")
+    log = _decoder_stage(tmp_path, 41)
+    assert [r.get("cache") for r in log].count("stale, rebuilt") == 1

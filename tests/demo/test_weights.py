@@ -83,14 +83,14 @@ def test_the_red_ball_moves_right_as_asked(pipe):
     assert result.passed >= 4, result.details
 
 
-def test_the_red_ball_turns_when_the_prompt_turns(pipe):
-    """A regression bar, not the target: with the shipped default (the fast decoder) 35 of the evaluation's 50
-    runs pass and seeds 0-4 give 3 (the VAE's rendering passed 47/50 on the same latents; README says why).
-    The 90% target is issue 19's open work on the transformer."""
-    from framepack_rt.demo.evaluate import eval_prompt_change
+def test_the_red_ball_turns_when_the_prompt_turns():
+    """The transformer's regression bar, read through the VAE decoder as when it was set: the criterion follows red
+    pixels, and the decoders draw the same latents differently (README: 47/50 with the VAE, 35/50 with the fast
+    decoder, which the browser test and the evaluation use)."""
+    from framepack_rt.demo.evaluate import eval_prompt_change, load_pipeline
 
-    result = eval_prompt_change(pipe, runs=5)
-    assert result.passed >= 3, result.details
+    result = eval_prompt_change(load_pipeline("demo", decoder="vae"), runs=5)
+    assert result.passed >= 4, result.details
 
 
 def test_the_shipped_fast_decoder_streams_by_default_and_draws_unseen_clips_as_well_as_the_vae(pipe):

@@ -3,6 +3,8 @@ decode of the whole clip, the optional model-folder part, the pipeline's choice,
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, FastVideo
 from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 from framepack_rt.pipeline.model_folders import MissingModelPart, resolve_model_paths
 from framepack_rt.pipeline.tiny_models import write_tiny_models
-from framepack_rt.pipeline.vae import StreamingDecoder, assemble, frame_count, to_uint8
+from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE, assemble, frame_count, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,24 @@ def test_forward_stream_equals_one_decode_and_holds_nothing_back(fast):
     assert (got.int() - whole.int()).abs().max() <= 1  # batch-size dependent conv rounding, at most one level
 
 
+def test_a_first_push_with_the_start_latent_in_it_starts_at_frame_0(fast):
+    z = _latents(10)
+    decoder = CausalStreamingDecoder(fast)
+    first, second = decoder.push(z[:, :10]), decoder.push(z[:, :1])
+    assert (first.start, len(first.frames), second.start, len(second.frames)) == (0, 37, 37, 4)
+
+
+def test_backward_one_latent_sections(fast):
+    """Sections of one latent in the middle: each waits for its predecessor, the clip still assembles."""
+    z = _latents(6)
+    whole = to_uint8(fast(z[None]).detach())[0]
+    decoder = CausalStreamingDecoder(fast, direction="backward", total_latents=6)
+    chunks = [decoder.push(z[:, 3:6]), decoder.push(z[:, 2:3]), decoder.push(z[:, 1:2]), decoder.push(z[:, :1])]
+    assert [(c.start, len(c.frames)) for c in chunks] == [(13, 8), (9, 4), (5, 4), (0, 5)]
+    decoder.finish()
+    assert (assemble(chunks).int() - whole.int()).abs().max() <= 1
+
+
 def test_backward_stream_assembles_the_same_clip(fast):
     total = 1 + 9 + 9
     z = _latents(total)
@@ -94,11 +114,15 @@ def test_misuse_is_refused_with_what_to_do(fast):
         forward.push(_latents(1))
 
 
-def test_model_folder_part_is_optional(tmp_path, fast):
+def test_model_folder_part_is_optional_and_belongs_to_its_vae(tmp_path, fast):
     write_tiny_models(tmp_path)
     assert resolve_model_paths(tmp_path).fast_decoder is None
     fast.save_pretrained(tmp_path / "fast_decoder")
     assert resolve_model_paths(tmp_path).fast_decoder == tmp_path / "fast_decoder"
+    # another VAE in use: this folder's fast decoder (trained for its own VAE) is not picked up
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "vae", other / "vae")
+    assert resolve_model_paths(tmp_path, vae=other / "vae").fast_decoder is None
     with pytest.raises(MissingModelPart, match="FastVideoDecoder"):
         resolve_model_paths(tmp_path, fast_decoder=tmp_path / "vae_missing")
     loaded = load_fast_decoder(tmp_path / "fast_decoder")
@@ -107,8 +131,23 @@ def test_model_folder_part_is_optional(tmp_path, fast):
         assert torch.equal(loaded(z), fast(z))
 
 
+def test_a_fast_decoder_for_other_latents_is_refused(fast):
+    from framepack_rt.demo.models import build_vae
+
+    narrow = FastVideoDecoder(latent_channels=8, block_out_channels=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match="8 channels.*makes 16.*trained for this VAE"):
+        VideoVAE(build_vae(), fast_decoder=narrow)
+    coarse = FastVideoDecoder(block_out_channels=(8, 8, 8))  # 4x spatial
+    with pytest.raises(ValueError, match="4x/4x"):
+        VideoVAE(build_vae(), fast_decoder=coarse)
+    VideoVAE(build_vae(), fast_decoder=fast)
+
+
 def test_pipeline_streams_with_the_fast_decoder_of_its_folder(tmp_path, fast, image):
     write_tiny_models(tmp_path)
+    for model in ("tiny", tmp_path):  # "fast" without one: refused at load, before any session
+        with pytest.raises(ValueError, match="no fast decoder"):
+            FramePackPipeline.from_pretrained(model, buckets="tiny", device="cpu", decoder="fast")
     without = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu")
     with pytest.raises(ValueError, match="no fast decoder"):
         without.stream(image, "a red ball", steps=1, decoder="fast")
@@ -126,8 +165,9 @@ def test_pipeline_streams_with_the_fast_decoder_of_its_folder(tmp_path, fast, im
         if mode == "inverted":
             assert assemble_frames(fast_sections).shape == assemble_frames(vae_sections).shape
         else:
-            assert [s.first_frame for s in fast_sections] == [0, 37, 73]
-            assert sum(len(s.frames) for s in fast_sections) >= sum(len(s.frames) for s in vae_sections)
+            assert [(s.first_frame, len(s.frames)) for s in fast_sections] == [(0, 37), (37, 36), (73, 36)]
+            assert [len(s.frames) for s in vae_sections] == [25, 36, 36]
+            assert fast_sections[0].frames.shape[1:] == vae_sections[0].frames.shape[1:]
 
 
 def _take(stream, n: int):
@@ -147,16 +187,17 @@ def assemble_frames(sections) -> np.ndarray:
     return np.concatenate([s.frames for s in ordered])
 
 
-def test_batched_streams_decode_with_their_fast_decoders(pipe, fast, image):
-    """Fast-decoder streams in a StreamBatch give their solo frames (they skip the VAE tile batching)."""
+def test_batched_streams_decode_with_their_own_decoders(pipe, fast, image):
+    """Fast-decoder and VAE streams in one StreamBatch give their solo frames (the fast ones skip the VAE tile
+    batching; the VAE ones still batch theirs)."""
     vae = pipe.parts.vae()
     vae.fast = fast
     try:
-        specs = [("a red ball", 1), ("a blue square moves", 2)]
+        specs = [("a red ball", 1, "fast"), ("a blue square moves", 2, "vae"), ("green", 3, "vae")]
         solo = [[next(s).frames for _ in range(2)] for s in
-                (pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder="fast") for p, seed in specs)]
-        streams = [pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder="fast") for p, seed in specs]
-        batch, got = StreamBatch(), {0: [], 1: []}
+                (pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder=d) for p, seed, d in specs)]
+        streams = [pipe.stream(image, p, seed=seed, steps=1, decode_overlap=False, decoder=d) for p, seed, d in specs]
+        batch, got = StreamBatch(), {0: [], 1: [], 2: []}
         for _ in range(10):
             for stream in streams:
                 batch.join(stream)
@@ -165,7 +206,8 @@ def test_batched_streams_decode_with_their_fast_decoders(pipe, fast, image):
                 got[streams.index(stream)].append(outcome.frames)
             if all(len(v) >= 2 for v in got.values()):
                 break
-        for i in range(2):
+        assert [len(f) for f in got[0][:2]] == [37, 36] and [len(f) for f in got[1][:2]] == [25, 36]
+        for i in range(3):
             for expect, frames in zip(solo[i], got[i][:2], strict=True):
                 assert np.abs(expect.astype(int) - frames.astype(int)).max() <= 1
     finally:
