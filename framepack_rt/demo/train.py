@@ -127,6 +127,42 @@ def learning_rate(step: int, base: float, warmup: int, total: int, floor: float)
     return base * (floor + (1.0 - floor) * 0.5 * (1.0 + np.cos(np.pi * progress)))
 
 
+class StageSteps:
+    """What the VAE's and the fast decoder's loops share: one optimizer step on a loss, its log line every
+    ``--log-every`` steps (and at the first step of a run), a checkpoint every ``--save-every`` steps and at the
+    end. (The transformer's loop has micro-batches, EMA and FSDP: its own.)"""
+
+    def __init__(self, stage: str, model: torch.nn.Module, opt: torch.optim.Optimizer, out: Path,
+                 args: argparse.Namespace, total: int, first: int, info: D.DistInfo) -> None:
+        self.stage, self.model, self.opt, self.args, self.total, self.first, self.info = (
+            stage, model, opt, args, total, first, info)
+        self.ckpt, self.log, self.began = out / f"{stage}_ckpt", out / f"{stage}_log.jsonl", time.perf_counter()
+
+    def checkpoint(self, step: int) -> None:
+        D.save_checkpoint(self.ckpt, self.model, self.opt, {"step": step}, self.info)
+
+    def start(self, step: int, lr: float, floor: float) -> bool:
+        """Before ``step``: the learning rate (50 warm-up steps, cosine to ``floor * lr``), or False after a
+        checkpoint when --time-budget is spent (the same command then resumes)."""
+        if over_budget(self.args, self.began):
+            self.checkpoint(step)
+            return False
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(step, lr, 50, self.total, floor)
+        return True
+
+    def take(self, step: int, loss: torch.Tensor, parts: dict) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        if (step + 1) % self.args.log_every == 0 or step == self.first:
+            D.log_line(self.log, {"stage": self.stage, "step": step + 1, "loss": loss.item(), **parts,
+                                  "grad_norm": float(norm), "s": round(time.perf_counter() - self.began, 1)}, self.info)
+        if (step + 1) % self.args.save_every == 0 or step + 1 == self.total:
+            self.checkpoint(step + 1)
+
+
 # ------------------------------------------------------------------------------------------------ stage 1: VAE
 def vae_batch(rng: np.random.Generator, batch: int, frames: int, cfg: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Random world clips -> pixels (B, 3, T, H, W) in [-1, 1] and a foreground mask (B, 1, T, H, W)."""
@@ -163,31 +199,18 @@ def train_vae(args: argparse.Namespace) -> Path:
 
         vae.load_state_dict(AutoencoderKLHunyuanVideo.from_pretrained(args.vae_init).state_dict())
     extra = extra or {"step": 0}
-    log = out / "vae_log.jsonl"
-    began = time.perf_counter()
+    steps = StageSteps("vae", vae, opt, out, args, args.steps, extra["step"], info)
     for step in range(extra["step"], args.steps):
-        if over_budget(args, began):
-            D.save_checkpoint(out / "vae_ckpt", vae, opt, {"step": step}, info)
+        if not steps.start(step, args.lr, args.lr_floor):
             break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.lr, 50, args.steps, args.lr_floor)
         rng = np.random.default_rng([args.seed, step])  # batches depend on (seed, step) only: resumable
         pixels, fg = vae_batch(rng, args.batch, args.frames, cfg)
-        loss, parts = vae_loss(vae, pixels, fg, args.kl, args.fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % args.log_every == 0 or step == extra["step"]:
-            D.log_line(log, {"stage": "vae", "step": step + 1, "loss": loss.item(), **parts,
-                             "grad_norm": float(norm), "s": round(time.perf_counter() - began, 1)}, info)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            D.save_checkpoint(out / "vae_ckpt", vae, opt, {"step": step + 1}, info)
+        steps.take(step, *vae_loss(vae, pixels, fg, args.kl, args.fg_weight))
     vae.eval()
     scale = measure_scaling_factor(vae, cfg, args.seed)
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out / "vae")
-    D.log_line(log, {"stage": "vae", "done": True, "scaling_factor": scale}, info)
+    D.log_line(steps.log, {"stage": "vae", "done": True, "scaling_factor": scale}, info)
     return out / "vae"
 
 

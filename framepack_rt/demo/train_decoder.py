@@ -99,7 +99,7 @@ def train_decoder(args: argparse.Namespace) -> Path:
     """Writes OUT/fast_decoder (diffusers layout) and OUT/decoder_ckpt (resumable)."""
     from diffusers import AutoencoderKLHunyuanVideo
 
-    from framepack_rt.demo.train import learning_rate, over_budget
+    from framepack_rt.demo.train import StageSteps
 
     out, info = Path(args.out), D.DistInfo()
     if not (out / "vae" / "config.json").is_file():
@@ -114,29 +114,17 @@ def train_decoder(args: argparse.Namespace) -> Path:
     decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths).train()
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
     extra = D.load_checkpoint(out / "decoder_ckpt", decoder, opt, info) or {"step": 0}
-    log, began = out / "decoder_log.jsonl", time.perf_counter()
+    steps = StageSteps("decoder", decoder, opt, out, args, args.decoder_steps, extra["step"], info)
     for step in range(extra["step"], args.decoder_steps):
-        if over_budget(args, began):
-            D.save_checkpoint(out / "decoder_ckpt", decoder, opt, {"step": step}, info)
+        if not steps.start(step, args.decoder_lr, 0.05):
             break
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.decoder_lr, 50, args.decoder_steps, 0.05)
         rng = np.random.default_rng([args.seed, CACHE_SEED, step])  # batches depend on (seed, step): resumable
         pick = rng.choice(len(seeds), size=args.decoder_batch, replace=False)
         pixels, fg = clip_pixels([seeds[i] for i in pick], args.decoder_latents, cfg)
         latents = cache[torch.from_numpy(pick)].float()
         noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
         std = torch.from_numpy(rng.uniform(0, args.latent_noise, (len(pick), 1, 1, 1, 1)).astype(np.float32))
-        loss, parts = decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
-        opt.step()
-        if (step + 1) % args.log_every == 0 or step == extra["step"]:
-            D.log_line(log, {"stage": "decoder", "step": step + 1, "loss": loss.item(), **parts,
-                             "grad_norm": float(norm), "s": round(time.perf_counter() - began, 1)}, info)
-        if (step + 1) % args.save_every == 0 or step + 1 == args.decoder_steps:
-            D.save_checkpoint(out / "decoder_ckpt", decoder, opt, {"step": step + 1}, info)
+        steps.take(step, *decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight))
     decoder.eval().save_pretrained(out / "fast_decoder")
     return out / "fast_decoder"
 
