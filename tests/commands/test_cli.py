@@ -50,6 +50,7 @@ def test_bad_arguments_one_line_nonzero(tmp_path, start_image, args, message, ca
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow  # 13 s; CI trim: main() runs in-process in the other tests
 def test_console_script_runs_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "framepack_rt.commands.cli", "generate", "--image", "/nope.png",
                              "--prompt", "x", "--seconds", "1", "--out", str(tmp_path / "o.mp4")],

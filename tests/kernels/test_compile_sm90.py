@@ -19,7 +19,8 @@ from framepack_rt.kernels import aot
 
 JOBS = {job.name: job for job in aot.jobs()}
 MISSING = aot.missing_compiler_support()  # an older Triton: the ahead-of-time entry points are not there
-pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"aot: {MISSING}")
+# slow: the compile fixture alone takes 60 s on 2 cores; CI trim (run with -m slow)
+pytestmark = [pytest.mark.skipif(MISSING is not None, reason=f"aot: {MISSING}"), pytest.mark.slow]
 SHARDS = 2
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 
 import aiohttp
+import pytest
 
 
 async def open_idle(url: str, source: str, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
@@ -131,6 +132,7 @@ def test_slow_headers_slow_bodies_and_idle_keepalive_are_cut_off(run_with_server
     assert health[0] == 200 and left <= 1  # at most the health check's own connection (closing) is left
 
 
+@pytest.mark.slow  # 13 s; CI trim
 def test_descriptor_limit_of_256_and_250_idle_connections(tmp_path):
     """The attack that took the server down: a 256-descriptor process, 250 idle connections from several
     addresses. The connection cap fits itself under the limit and /api/health still answers at once."""

@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from framepack_rt.stream.client import StreamClient
 from framepack_rt.stream.logs import RejectionLog, safe_path
 
@@ -80,6 +82,7 @@ async def _bad_requests(url: str, count: int) -> dict[str, int]:
     return outcome
 
 
+@pytest.mark.slow  # 17 s; CI trim
 def test_a_thousand_bad_requests_leave_a_few_kb_of_log_and_no_token(launch_serve):
     env = {**os.environ, "FRAMEPACK_RT_TOKEN": TOKEN}
     proc, url, lines = launch_serve("--model", "tiny", "--steps", "1", "--grace", "1", env=env)

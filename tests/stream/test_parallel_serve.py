@@ -44,6 +44,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads worker states from /proc (Linux)")
+@pytest.mark.slow  # 30 s; CI trim: the worker launch runs by default in test_parallel_cli
 def test_serve_on_two_workers_streams_and_a_dead_worker_ends_the_session_with_an_error(launch_serve):
     proc, url, lines = launch_serve("--model", "tiny", "--device", "cpu", "--sequence-parallel", "2", "--steps", "4",
                                     "--parallel-timeout", "20", "--record-max-seconds", "0", timeout=START_TIMEOUT)
