@@ -371,7 +371,8 @@ class StreamServer:
         """A listed session that shows ``image`` and generates nothing yet: cheap, no encoder has run."""
         s = self.settings
         loop = asyncio.get_running_loop()
-        height, width = await loop.run_in_executor(self.executor, self.pipe.frame_size, image)
+        (height, width), bucket = await loop.run_in_executor(
+            self.executor, lambda: (self.pipe.frame_size(image), self.pipe.bucket(image)))
         # Off the loop: resizing a large start image takes long enough to stall every paced track.
         placeholder = await loop.run_in_executor(None, lambda: rgb_to_yuv420(resize_rgb(image, height, width)))
         session = Session(loop=loop, worker=self.worker, executor=self.executor, fps=s.fps,
@@ -383,7 +384,7 @@ class StreamServer:
         self._owned[session.id] = owned  # the creating client's place, freed when the session closes
         if s.stamp:
             session.track.stamps = StampLog()
-        session.settings["bucket"] = [height, width]
+        session.settings["bucket"] = list(bucket)  # what it generates at; the frames may be larger (frame_size)
         session.transition_sections = s.transition_sections
         if self.recorder is not None:
             session.generation.recording = self.recordings[session.id] = self.recorder.open(session.id)

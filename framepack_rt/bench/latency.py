@@ -244,7 +244,10 @@ async def measure(cfg: BenchConfig, url: str, server: Any) -> tuple[report.RunRe
         await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
     run = report.RunRecord(cfg.fps, views, sections_of(clients[0]), sent, start, end, cfg.new_prompt,
                            prompt_sent, int(ack["section"]))
-    context = {"session": session, "frame_size": list(size), "sent_source": sent_source,
+    # The transformer's resolution: the frames' own, unless a fast decoder draws them larger (the hello says).
+    hello = next((m for m in clients[0].messages if m.get("type") == "hello"), {})
+    bucket = (hello.get("settings") or {}).get("bucket") or list(size)
+    context = {"session": session, "frame_size": list(size), "bucket": list(bucket), "sent_source": sent_source,
                "browser": browser_view, "kept_frames": kept,
                "stats": stats_after_first_section(clients[0].messages)}
     return run, context
@@ -286,15 +289,16 @@ async def viewers_sweep(cfg: BenchConfig, url: str, server: Any) -> list[dict[st
     return rows
 
 
-def section_scaling(cfg: BenchConfig, frame_size: list[int]) -> dict[str, Any]:
-    """benchmarks/context_scaling.run at this run's latent size: packed vs naive full history."""
+def section_scaling(cfg: BenchConfig, bucket: list[int]) -> dict[str, Any]:
+    """benchmarks/context_scaling.run at this run's latent size (``bucket``: the transformer's resolution in
+    pixels): packed vs naive full history."""
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "context_scaling.py"
     if not path.is_file():
         raise RuntimeError(f"--scaling needs the repository checkout ({path} not found)")
     spec = importlib.util.spec_from_file_location("framepack_context_scaling", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.run(cfg.scaling_sections, frame_size[0] // 8, frame_size[1] // 8, cfg.steps or 2, cfg.window)
+    result = module.run(cfg.scaling_sections, bucket[0] // 8, bucket[1] // 8, cfg.steps or 2, cfg.window)
     rows = [report.rounded(r) for r in result["rows"]]
     q = max(1, len(rows) // 4)
 
@@ -356,7 +360,7 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
                    "viewers_note": "ttff: median over the viewers that joined at that count; the first viewer "
                                    "also starts the session. Intervals and glass-to-glass pool all viewers."}
         if cfg.scaling:
-            scaling["sections"] = await asyncio.to_thread(section_scaling, cfg, context["frame_size"])
+            scaling["sections"] = await asyncio.to_thread(section_scaling, cfg, context["bucket"])
             scaling["sections"]["stream"] = [[s["index"], s["ms"]] for s in run.sections]
     settings = {k: v for k, v in asdict(cfg).items() if k != "token"}  # the token never lands in a report
     result["config"] = {**settings, "url": cfg.url or "in-process", "frame_size": context["frame_size"],

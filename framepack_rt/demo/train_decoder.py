@@ -6,6 +6,8 @@ The VAE stays frozen. World clips of ``--decoder-latents`` latents are encoded o
 cached in OUT/decoder_cache.pt with the clips' seeds); each step takes a batch of cached clips, renders their
 frames again from the seeds (the world is deterministic), and trains the decoder to give those frames back from
 the latents, with a little noise on the latents: in a stream they come from the sampler, not from the encoder.
+``--decoder-scale 2`` trains a decoder that draws frames twice the VAE's side from the same latents: the targets
+are the same scenes rendered at twice the size (the world is resolution-free), so a 64 px model streams 128 px.
 The loss is the VAE's (L1 + MSE, weighted up on the shapes). Checkpoints (OUT/decoder_ckpt) make it resumable
 with the same command; the result is OUT/fast_decoder in the diffusers layout, which ``export`` ships.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from framepack_rt.demo import dist as D
-from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
+from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip, render
 from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, FastVideoDecoder
 from framepack_rt.pipeline.vae import StreamingDecoder, assemble
 
@@ -32,10 +34,15 @@ def clip_seeds(seed: int, count: int) -> list[int]:
     return [int(s) for s in np.random.default_rng([seed, CACHE_SEED]).integers(2**31, size=count)]
 
 
-def clip_pixels(seeds: list[int], num_latents: int, cfg: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clips rendered from their seeds -> pixels (B, 3, 4T - 3, H, W) in [-1, 1] and a shape mask (B, 1, ...)."""
+def clip_pixels(seeds: list[int], num_latents: int, cfg: WorldConfig,
+                scale: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clips rendered from their seeds -> pixels (B, 3, 4T - 3, H, W) in [-1, 1] and a shape mask (B, 1, ...).
+    ``scale``: the same clips (simulated at ``cfg.size``) drawn ``scale`` times larger."""
     clips = [make_clip(s, frames_for_latents(num_latents), cfg) for s in seeds]
-    pixels = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    # Pixel centres sit at integer coordinates, so x at cfg.size is scale * x + (scale - 1) / 2 at the larger size.
+    frames = [c.frames if scale == 1 else render(c.objects, c.background, scale * c.centers + (scale - 1) / 2,
+                                                 scale * c.radii, scale * cfg.size) for c in clips]
+    pixels = torch.from_numpy(np.stack(frames)).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
     bg = torch.tensor([c.background for c in clips], dtype=torch.float32).view(len(seeds), 3, 1, 1, 1) / 127.5 - 1
     return pixels, ((pixels - bg).abs().amax(dim=1, keepdim=True) > 0.02).float()
 
@@ -108,25 +115,48 @@ def train_decoder(args: argparse.Namespace) -> Path:
     cfg = WorldConfig(size=args.size)
     vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae", torch_dtype=torch.float32).eval().requires_grad_(False)
     seeds, cache = load_or_build_cache(out, vae, args, cfg, info)
+    vae_ratio = int(vae.config.spatial_compression_ratio)
     del vae
     torch.manual_seed(args.seed)
     widths = tuple(int(w) for w in args.decoder_widths.split(","))
     decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths).train()
+    scale = args.decoder_scale
+    if decoder.spatial_compression_ratio != vae_ratio * scale:
+        raise ValueError(f"--decoder-widths {args.decoder_widths} upsamples {decoder.spatial_compression_ratio}x, but "
+                         f"the VAE compresses {vae_ratio}x and --decoder-scale is {scale}: give "
+                         f"{(vae_ratio * scale).bit_length()} widths (one per 2x, from the latent resolution up)")
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
-    extra = D.load_checkpoint(out / "decoder_ckpt", decoder, opt, info) or {"step": 0}
+    extra = D.load_checkpoint(out / "decoder_ckpt", decoder, opt, info)
+    if extra is None and args.decoder_init:  # a fresh run from another fast decoder: the layers of equal shape
+        init_matching(decoder, Path(args.decoder_init))
+    extra = extra or {"step": 0}
     steps = StageSteps("decoder", decoder, opt, out, args, args.decoder_steps, extra["step"], info)
     for step in range(extra["step"], args.decoder_steps):
         if not steps.start(step, args.decoder_lr, 0.05):
             break
         rng = np.random.default_rng([args.seed, CACHE_SEED, step])  # batches depend on (seed, step): resumable
         pick = rng.choice(len(seeds), size=args.decoder_batch, replace=False)
-        pixels, fg = clip_pixels([seeds[i] for i in pick], args.decoder_latents, cfg)
+        pixels, fg = clip_pixels([seeds[i] for i in pick], args.decoder_latents, cfg, scale)
         latents = cache[torch.from_numpy(pick)].float()
         noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
         std = torch.from_numpy(rng.uniform(0, args.latent_noise, (len(pick), 1, 1, 1, 1)).astype(np.float32))
         steps.take(step, *decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight))
     decoder.eval().save_pretrained(out / "fast_decoder")
     return out / "fast_decoder"
+
+
+def init_matching(decoder: FastVideoDecoder, folder: Path) -> list[str]:
+    """Copies the tensors of the fast decoder in ``folder`` whose names and shapes match ``decoder``'s (e.g. all
+    but the last stages of one with fewer widths); returns the names copied."""
+    from framepack_rt.pipeline.fast_decoder import load_fast_decoder
+
+    source = load_fast_decoder(folder).state_dict()
+    ours = decoder.state_dict()
+    copied = [k for k, v in source.items() if k in ours and ours[k].shape == v.shape]
+    if not copied:
+        raise ValueError(f"{folder}: no layer of that fast decoder fits this one (--decoder-widths differ from the start)")
+    decoder.load_state_dict({**ours, **{k: source[k].float() for k in copied}})
+    return copied
 
 
 def decode_stream(decoder: StreamingDecoder | CausalStreamingDecoder, latents: torch.Tensor,
@@ -156,6 +186,11 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--decoder-latents", dest="decoder_latents", type=int, default=5, help="latents per clip")
     sp.add_argument("--decoder-widths", dest="decoder_widths", default="64,32,16,16",
                     help="channels from the latent resolution up to the full one (one more entry per 2x)")
+    sp.add_argument("--decoder-scale", dest="decoder_scale", type=int, default=1, choices=(1, 2, 4),
+                    help="frames this many times the VAE's side (the targets are rendered that large); add one "
+                         "--decoder-widths entry per 2x")
+    sp.add_argument("--decoder-init", dest="decoder_init",
+                    help="fast_decoder/ folder to start from (its layers whose shapes match)")
     sp.add_argument("--latent-noise", dest="latent_noise", type=float, default=0.1,
                     help="max std of the noise added to the latents (sampled latents are not the encoder's)")
     sp.add_argument("--decoder-fg-weight", dest="decoder_fg_weight", type=float, default=10.0)

@@ -241,10 +241,18 @@ class FramePackPipeline:
         return self.default_guidance if cfg is None else replace(self.default_guidance, cfg=cfg)
 
     # -- encoding --------------------------------------------------------------------------------------------
-    def frame_size(self, image) -> tuple[int, int]:
-        """(H, W) of the frames generated from ``image``: its nearest bucket."""
-        h, w = load_image(image).shape[:2]
-        return nearest_bucket(h, w, self.buckets)
+    def bucket(self, image) -> tuple[int, int]:
+        """(H, W) the transformer generates at from ``image``: its nearest bucket."""
+        return nearest_bucket(*load_image(image).shape[:2], self.buckets)
+
+    def frame_size(self, image, decoder: str | None = None) -> tuple[int, int]:
+        """(H, W) of the frames streamed from ``image`` and decoded with ``decoder`` (None: the default): its
+        bucket, times the fast decoder's upsampling when that decodes (VideoVAE.fast_scale: a decoder may
+        draw larger frames than the VAE)."""
+        h, w = self.bucket(image)
+        vae = self.parts.vae()
+        scale = vae.fast_scale if resolve_decoder(vae.fast is not None, decoder or self.default_decoder) == "fast" else 1
+        return h * scale, w * scale
 
     def conditioning(self, prompt: str, image_embeds: torch.Tensor | None) -> Conditioning:
         text, mask = self.parts.encode_text(prompt)

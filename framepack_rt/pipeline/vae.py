@@ -154,15 +154,18 @@ class PreviewFit:
         return LatentRGB(weight_map, solution[-1].contiguous())
 
 
-def check_pair(vae_config, fast_decoder: torch.nn.Module) -> None:
-    """A fast decoder reads one VAE's latents: the same channels and compression, or a ValueError."""
+def check_pair(vae_config, fast_decoder: torch.nn.Module) -> int:
+    """A fast decoder reads one VAE's latents: the same channels and temporal compression, and a spatial upsampling
+    of the VAE's times 1, 2, 4 ... (a decoder may draw larger frames than the VAE). -> that factor, or a ValueError."""
     theirs = (fast_decoder.config.latent_channels, fast_decoder.spatial_compression_ratio,
               fast_decoder.config.temporal_compression_ratio)
     ours = (vae_config.latent_channels, vae_config.spatial_compression_ratio, vae_config.temporal_compression_ratio)
-    if theirs != ours:
+    scale, rest = divmod(theirs[1], ours[1])
+    if theirs[0] != ours[0] or theirs[2] != ours[2] or rest or scale < 1 or scale & (scale - 1):
         raise ValueError(f"the fast decoder reads latents of {theirs[0]} channels at {theirs[1]}x/{theirs[2]}x "
                          f"compression, the VAE makes {ours[0]} at {ours[1]}x/{ours[2]}x: use the fast decoder trained "
                          "for this VAE (`python -m framepack_rt.demo.train decoder`), or decoder 'vae'")
+    return scale
 
 
 class VideoVAE:
@@ -172,8 +175,8 @@ class VideoVAE:
                  fast_decoder: torch.nn.Module | None = None) -> None:
         """fast_decoder: a FastVideoDecoder trained for this VAE (fast_decoder.py), which streams may decode with."""
         self.model: torch.nn.Module | None = model.eval()
-        if fast_decoder is not None:
-            check_pair(model.config, fast_decoder)
+        # frames of the fast decoder / frames of the VAE, per side (a decoder trained to draw larger: 2)
+        self.fast_scale = 1 if fast_decoder is None else check_pair(model.config, fast_decoder)
         self.fast = fast_decoder
         self.scaling_factor = float(model.config.scaling_factor)
         # Streaming equality with decode() relies on diffusers' temporal tiling being on (its default).

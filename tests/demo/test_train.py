@@ -322,10 +322,10 @@ def test_fsdp_sharded_over_2_ranks_takes_the_steps_of_one_process(tmp_path, run_
     assert grad_norms[0] == pytest.approx(grad_norms[1], rel=1e-4)  # the same gradients, step by step
 
 
-def _decoder_stage(tmp_path, steps: int) -> list[dict]:
+def _decoder_stage(tmp_path, steps: int, *more: str) -> list[dict]:
     args = T.parser().parse_args(["decoder", "--out", str(tmp_path), "--size", "32", "--decoder-steps", str(steps),
                                   "--decoder-clips", "4", "--decoder-batch", "4", "--decoder-latents", "2",
-                                  "--decoder-widths", "16,8,8,8", "--log-every", "1", "--save-every", "5"])
+                                  "--decoder-widths", "16,8,8,8", "--log-every", "1", "--save-every", "5", *more])
     from framepack_rt.demo.train_decoder import train_decoder
 
     train_decoder(args)
@@ -365,3 +365,33 @@ def test_decoder_stage_learns_resumes_and_keeps_its_cache(tmp_path):
     shutil.copytree(tmp_path / "other_set" / "vae", tmp_path / "vae")
     log = _decoder_stage(tmp_path, 41)
     assert [r.get("cache") for r in log].count("stale, rebuilt") == 1
+
+
+def test_decoder_stage_draws_frames_larger_than_the_vae(tmp_path):
+    """--decoder-scale 2: the targets are the clips rendered at twice the side (the 32 px clips' 2x2 means are
+    the 32 px clips), widths need one more entry, and --decoder-init starts from a 1x decoder's matching layers."""
+    from framepack_rt.demo.train_decoder import clip_pixels, init_matching
+    from framepack_rt.demo.world import WorldConfig
+    from framepack_rt.pipeline.fast_decoder import FastVideoDecoder, load_fast_decoder
+
+    small, _ = clip_pixels([5, 9], 2, WorldConfig(size=32))
+    large, fg = clip_pixels([5, 9], 2, WorldConfig(size=32), scale=2)
+    assert large.shape[-2:] == (64, 64) and fg.shape[-2:] == (64, 64)
+    assert (torch.nn.functional.avg_pool3d(large, (1, 2, 2)) - small).abs().mean() < 2e-3
+    torch.manual_seed(0)
+    T.build_vae().save_pretrained(tmp_path / "vae")
+    one_x = FastVideoDecoder(block_out_channels=(16, 8, 8, 8))
+    one_x.save_pretrained(tmp_path / "one_x")
+    two_x = FastVideoDecoder(block_out_channels=(16, 8, 8, 8, 4))
+    copied = init_matching(two_x, tmp_path / "one_x")  # all but the output layer's kernel (its input width differs)
+    assert sorted(copied) == sorted(k for k in one_x.state_dict() if k != "conv_out.weight")
+    assert all(torch.equal(two_x.state_dict()[k], one_x.state_dict()[k]) for k in copied)
+    with pytest.raises(ValueError, match="upsamples 8x.*--decoder-scale is 2: give 5 widths"):
+        _decoder_stage(tmp_path, 1, "--decoder-scale", "2")
+    log = _decoder_stage(tmp_path, 3, "--decoder-scale", "2", "--decoder-widths", "16,8,8,8,8",
+                         "--decoder-init", str(tmp_path / "one_x"))
+    assert [r["step"] for r in log if "step" in r] == [1, 2, 3]
+    decoder = load_fast_decoder(tmp_path / "fast_decoder")
+    assert decoder.spatial_compression_ratio == 16
+    with torch.no_grad():
+        assert decoder(torch.randn(1, 16, 2, 2, 3)).shape == (1, 3, 5, 32, 48)

@@ -140,7 +140,27 @@ def test_a_fast_decoder_for_other_latents_is_refused(fast):
     coarse = FastVideoDecoder(block_out_channels=(8, 8, 8))  # 4x spatial
     with pytest.raises(ValueError, match="4x/4x"):
         VideoVAE(build_vae(), fast_decoder=coarse)
-    VideoVAE(build_vae(), fast_decoder=fast)
+    assert VideoVAE(build_vae(), fast_decoder=fast).fast_scale == 1
+    larger = FastVideoDecoder(block_out_channels=(8, 8, 8, 8, 8))  # 16x: frames twice the VAE's side
+    assert VideoVAE(build_vae(), fast_decoder=larger).fast_scale == 2
+    assert VideoVAE(build_vae()).fast_scale == 1
+
+
+def test_a_fast_decoder_that_draws_larger_frames_sets_the_frame_size(tmp_path, image):
+    """A 16x fast decoder for an 8x VAE: the stream's frames (and frame_size, which sizes the page's placeholder
+    and the recording) are twice the bucket's side; with decoder 'vae' they are the bucket."""
+    write_tiny_models(tmp_path)
+    torch.manual_seed(0)
+    FastVideoDecoder(block_out_channels=(16, 8, 8, 8, 8)).save_pretrained(tmp_path / "fast_decoder")
+    pipe = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu")
+    h, w = pipe.frame_size(image, decoder="vae")
+    assert pipe.frame_size(image) == pipe.frame_size(image, decoder="fast") == (2 * h, 2 * w)
+    assert pipe.bucket(image) == (h, w)
+    for kind, size in (("auto", (2 * h, 2 * w)), ("vae", (h, w))):
+        stream = pipe.stream(image, "a red ball", steps=1, decoder=kind, decode_overlap=False)
+        assert [next(stream).frames.shape[1:3] for _ in range(2)] == [size, size]
+    vae_default = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu", decoder="vae")
+    assert vae_default.frame_size(image) == (h, w)
 
 
 def test_pipeline_streams_with_the_fast_decoder_of_its_folder(tmp_path, fast, image):

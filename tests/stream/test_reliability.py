@@ -149,6 +149,9 @@ class FailingPipe:
     def frame_size(self, image):
         return self.pipe.frame_size(image)
 
+    def bucket(self, image):
+        return self.pipe.bucket(image)
+
     def stream(self, image, prompt, **kwargs):
         stream = self.pipe.stream(image, prompt, **kwargs)
         return RunsOutOfMemory(stream, self.fail_at) if prompt == self.doomed else stream

@@ -80,6 +80,9 @@ class SyntheticPipe:
     def frame_size(self, image) -> tuple[int, int]:
         return 48, 64
 
+    def bucket(self, image) -> tuple[int, int]:
+        return 48, 64
+
     def stream(self, image, prompt, **kwargs) -> SyntheticStream:
         return SyntheticStream(prompt)
 

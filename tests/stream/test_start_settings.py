@@ -91,10 +91,13 @@ class BucketPipe:
     def guidance(self, cfg):
         return ("guidance", cfg)
 
-    def frame_size(self, image):
+    def bucket(self, image):
         from framepack_rt.pipeline.media import nearest_bucket
 
         return nearest_bucket(*np.asarray(image).shape[:2], self.buckets)
+
+    def frame_size(self, image):
+        return self.bucket(image)
 
     def stream(self, image, prompt, **kwargs):
         self.calls.append((np.asarray(image).shape, kwargs))
@@ -142,7 +145,7 @@ def test_the_values_asked_for_are_used_and_reported(synthetic_pipe, run_with_ser
     assert shape[:2] == (64, 80)  # the start image fitted to the bucket asked for
     assert (kwargs["seed"], kwargs["steps"], kwargs["window"], kwargs["guidance"]) == (11, 3, 5, ("guidance", 2.5))
     # Nothing asked: the server's settings (here --steps 2 from run_with_server), else the model's.
-    assert defaults == {"seed": 4, "steps": 2, "cfg": 1.0, "window": 9, "bucket": list(pipe.frame_size(
+    assert defaults == {"seed": 4, "steps": 2, "cfg": 1.0, "window": 9, "bucket": list(pipe.bucket(
         np.zeros(plain_shape, np.uint8)))}
     assert (plain_kwargs["steps"], plain_kwargs["window"]) == (2, 9)
     assert config["start"] == {"seed": 0, "steps": 2, "cfg": 1.0, "window": 9, "bucket": None,
