@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from framepack_rt.stream.ice import parse_port_range, turn_credentials_from_env
 from framepack_rt.stream.options import TOKEN_ENV
-from framepack_rt.stream.server import ServerSettings
+from framepack_rt.stream.settings import ServerSettings
 
 APP_NAME = "framepack-rt"
 API_HEADROOM = 32  # requests a replica takes beside its sessions' streams (joins, listings, downloads)
