@@ -7,6 +7,8 @@ World clips the training never used (seeds from --seed, default 7) are encoded w
 by both decoders as a stream decodes them: the start latent, then sections of --window latents. Reported per
 decoder: ms per section (after one warm-up section), frames/s of decoding alone, and the error against the
 rendered frames (PSNR over all pixels, and the mean absolute error on the shapes' pixels, in levels of 255).
+A fast decoder that draws larger frames than the VAE (VideoVAE.fast_scale) is compared with the clips rendered
+at its size, and the VAE's frames with the same, scaled up bilinearly as the page shows them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import platform
 import numpy as np
 import torch
 
-from framepack_rt.demo.train_decoder import clip_pixels, decode_stream, picture_errors
+from framepack_rt.demo.train_decoder import clip_pixels, decode_stream, picture_errors, upscale_frames
 from framepack_rt.demo.world import WorldConfig
 from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder
 from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE
@@ -35,25 +37,27 @@ def run(model: str = "demo", size: int = 64, clips: int = 4, sections: int = 4, 
         raise SystemExit(f"{model} has no fast decoder (fast_decoder/ beside vae/); train one: "
                          "python -m framepack_rt.demo.train decoder --out RUN")
     seeds = [int(s) for s in np.random.default_rng([seed, 11]).integers(2**31, size=clips)]
-    n = 1 + sections * window
+    n, scale = 1 + sections * window, vae.fast_scale
     results: dict[str, dict] = {}
     for name in ("vae", "fast"):
         ms, psnrs, shape_errs = [], [], []
         for s in seeds:
-            pixels, fg = clip_pixels([s], n, WorldConfig(size=size))
+            pixels, _ = clip_pixels([s], n, WorldConfig(size=size))
             with torch.no_grad():
                 latents = vae.live.encode(pixels).latent_dist.mode()[0] * vae.scaling_factor
             decoder = StreamingDecoder(vae) if name == "vae" else CausalStreamingDecoder(vae.fast)
             frames, times = decode_stream(decoder, latents, window)
-            truth = ((pixels[0].permute(1, 2, 3, 0) + 1) * 127.5).round()
-            psnr, shape_err = picture_errors(frames, truth, fg[0, 0].bool())
+            drawn = frames.shape[1]
+            large, fg = clip_pixels([s], n, WorldConfig(size=size), scale)  # what both are compared with
+            truth = ((large[0].permute(1, 2, 3, 0) + 1) * 127.5).round()
+            psnr, shape_err = picture_errors(upscale_frames(frames, scale * size // drawn), truth, fg[0, 0].bool())
             ms += times[1:]
             psnrs.append(psnr)
             shape_errs.append(shape_err)
         per_section = float(np.median(ms))
-        results[name] = {"ms_per_section": per_section, "decode_fps": 4 * window / per_section * 1000,
+        results[name] = {"frame_size": drawn, "ms_per_section": per_section, "decode_fps": 4 * window / per_section * 1000,
                          "psnr_db": float(np.mean(psnrs)), "shape_mae": float(np.mean(shape_errs))}
-    return {"model": model, "size": size, "clips": clips, "sections": sections, "window": window,
+    return {"model": model, "size": size, "compared_at": size * scale, "clips": clips, "sections": sections, "window": window,
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                        f"load {os.getloadavg()[0]:.2f}",
             **results, "speedup": results["vae"]["ms_per_section"] / results["fast"]["ms_per_section"]}
@@ -72,9 +76,10 @@ def main(argv: list[str] | None = None) -> dict:
     report = run(args.model, args.size, args.clips, args.sections, args.window, args.seed)
     for name in ("vae", "fast"):
         r = report[name]
-        print(f"{name:5s} {r['ms_per_section']:7.1f} ms/section  {r['decode_fps']:7.0f} frames/s  "
+        print(f"{name:5s} {r['frame_size']:4d} px {r['ms_per_section']:7.1f} ms/section  {r['decode_fps']:7.0f} frames/s  "
               f"PSNR {r['psnr_db']:5.1f} dB  shapes |err| {r['shape_mae']:5.1f}/255")
-    print(f"fast decoder: {report['speedup']:.1f}x the VAE's speed ({report['machine']})")
+    print(f"fast decoder: {report['speedup']:.1f}x the VAE's speed; errors at {report['compared_at']} px "
+          f"(smaller frames scaled up bilinearly) ({report['machine']})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

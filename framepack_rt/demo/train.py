@@ -26,7 +26,14 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     python -m framepack_rt.demo.train export --out runs/tr2
     mkdir -p runs/fd64 && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/fd64/vae   # stage 3, for that VAE:
     python -m framepack_rt.demo.train decoder --out runs/fd64 --decoder-steps 3000 --save-every 250
-    python -m framepack_rt.demo.train export --out runs/fd64      # adds fast_decoder/ to the shipped set
+    python -m framepack_rt.demo.train export --out runs/fd64      # (the 64 px fast decoder, shipped until 128 px)
+    mkdir -p runs/fd128 && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/fd128/vae  # 128 px frames, same latents:
+    python -m framepack_rt.demo.train decoder --out runs/fd128 --decoder-scale 2 --decoder-widths 64,32,16,16,16 \
+        --decoder-init runs/fd64/fast_decoder --decoder-steps 2000 --save-every 200
+    python -m framepack_rt.demo.train export --out runs/fd128     # the shipped fast_decoder/
+
+The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
+commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32.
 
 The first VAE run ran before commit 0a10d24, when models.VAE_CONFIG had norm_num_groups=4: with 2 channels
 a group a plain frame normalises to a sign pattern, and plain backgrounds decoded to one colour. The next two

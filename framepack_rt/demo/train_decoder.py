@@ -171,6 +171,16 @@ def decode_stream(decoder: StreamingDecoder | CausalStreamingDecoder, latents: t
     return assemble(chunks), times
 
 
+def upscale_frames(frames: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 frames (N, H, W, 3) -> (N, scale H, scale W, 3), bilinear: a smaller decoder's frames as a page that
+    scales smoothly shows them, to compare with a decoder that draws the larger size itself."""
+    if scale == 1:
+        return frames
+    x = torch.nn.functional.interpolate(frames.permute(0, 3, 1, 2).float(), scale_factor=scale, mode="bilinear",
+                                        align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def picture_errors(frames: torch.Tensor, truth: torch.Tensor, shapes: torch.Tensor) -> tuple[float, float]:
     """PSNR (dB) over all pixels and mean |error| on the shapes' pixels, in levels of 255."""
     diff = frames.float() - truth.float()

@@ -128,6 +128,7 @@ def test_generate_without_image_uses_the_models_example_start(tmp_path, capfd, m
     --image, no --prompt. The video starts from that picture, the real length is printed, and loading prints no
     "install accelerate" warning (captured at the file descriptors: the libraries' log handlers write there)."""
     import numpy as np
+    from PIL import Image
 
     from framepack_rt.pipeline.builtin import demo_weights_dir, read_example
 
@@ -140,8 +141,10 @@ def test_generate_without_image_uses_the_models_example_start(tmp_path, capfd, m
     frames = mp4_frames(out)
     example, _ = read_example(demo_weights_dir())
     first = frames[0].astype(np.int16)
+    h, w = first.shape[:2]  # the demo's fast decoder draws twice the example's side: compare at that size
+    example = np.asarray(Image.fromarray(example).resize((w, h), Image.Resampling.BILINEAR), dtype=np.int16)
     here, mirrored = np.abs(first - example).mean(), np.abs(first - example[:, ::-1]).mean()
-    assert len(frames) == 37 and here < 10 and here < mirrored - 2, (here, mirrored)  # measured 7.3 and 12.3
+    assert len(frames) == 37 and here < 10 and here < mirrored - 2, (here, mirrored)
 
 
 @pytest.mark.parametrize("seconds, sections, frames", [(0.1, 1, 37), (1, 1, 37), (3, 2, 73), (5, 4, 145), (6, 5, 181)])
