@@ -1,8 +1,13 @@
 """Seeds reproduce: the same `framepack-rt generate` command run twice gives identical frames.
 
-Each run is its own process, as a user runs it, with what differs between real runs varied on purpose: the
-hash seed (set and dict order, allocation patterns) and the number of torch threads. The frames are compared
-after decoding the MP4s, exactly. A different seed must change them (the comparison can fail).
+Each run is its own process, as a user runs it, with the hash seed (set and dict order, allocation patterns)
+varied on purpose. The frames are compared after decoding the MP4s, exactly. A different seed must change them
+(the comparison can fail).
+
+The thread count is not varied: the CPU's BLAS splits small matrix products across threads, so 1 and 2
+threads round differently (the demo's latents differ by up to 3e-6 after a section, from the text embedder's
+first Linear on). The 128 px fast decoder turns that into 1-level pixel differences in a few frames, and the MP4
+encoder into up to 13/255 (measured 2026-12-02). README says so.
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ def generate(image, out, seed: int, read, *, hash_seed: str, threads: str) -> np
 
 
 def test_the_cli_reproduces_its_seed(tmp_path, start_image, mp4_frames):
-    runs = [("a.mp4", 3, "1", "2"), ("b.mp4", 3, "2", "1"), ("c.mp4", 4, "1", "2")]  # out, seed, hash seed, threads
+    runs = [("a.mp4", 3, "1", "1"), ("b.mp4", 3, "2", "1"), ("c.mp4", 4, "1", "1")]  # out, seed, hash seed, threads
     with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:  # three processes at once: they share no state
         first, second, other = pool.map(
             lambda run: generate(start_image, tmp_path / run[0], run[1], mp4_frames, hash_seed=run[2], threads=run[3]),
             runs)
-    assert first.shape == second.shape == (37, 64, 64, 3)
+    assert first.shape == second.shape == (37, 128, 128, 3)  # the demo's fast decoder draws 128 px from 64 px latents
     assert np.array_equal(first, second), f"max difference {np.abs(first.astype(int) - second).max()}/255"
     assert np.abs(first.astype(int) - other).max() > 30  # another seed is another video
 
