@@ -34,7 +34,7 @@ class StartSettings:
     steps: int | None = None
     cfg: float | None = None
     window: int | None = None
-    bucket: tuple[int, int] | None = None  # (height, width) of the frames, one of the model's buckets
+    bucket: tuple[int, int] | None = None  # (height, width) generated at, one of the model's buckets
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The ``framepack-rt serve`` flags for limits, access, connections, networks and logging (kept out of cli.py;
 imports nothing heavy).
 
-Flags left out keep :class:`~framepack_rt.stream.server.ServerSettings`' defaults, which come from
+Flags left out keep :class:`~framepack_rt.stream.settings.ServerSettings`' defaults, which come from
 :mod:`.limits` and :mod:`.connections`; the help texts quote the same values.
 """
 

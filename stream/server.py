@@ -217,8 +217,10 @@ class StreamServer:
         """A listed session that shows ``image`` and generates nothing yet: cheap, no encoder has run."""
         s = self.settings
         loop = asyncio.get_running_loop()
+        # bucket: what the transformer generates at; the frames may be larger (a fast decoder that upsamples).
+        # Pipelines without bucket() stream frames of their bucket's size.
         (height, width), bucket = await loop.run_in_executor(
-            self.executor, lambda: (self.pipe.frame_size(image), self.pipe.bucket(image)))
+            self.executor, lambda: (self.pipe.frame_size(image), getattr(self.pipe, "bucket", self.pipe.frame_size)(image)))
         # Off the loop: resizing a large start image takes long enough to stall every paced track.
         placeholder = await loop.run_in_executor(None, lambda: rgb_to_yuv420(resize_rgb(image, height, width)))
         session = Session(loop=loop, worker=self.worker, executor=self.executor, fps=s.fps,
@@ -230,7 +232,7 @@ class StreamServer:
         self._owned[session.id] = owned  # the creating client's place, freed when the session closes
         if s.stamp:
             session.track.stamps = StampLog()
-        session.settings["bucket"] = list(bucket)  # what it generates at; the frames may be larger (frame_size)
+        session.settings["bucket"], session.settings["frame"] = list(bucket), [height, width]
         session.transition_sections = s.transition_sections
         if self.recorder is not None:
             session.generation.recording = self.recordings[session.id] = self.recorder.open(session.id)

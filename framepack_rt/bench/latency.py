@@ -246,7 +246,7 @@ async def measure(cfg: BenchConfig, url: str, server: Any) -> tuple[report.RunRe
                            prompt_sent, int(ack["section"]))
     # The transformer's resolution: the frames' own, unless a fast decoder draws them larger (the hello says).
     hello = next((m for m in clients[0].messages if m.get("type") == "hello"), {})
-    bucket = (hello.get("settings") or {}).get("bucket") or list(size)
+    bucket = (hello.get("settings") or {}).get("bucket") or list(size)  # a server without it: the frames' size
     context = {"session": session, "frame_size": list(size), "bucket": list(bucket), "sent_source": sent_source,
                "browser": browser_view, "kept_frames": kept,
                "stats": stats_after_first_section(clients[0].messages)}
@@ -364,6 +364,7 @@ async def bench(cfg: BenchConfig, pipe: Any = None) -> tuple[dict[str, Any], rep
             scaling["sections"]["stream"] = [[s["index"], s["ms"]] for s in run.sections]
     settings = {k: v for k, v in asdict(cfg).items() if k != "token"}  # the token never lands in a report
     result["config"] = {**settings, "url": cfg.url or "in-process", "frame_size": context["frame_size"],
+                        "bucket": context["bucket"],
                         "encoders": codec, "encode_source": encode_source,
                         "glass_to_glass_source": context["sent_source"] or "unavailable",
                         "play_fps_source": play_source,

@@ -128,7 +128,11 @@ def train_decoder(args: argparse.Namespace) -> Path:
     opt = torch.optim.AdamW(decoder.parameters(), lr=args.decoder_lr, weight_decay=0.0)
     extra = D.load_checkpoint(out / "decoder_ckpt", decoder, opt, info)
     if extra is None and args.decoder_init:  # a fresh run from another fast decoder: the layers of equal shape
-        init_matching(decoder, Path(args.decoder_init))
+        copied = init_matching(decoder, Path(args.decoder_init))
+        D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "init": str(args.decoder_init),
+                                               "copied": len(copied), "of": len(decoder.state_dict())}, info)
+    elif extra is not None and args.decoder_init:
+        D.log_line(out / "decoder_log.jsonl", {"stage": "decoder", "init": "ignored: resumed from decoder_ckpt"}, info)
     extra = extra or {"step": 0}
     steps = StageSteps("decoder", decoder, opt, out, args, args.decoder_steps, extra["step"], info)
     for step in range(extra["step"], args.decoder_steps):
@@ -154,7 +158,9 @@ def init_matching(decoder: FastVideoDecoder, folder: Path) -> list[str]:
     ours = decoder.state_dict()
     copied = [k for k, v in source.items() if k in ours and ours[k].shape == v.shape]
     if not copied:
-        raise ValueError(f"{folder}: no layer of that fast decoder fits this one (--decoder-widths differ from the start)")
+        raise ValueError(f"{folder}: no layer of that fast decoder fits this one: give --decoder-widths that start "
+                         f"with its block_out_channels {list(load_fast_decoder(folder).config.block_out_channels)}, "
+                         "or leave out --decoder-init")
     decoder.load_state_dict({**ours, **{k: source[k].float() for k in copied}})
     return copied
 

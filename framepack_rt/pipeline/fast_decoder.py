@@ -163,6 +163,16 @@ class CausalStreamingDecoder:
         return to_uint8(self.model(z, previous))[0]
 
 
+def folder_scale(fast_decoder: str | Path, vae: str | Path) -> int:
+    """The upsampling of a ``fast_decoder/`` folder over the ``vae/`` folder it decodes for (1: the VAE's frame
+    size), read from their config.json files without loading weights (VideoVAE checks the pair at load)."""
+    import json
+
+    widths = json.loads((Path(fast_decoder) / "config.json").read_text()).get("block_out_channels", (64, 32, 16, 16))
+    vae_ratio = json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8)
+    return max(1, 2 ** (len(widths) - 1) // int(vae_ratio))
+
+
 def load_fast_decoder(path: str | Path, *, device: torch.device | str = "cpu",
                       dtype: torch.dtype | None = None) -> FastVideoDecoder:
     """A ``fast_decoder/`` folder (config.json + diffusion_pytorch_model.safetensors); ``dtype`` None: fp16 on

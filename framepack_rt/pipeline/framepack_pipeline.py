@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGenerator, StepEvent
-from framepack_rt.pipeline.media import BUCKET_SETS, PromptChange, fit_to_bucket, load_image, nearest_bucket, prompt_at
+from framepack_rt.pipeline.media import (BUCKET_SETS, ImageInput, PromptChange, fit_to_bucket, load_image,
+                                         nearest_bucket, prompt_at)
 from framepack_rt.engine.sampling import GuidanceConfig
 from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedule, num_sections, video_frames_for_latents
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
 from framepack_rt.pipeline.decode_ahead import overlap_by_default
 from framepack_rt.pipeline.devices import DECODER_CHOICES
-from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder
+from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, folder_scale
 from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE, latent_preview
 from framepack_rt.pipeline.video_stream import Section, StepProgress, VideoStream  # noqa: F401  (public here too)
 
@@ -67,13 +68,16 @@ class FramePackPipeline:
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
                  default_guidance: GuidanceConfig = GuidanceConfig(),
                  example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None,
-                 decoder: str = "auto") -> None:
+                 decoder: str = "auto", fast_scale: int | None = None) -> None:
         """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
         servers and tools open with it. None: the model has no preference. placement: the device and dtype
         from_pretrained resolved (None when the parts were built elsewhere). decoder: what streams decode with
-        when not told, one of devices.DECODER_CHOICES ("auto": the model's fast decoder when it has one, else the VAE)."""
+        when not told, one of devices.DECODER_CHOICES ("auto": the model's fast decoder when it has one, else the VAE).
+        fast_scale: the fast decoder's upsampling over the VAE as from_pretrained read it from the folders (0: the
+        model has none); None: asked of the parts' VAE when first needed."""
         check_decoder(decoder)
+        self._fast_scale = fast_scale
         self.parts = parts
         self.default_decoder = decoder
         self.placement = placement
@@ -101,7 +105,8 @@ class FramePackPipeline:
         decoder: str = "auto",
         **part_paths: str | Path,
     ) -> "FramePackPipeline":
-        """``"demo"`` (the trained demo model shipped in the package: 64x64, moves shapes as prompts say),
+        """``"demo"`` (the trained demo model shipped in the package: 64x64 latents drawn as 128x128 frames by its
+        fast decoder, moves shapes as prompts say),
         ``"tiny"`` (built in, random weights: fast, for tests), or a root folder with the published subfolders,
         and/or one path per part (text_encoder=, tokenizer=, text_encoder_2=, tokenizer_2=, vae=,
         image_encoder=, feature_extractor=, transformer=). Never downloads.
@@ -129,7 +134,7 @@ class FramePackPipeline:
             resolve_decoder(False, decoder)  # the built-in tiny set has no fast decoder: refuse "fast" now
             placement = fp32_only(placement)
             return cls(TinyParts(device=placement.device, options=options), buckets="tiny", default_steps=TinyParts.DEFAULT_STEPS,
-                       placement=placement, decoder=decoder)
+                       placement=placement, decoder=decoder, fast_scale=0)
         settings: dict = {"buckets": buckets, "decoder": decoder}
         if str(path) == "demo" and not part_paths:
             path = builtin.demo_weights_dir()
@@ -153,7 +158,8 @@ class FramePackPipeline:
         parts = FolderParts(paths, device=placement.device, dtype=placement.dtype, low_vram=low_vram,
                             budget_bytes=estimate.streamer_budget_bytes, options=options,
                             encoders_on_cpu=estimate.encoders_on_cpu)
-        return cls(parts, placement=placement, **settings)
+        fast_scale = 0 if paths.fast_decoder is None else folder_scale(paths.fast_decoder, paths.vae)
+        return cls(parts, placement=placement, fast_scale=fast_scale, **settings)
 
     # -- LoRA (model/lora.py) ----------------------------------------------------------------------------
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
@@ -241,17 +247,20 @@ class FramePackPipeline:
         return self.default_guidance if cfg is None else replace(self.default_guidance, cfg=cfg)
 
     # -- encoding --------------------------------------------------------------------------------------------
-    def bucket(self, image) -> tuple[int, int]:
+    def bucket(self, image: ImageInput) -> tuple[int, int]:
         """(H, W) the transformer generates at from ``image``: its nearest bucket."""
         return nearest_bucket(*load_image(image).shape[:2], self.buckets)
 
-    def frame_size(self, image, decoder: str | None = None) -> tuple[int, int]:
+    def frame_size(self, image: ImageInput, decoder: str | None = None) -> tuple[int, int]:
         """(H, W) of the frames streamed from ``image`` and decoded with ``decoder`` (None: the default): its
-        bucket, times the fast decoder's upsampling when that decodes (VideoVAE.fast_scale: a decoder may
-        draw larger frames than the VAE)."""
+        bucket, times the fast decoder's upsampling when that decodes (a decoder may draw larger frames than
+        the VAE). Cheap: read from the folders at load, nothing is loaded here (but for parts built elsewhere)."""
         h, w = self.bucket(image)
-        vae = self.parts.vae()
-        scale = vae.fast_scale if resolve_decoder(vae.fast is not None, decoder or self.default_decoder) == "fast" else 1
+        if self._fast_scale is None:
+            vae = self.parts.vae()
+            self._fast_scale = vae.fast_scale if vae.fast is not None else 0
+        fast = resolve_decoder(self._fast_scale > 0, decoder or self.default_decoder) == "fast"
+        scale = self._fast_scale if fast else 1
         return h * scale, w * scale
 
     def conditioning(self, prompt: str, image_embeds: torch.Tensor | None) -> Conditioning:

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable, Union
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+ImageInput = Union[str, Path, np.ndarray, "PILImage"]  # what load_image reads
 
 # FramePack's 640 bucket set (h, w), in the release's order: ties go to the later entry, as there.
 BUCKETS_640 = (
@@ -30,7 +35,7 @@ def nearest_bucket(height: int, width: int, buckets: Iterable[tuple[int, int]] =
     return best
 
 
-def load_image(image) -> np.ndarray:
+def load_image(image: ImageInput) -> np.ndarray:
     """A path, PIL image or HxWx3/HxWx4 uint8 array -> HxWx3 uint8 RGB. Raises ValueError if unreadable."""
     from PIL import Image, UnidentifiedImageError
 

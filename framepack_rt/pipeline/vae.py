@@ -18,7 +18,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 import torch
@@ -154,7 +154,7 @@ class PreviewFit:
         return LatentRGB(weight_map, solution[-1].contiguous())
 
 
-def check_pair(vae_config, fast_decoder: torch.nn.Module) -> int:
+def check_pair(vae_config: Any, fast_decoder: torch.nn.Module) -> int:
     """A fast decoder reads one VAE's latents: the same channels and temporal compression, and a spatial upsampling
     of the VAE's times 1, 2, 4 ... (a decoder may draw larger frames than the VAE). -> that factor, or a ValueError."""
     theirs = (fast_decoder.config.latent_channels, fast_decoder.spatial_compression_ratio,

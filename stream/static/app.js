@@ -550,6 +550,10 @@ class LivePage {
   showSettingsInUse(s) {
     const parts = [`seed ${s.seed}`, `${s.steps ?? "?"} steps`, `CFG ${s.cfg ?? "?"}`, `window ${s.window}`];
     if (s.bucket) parts.push(`${s.bucket[1]} × ${s.bucket[0]}`);
+    // A fast decoder may draw larger frames than the model generates at: say both.
+    if (s.frame && s.bucket && (s.frame[0] !== s.bucket[0] || s.frame[1] !== s.bucket[1])) {
+      parts.push(`shown at ${s.frame[1]} × ${s.frame[0]}`);
+    }
     this.$("settings-in-use").textContent = `in use: ${parts.join(" · ")}`;
   }
 

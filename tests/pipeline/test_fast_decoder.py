@@ -147,8 +147,8 @@ def test_a_fast_decoder_for_other_latents_is_refused(fast):
 
 
 def test_a_fast_decoder_that_draws_larger_frames_sets_the_frame_size(tmp_path, image):
-    """A 16x fast decoder for an 8x VAE: the stream's frames (and frame_size, which sizes the page's placeholder
-    and the recording) are twice the bucket's side; with decoder 'vae' they are the bucket."""
+    """A 16x fast decoder for an 8x VAE: the stream's frames (and frame_size, read from the folders at load, which
+    sizes the page's placeholder) are twice the bucket's side; with decoder 'vae' they are the bucket."""
     write_tiny_models(tmp_path)
     torch.manual_seed(0)
     FastVideoDecoder(block_out_channels=(16, 8, 8, 8, 8)).save_pretrained(tmp_path / "fast_decoder")
@@ -156,9 +156,12 @@ def test_a_fast_decoder_that_draws_larger_frames_sets_the_frame_size(tmp_path, i
     h, w = pipe.frame_size(image, decoder="vae")
     assert pipe.frame_size(image) == pipe.frame_size(image, decoder="fast") == (2 * h, 2 * w)
     assert pipe.bucket(image) == (h, w)
+    assert pipe.parts._vae is None  # answered from the folders' configs: nothing loaded
     for kind, size in (("auto", (2 * h, 2 * w)), ("vae", (h, w))):
         stream = pipe.stream(image, "a red ball", steps=1, decoder=kind, decode_overlap=False)
         assert [next(stream).frames.shape[1:3] for _ in range(2)] == [size, size]
+    # parts built elsewhere: the pipeline asks their VAE
+    assert FramePackPipeline(pipe.parts, buckets="tiny").frame_size(image) == (2 * h, 2 * w)
     vae_default = FramePackPipeline.from_pretrained(tmp_path, buckets="tiny", device="cpu", decoder="vae")
     assert vae_default.frame_size(image) == (h, w)
 

@@ -171,7 +171,9 @@ def test_start_settings_example_prompt_and_a_bad_file_at_pick_time(page_server, 
         == [80, 64]
     sid = page.evaluate("window.framepack.session")
     settings = get_json(f"{page_server}api/sessions/{sid}")["settings"]
-    assert settings == {"seed": 7, "steps": 1, "cfg": settings["cfg"], "window": 5, "bucket": [64, 80]}
+    assert settings == {"seed": 7, "steps": 1, "cfg": settings["cfg"], "window": 5, "bucket": [64, 80],
+                        "frame": [64, 80]}
+    assert "shown at" not in shown  # frames of the bucket's size: one size on the page
     page.screenshot(path=str(artifacts / "page_settings.png"))
     assert not page.errors, page.errors
 

@@ -139,14 +139,14 @@ def test_the_values_asked_for_are_used_and_reported(synthetic_pipe, run_with_ser
 
     answer, hello, running, summary, defaults, config = run_with_server(pipe, scenario, max_steps=8)
     assert answer["control_key"] and answer["role"] == "control"
-    used = {"seed": 11, "steps": 3, "cfg": 2.5, "window": 5, "bucket": [64, 80]}
+    used = {"seed": 11, "steps": 3, "cfg": 2.5, "window": 5, "bucket": [64, 80], "frame": [64, 80]}
     assert hello["settings"] == used and summary["settings"] == used and running["state"] == "running"
     (shape, kwargs), (plain_shape, plain_kwargs) = pipe.calls
     assert shape[:2] == (64, 80)  # the start image fitted to the bucket asked for
     assert (kwargs["seed"], kwargs["steps"], kwargs["window"], kwargs["guidance"]) == (11, 3, 5, ("guidance", 2.5))
     # Nothing asked: the server's settings (here --steps 2 from run_with_server), else the model's.
     assert defaults == {"seed": 4, "steps": 2, "cfg": 1.0, "window": 9, "bucket": list(pipe.bucket(
-        np.zeros(plain_shape, np.uint8)))}
+        np.zeros(plain_shape, np.uint8))), "frame": list(pipe.frame_size(np.zeros(plain_shape, np.uint8)))}
     assert (plain_kwargs["steps"], plain_kwargs["window"]) == (2, 9)
     assert config["start"] == {"seed": 0, "steps": 2, "cfg": 1.0, "window": 9, "bucket": None,
                                "buckets": [[48, 96], [64, 80], [64, 64]], "max_steps": 8, "max_window": 16,
