@@ -38,19 +38,21 @@ def run(model: str = "demo", size: int = 64, clips: int = 4, sections: int = 4, 
                          "python -m framepack_rt.demo.train decoder --out RUN")
     seeds = [int(s) for s in np.random.default_rng([seed, 11]).integers(2**31, size=clips)]
     n, scale = 1 + sections * window, vae.fast_scale
+    clips_ = []  # per clip, once for both decoders: its latents, and the frames both are compared with
+    for s in seeds:
+        pixels, _ = clip_pixels([s], n, WorldConfig(size=size))
+        with torch.no_grad():
+            latents = vae.live.encode(pixels).latent_dist.mode()[0] * vae.scaling_factor
+        large, fg = clip_pixels([s], n, WorldConfig(size=size), scale)
+        clips_.append((latents, ((large[0].permute(1, 2, 3, 0) + 1) * 127.5).round(), fg[0, 0].bool()))
     results: dict[str, dict] = {}
     for name in ("vae", "fast"):
         ms, psnrs, shape_errs = [], [], []
-        for s in seeds:
-            pixels, _ = clip_pixels([s], n, WorldConfig(size=size))
-            with torch.no_grad():
-                latents = vae.live.encode(pixels).latent_dist.mode()[0] * vae.scaling_factor
+        for latents, truth, shapes in clips_:
             decoder = StreamingDecoder(vae) if name == "vae" else CausalStreamingDecoder(vae.fast)
             frames, times = decode_stream(decoder, latents, window)
             drawn = frames.shape[1]
-            large, fg = clip_pixels([s], n, WorldConfig(size=size), scale)  # what both are compared with
-            truth = ((large[0].permute(1, 2, 3, 0) + 1) * 127.5).round()
-            psnr, shape_err = picture_errors(upscale_frames(frames, scale * size // drawn), truth, fg[0, 0].bool())
+            psnr, shape_err = picture_errors(upscale_frames(frames, scale * size // drawn), truth, shapes)
             ms += times[1:]
             psnrs.append(psnr)
             shape_errs.append(shape_err)

@@ -154,12 +154,12 @@ def init_matching(decoder: FastVideoDecoder, folder: Path) -> list[str]:
     but the last stages of one with fewer widths); returns the names copied."""
     from framepack_rt.pipeline.fast_decoder import load_fast_decoder
 
-    source = load_fast_decoder(folder).state_dict()
-    ours = decoder.state_dict()
+    model = load_fast_decoder(folder)
+    source, ours = model.state_dict(), decoder.state_dict()
     copied = [k for k, v in source.items() if k in ours and ours[k].shape == v.shape]
     if not copied:
         raise ValueError(f"{folder}: no layer of that fast decoder fits this one: give --decoder-widths that start "
-                         f"with its block_out_channels {list(load_fast_decoder(folder).config.block_out_channels)}, "
+                         f"with its block_out_channels {list(model.config.block_out_channels)}, "
                          "or leave out --decoder-init")
     decoder.load_state_dict({**ours, **{k: source[k].float() for k in copied}})
     return copied

@@ -168,9 +168,11 @@ def folder_scale(fast_decoder: str | Path, vae: str | Path) -> int:
     size), read from their config.json files without loading weights (VideoVAE checks the pair at load)."""
     import json
 
-    widths = json.loads((Path(fast_decoder) / "config.json").read_text()).get("block_out_channels", (64, 32, 16, 16))
+    # Built from its config alone (0.15 M random weights for the demo's: milliseconds): its own defaults and
+    # spatial_compression_ratio, not a copy of them here.
+    ratio = FastVideoDecoder.from_config(FastVideoDecoder.load_config(fast_decoder)).spatial_compression_ratio
     vae_ratio = json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8)
-    return max(1, 2 ** (len(widths) - 1) // int(vae_ratio))
+    return max(1, ratio // int(vae_ratio))
 
 
 def load_fast_decoder(path: str | Path, *, device: torch.device | str = "cpu",
