@@ -168,9 +168,10 @@ def folder_scale(fast_decoder: str | Path, vae: str | Path) -> int:
     size), read from their config.json files without loading weights (VideoVAE checks the pair at load)."""
     import json
 
-    # Built from its config alone (0.15 M random weights for the demo's: milliseconds): its own defaults and
-    # spatial_compression_ratio, not a copy of them here.
-    ratio = FastVideoDecoder.from_config(FastVideoDecoder.load_config(fast_decoder)).spatial_compression_ratio
+    # Built from its config alone on the meta device (no memory, no draw from torch's global generator, which
+    # seeded runs must not touch): its own defaults and spatial_compression_ratio, not a copy of them here.
+    with torch.device("meta"):
+        ratio = FastVideoDecoder.from_config(FastVideoDecoder.load_config(fast_decoder)).spatial_compression_ratio
     vae_ratio = json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8)
     return max(1, ratio // int(vae_ratio))
 
