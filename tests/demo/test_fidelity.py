@@ -102,3 +102,20 @@ def test_the_ceiling_is_the_world_through_the_vae_and_the_decoder(decoder):
     assert report["one_object"] > 0.8
     if decoder == "fast":  # the VAE's decoder turns this scene's red ball pink on its light background
         assert report["intact"] > 0.8 and 0 < report["largest_jump"] < 0.08
+
+
+def test_teacher_forcing_samples_each_section_from_the_worlds_history():
+    """The first section has only the start frame behind it, so forced and free runs draw the same frames;
+    from then on the forced run's history is the world's, not its own, and its frames part from the free
+    run's."""
+    pipe = E.load_pipeline("demo")
+    _, image, clip = E.fidelity_scene(1)
+    prompts = [E.RIGHT, E.RIGHT, E.LEFT]
+    truth = E.world_turn(clip, prompts)
+    forced = E.stream_f1_forced(pipe, image, prompts, 3, None, truth)
+    free = E.stream_f1(pipe, image, prompts, 3, None)
+    assert forced.shape == free.shape == (len(truth), 128, 128, 3)
+    diff = np.abs(forced.astype(int) - free.astype(int)).mean(axis=(1, 2, 3))
+    assert diff[:37].max() < 0.5 and diff[37:].mean() > 1.0  # measured: 0 and 3.6 levels
+    report = E.eval_fidelity_forced(pipe, runs=1, before=1, after=1)
+    assert report["frames"] == len(truth) - 36 and 0.0 <= report["intact"] <= 1.0
