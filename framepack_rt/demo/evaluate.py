@@ -251,16 +251,22 @@ def fidelity_scene(run: int) -> tuple[int, np.ndarray, object]:
 
 def eval_fidelity(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
+    report = _fidelity_runs(runs, lambda image, clip, seed: stream_f1(
+        pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
+    return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
+
+
+def _fidelity_runs(runs: int, make_frames: Callable[[np.ndarray, object, int], np.ndarray]) -> dict:
+    """The fidelity measures of ``make_frames(image, clip, seed)`` over the first ``runs`` fidelity scenes."""
     from framepack_rt.demo.fidelity import fidelity, summarize
 
     reports = []
     for run in range(runs):
         seed, image, clip = fidelity_scene(run)
-        frames = stream_f1(pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps)
-        report = fidelity(frames, clip)
+        report = fidelity(make_frames(image, clip, seed), clip)
         report.pop("intact_per_frame")
         reports.append({"seed": seed, **report})
-    return {**summarize(reports), "targets": {"intact": 0.9, "largest_jump": 0.08}, "details": reports}
+    return {**summarize(reports), "details": reports}
 
 
 def world_turn(clip, prompts: list[str], window: int = 9) -> np.ndarray:
@@ -325,33 +331,17 @@ def stream_f1_forced(pipe, image: np.ndarray, prompts: list[str], seed: int, ste
 def eval_fidelity_ceiling(pipe, runs: int = 4, before: int = 3, after: int = 3, window: int = 9) -> dict:
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
-    from framepack_rt.demo.fidelity import fidelity, summarize
-
-    reports = []
-    for run in range(runs):
-        seed, image, clip = fidelity_scene(run)
-        frames = round_trip(pipe, world_turn(clip, [RIGHT] * before + [LEFT] * after, window), window)
-        report = fidelity(frames, clip)
-        report.pop("intact_per_frame")
-        reports.append({"seed": seed, **report})
-    return {**summarize(reports), "details": reports}
+    prompts = [RIGHT] * before + [LEFT] * after
+    return _fidelity_runs(runs, lambda image, clip, seed: round_trip(pipe, world_turn(clip, prompts, window), window))
 
 
 def eval_fidelity_forced(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: int | None = None,
                          window: int = 9) -> dict:
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
-    from framepack_rt.demo.fidelity import fidelity, summarize
-
     prompts = [RIGHT] * before + [LEFT] * after
-    reports = []
-    for run in range(runs):
-        seed, image, clip = fidelity_scene(run)
-        frames = stream_f1_forced(pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window)
-        report = fidelity(frames, clip)
-        report.pop("intact_per_frame")
-        reports.append({"seed": seed, **report})
-    return {**summarize(reports), "details": reports}
+    return _fidelity_runs(runs, lambda image, clip, seed: stream_f1_forced(
+        pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window))
 
 
 def table(results: list[Result], drift: dict | None, fidelity: dict | None = None) -> str:
