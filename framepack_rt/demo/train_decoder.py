@@ -93,23 +93,13 @@ def load_or_build_cache(out: Path, vae: torch.nn.Module, args: argparse.Namespac
 
 
 def decoder_loss(decoder: FastVideoDecoder, latents: torch.Tensor, pixels: torch.Tensor, fg: torch.Tensor,
-                 fg_weight: float, motion_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
-    """L1 + MSE of the decoded clip against its frames, weighted up on the shapes; plus, with ``motion_weight``,
-    the same of the frame-to-frame differences. Without it the decoder learned to draw a latent's four frames
-    alike (the median position: L1's answer), so a moving object stood still for four frames and then jumped by
-    the motion of four; the difference term makes standing still cost what the motion is."""
+                 fg_weight: float) -> tuple[torch.Tensor, dict]:
+    """L1 + MSE of the decoded clip against its frames, weighted up on the shapes."""
     recon = decoder(latents)
     weight = 1.0 + fg_weight * fg
     err = recon - pixels
     loss = (weight * (err.abs() + err.pow(2))).mean() / weight.mean()
-    stats = {"mse": err.pow(2).mean().item()}
-    if motion_weight:
-        moved = err[:, :, 1:] - err[:, :, :-1]  # (recon difference) - (target difference)
-        where = 1.0 + fg_weight * torch.maximum(fg[:, :, 1:], fg[:, :, :-1])
-        motion = (where * (moved.abs() + moved.pow(2))).mean() / where.mean()
-        loss = loss + motion_weight * motion
-        stats["motion"] = motion.item()
-    return loss, stats
+    return loss, {"mse": err.pow(2).mean().item()}
 
 
 def train_decoder(args: argparse.Namespace) -> Path:
@@ -154,8 +144,7 @@ def train_decoder(args: argparse.Namespace) -> Path:
         latents = cache[torch.from_numpy(pick)].float()
         noise = torch.from_numpy(rng.standard_normal(latents.shape).astype(np.float32))
         std = torch.from_numpy(rng.uniform(0, args.latent_noise, (len(pick), 1, 1, 1, 1)).astype(np.float32))
-        steps.take(step, *decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight,
-                                          args.decoder_motion_weight))
+        steps.take(step, *decoder_loss(decoder, latents + std * noise, pixels, fg, args.decoder_fg_weight))
     decoder.eval().save_pretrained(out / "fast_decoder")
     return out / "fast_decoder"
 
@@ -221,6 +210,3 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--latent-noise", dest="latent_noise", type=float, default=0.1,
                     help="max std of the noise added to the latents (sampled latents are not the encoder's)")
     sp.add_argument("--decoder-fg-weight", dest="decoder_fg_weight", type=float, default=10.0)
-    sp.add_argument("--decoder-motion-weight", dest="decoder_motion_weight", type=float, default=0.0,
-                    help="weight of the loss on frame-to-frame differences (0: the shipped 64 px and first 128 px "
-                         "decoders' recipe); makes the four frames of a latent move")

@@ -396,35 +396,3 @@ def test_decoder_stage_draws_frames_larger_than_the_vae(tmp_path):
     with torch.no_grad():
         assert decoder(torch.randn(1, 16, 2, 2, 3)).shape == (1, 3, 5, 32, 48)
 
-
-def test_the_motion_term_charges_a_decoder_that_draws_a_latents_frames_alike(tmp_path):
-    """--decoder-motion-weight: frames that follow the target cost nothing in the difference term, frames held
-    still over a latent (the failure it was added for: a ball standing still four frames, then jumping) cost
-    what the motion is; weight 0 is the loss the shipped decoders were trained with."""
-    from framepack_rt.demo.train_decoder import clip_pixels, decoder_loss
-    from framepack_rt.demo.world import WorldConfig
-
-    pixels, fg = clip_pixels([5, 6], 3, WorldConfig(size=32))  # 9 frames: the start, then two latents of 4
-
-    class Fixed(torch.nn.Module):  # "decodes" to given frames
-        def __init__(self, frames):
-            super().__init__()
-            self.frames = frames
-
-        def forward(self, latents):
-            return self.frames
-
-    held = pixels.clone()
-    for first in (1, 5):  # each latent's four frames drawn as its last
-        held[:, :, first : first + 4] = pixels[:, :, first + 3 : first + 4]
-    assert not torch.equal(held, pixels)  # the clips move
-    exact, stats = decoder_loss(Fixed(pixels), None, pixels, fg, 10.0, 2.0)
-    assert exact.item() == 0.0 and stats["motion"] == 0.0
-    plain, plain_stats = decoder_loss(Fixed(held), None, pixels, fg, 10.0)
-    weighted, stats = decoder_loss(Fixed(held), None, pixels, fg, 10.0, 2.0)
-    assert "motion" not in plain_stats and stats["motion"] > 0
-    assert weighted.item() == pytest.approx(plain.item() + 2.0 * stats["motion"], rel=1e-5)
-    torch.manual_seed(0)
-    T.build_vae().save_pretrained(tmp_path / "vae")
-    log = _decoder_stage(tmp_path, 2, "--decoder-motion-weight", "1")
-    assert all("motion" in line for line in log if "step" in line)
