@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from framepack_rt.demo.world import COLOURS, parse_prompt, render, simulate, start_image
+from framepack_rt.demo.world import COLOURS, Clip, parse_prompt, render, simulate, start_image
 from framepack_rt.pipeline import devices
 
 RED = COLOURS["red"]
@@ -241,7 +241,7 @@ FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the oth
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
-def fidelity_scene(run: int) -> tuple[int, np.ndarray, object]:
+def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
     """Fidelity run ``run``'s seed, start image and one-frame Clip: a lone red ball at a random place."""
     seed = FIDELITY_SEEDS + run
     x = float(np.random.default_rng(seed).uniform(0.2, 0.8))
@@ -256,7 +256,7 @@ def eval_fidelity(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: i
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 
 
-def _fidelity_runs(runs: int, make_frames: Callable[[np.ndarray, object, int], np.ndarray]) -> dict:
+def _fidelity_runs(runs: int, make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
     """The fidelity measures of ``make_frames(image, clip, seed)`` over the first ``runs`` fidelity scenes."""
     from framepack_rt.demo.fidelity import fidelity, summarize
 
@@ -269,7 +269,7 @@ def _fidelity_runs(runs: int, make_frames: Callable[[np.ndarray, object, int], n
     return {**summarize(reports), "details": reports}
 
 
-def world_turn(clip, prompts: list[str], window: int = 9) -> np.ndarray:
+def world_turn(clip: Clip, prompts: list[str], window: int = 9) -> np.ndarray:
     """What a perfect model makes of ``prompts`` (one per section of ``window`` latents, 4 frames each) from
     ``clip``'s start frame: the world simulating each prompt's motion. (1 + 4 window len(prompts), H, W, 3)."""
     frames_per_section = 4 * window

@@ -395,4 +395,3 @@ def test_decoder_stage_draws_frames_larger_than_the_vae(tmp_path):
     assert decoder.spatial_compression_ratio == 16
     with torch.no_grad():
         assert decoder(torch.randn(1, 16, 2, 2, 3)).shape == (1, 3, 5, 32, 48)
-
