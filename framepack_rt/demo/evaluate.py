@@ -137,20 +137,36 @@ def stream_f1(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int
 
 def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None) -> np.ndarray:
     """The same with the vanilla schedule (no start slot), through the engine: the pipeline has no such mode."""
-    from framepack_rt.engine.generator import SamplerConfig, SectionGenerator
     from framepack_rt.engine.schedules import vanilla_schedule
+
+    return _engine_frames(pipe, image, prompts, seed, steps, vanilla_schedule())
+
+
+def _engine_frames(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None, schedule,
+                   history: torch.Tensor | None = None, finish: bool = False) -> np.ndarray:
+    """Sections sampled through the engine with the pipeline's sampling and decoder, section k with prompts[k].
+    ``history`` (1, C, 1 + window n, h, w) scaled latents: after section k the generator's history becomes its
+    sections 0..k instead of the ones it sampled (teacher forcing). ``finish``: also the frames the decoder holds
+    back at the end."""
+    from framepack_rt.engine.generator import SamplerConfig, SectionGenerator
     from framepack_rt.pipeline.framepack_pipeline import make_decoder
 
     start, embeds, _ = pipe.encode_image(image)
     sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
-    gen = SectionGenerator(pipe.parts.transformer(), vanilla_schedule(), start, pipe.conditioning(prompts[0], embeds),
+    gen = SectionGenerator(pipe.parts.transformer(), schedule, start, pipe.conditioning(prompts[0], embeds),
                            sampler=sampler, seed=seed)
     decoder = make_decoder(pipe.parts.vae(), pipe.default_decoder, "forward", None)  # as the pipeline's streams
-    chunks = [decoder.push(start[0]).frames]
+    chunks, window = [decoder.push(start[0]).frames], schedule.window
     for k, prompt in enumerate(prompts):
         if k and prompt != prompts[k - 1]:
             gen.set_conditioning(pipe.conditioning(prompt, embeds))
         chunks.append(decoder.push(next(gen).output_latents[0]).frames)
+        if history is not None:
+            gen.ring.reset(start)
+            for i in range(k + 1):
+                gen.ring.push(history[:, :, 1 + window * i : 1 + window * (i + 1)].to(start.device, start.dtype))
+    if finish:
+        chunks.append(decoder.finish().frames)
     return torch.cat(chunks).numpy()
 
 
@@ -284,12 +300,12 @@ def round_trip(pipe, frames: np.ndarray, window: int = 9) -> np.ndarray:
     """``frames`` (T, H, W, 3) uint8, T = 1 + 4k, encoded by the model's VAE and decoded as its streams decode
     (the pipeline's decoder, a start latent then sections of ``window`` latents): the picture a transformer
     that made exactly the encoder's latents would give."""
+    from framepack_rt.demo.data import encode_video
     from framepack_rt.pipeline.framepack_pipeline import make_decoder
 
     vae = pipe.parts.vae()
-    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    latents = encode_video(vae.live, frames, vae.scaling_factor).transpose(0, 1)  # (C, T', h, w)
     with torch.no_grad():
-        latents = vae.live.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode()[0] * vae.scaling_factor
         decoder = make_decoder(vae, pipe.default_decoder, "forward", None)
         chunks = [decoder.push(latents[:, :1]).frames]
         chunks += [decoder.push(latents[:, i : i + window]).frames for i in range(1, latents.shape[1], window)]
@@ -303,29 +319,13 @@ def stream_f1_forced(pipe, image: np.ndarray, prompts: list[str], seed: int, ste
     the history the world drew (``truth``, encoded by the VAE) instead of its own earlier sections. What it
     loses, the transformer loses within one section; what free running loses beyond it piles up from section
     to section (exposure bias)."""
-    from framepack_rt.engine.generator import SamplerConfig, SectionGenerator
+    from framepack_rt.demo.data import encode_video
     from framepack_rt.engine.schedules import f1_schedule
-    from framepack_rt.pipeline.framepack_pipeline import make_decoder
 
     vae = pipe.parts.vae()
-    pixels = torch.from_numpy(truth).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
-    start, embeds, _ = pipe.encode_image(image)
-    with torch.no_grad():
-        world = vae.live.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mode() * vae.scaling_factor
-    sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
-    gen = SectionGenerator(pipe.parts.transformer(), f1_schedule(window), start, pipe.conditioning(prompts[0], embeds),
-                           sampler=sampler, seed=seed)
-    decoder = make_decoder(vae, pipe.default_decoder, "forward", None)
-    chunks = [decoder.push(start[0]).frames]
-    for k, prompt in enumerate(prompts):
-        if k and prompt != prompts[k - 1]:
-            gen.set_conditioning(pipe.conditioning(prompt, embeds))
-        chunks.append(decoder.push(next(gen).output_latents[0]).frames)
-        gen.ring.reset(start)  # the history becomes the world's sections 0..k, not the ones just sampled
-        for i in range(k + 1):
-            gen.ring.push(world[:, :, 1 + window * i : 1 + window * (i + 1)].to(start.device, start.dtype))
-    chunks.append(decoder.finish().frames)
-    return torch.cat(chunks).numpy()[: len(truth)]
+    world = encode_video(vae.live, truth, vae.scaling_factor).transpose(0, 1)[None]  # (1, C, T', h, w)
+    frames = _engine_frames(pipe, image, prompts, seed, steps, f1_schedule(window), history=world, finish=True)
+    return frames[: len(truth)]
 
 
 def eval_fidelity_ceiling(pipe, runs: int = 4, before: int = 3, after: int = 3, window: int = 9) -> dict:
