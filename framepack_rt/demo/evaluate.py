@@ -144,7 +144,14 @@ def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps
 
 def _engine_frames(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None, schedule,
                    history: torch.Tensor | None = None, finish: bool = False) -> np.ndarray:
-    """Sections sampled through the engine with the pipeline's sampling and decoder, section k with prompts[k].
+    """:func:`engine_run`'s frames."""
+    return engine_run(pipe, image, prompts, seed, steps, schedule, history, finish)[0]
+
+
+def engine_run(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None, schedule,
+               history: torch.Tensor | None = None, finish: bool = False) -> tuple[np.ndarray, torch.Tensor]:
+    """Sections sampled through the engine with the pipeline's sampling and decoder, section k with prompts[k]:
+    (frames (T, H, W, 3) uint8, the latents sampled (C, 1 + window len(prompts), h, w) fp32, start latent first).
     ``history`` (1, C, 1 + window n, h, w) scaled latents: after section k the generator's history becomes its
     sections 0..k instead of the ones it sampled (teacher forcing). ``finish``: also the frames the decoder holds
     back at the end."""
@@ -156,18 +163,20 @@ def _engine_frames(pipe, image: np.ndarray, prompts: list[str], seed: int, steps
     gen = SectionGenerator(pipe.parts.transformer(), schedule, start, pipe.conditioning(prompts[0], embeds),
                            sampler=sampler, seed=seed)
     decoder = make_decoder(pipe.parts.vae(), pipe.default_decoder, "forward", None)  # as the pipeline's streams
-    chunks, window = [decoder.push(start[0]).frames], schedule.window
+    chunks, window, sampled = [decoder.push(start[0]).frames], schedule.window, [start[0].float().cpu()]
     for k, prompt in enumerate(prompts):
         if k and prompt != prompts[k - 1]:
             gen.set_conditioning(pipe.conditioning(prompt, embeds))
-        chunks.append(decoder.push(next(gen).output_latents[0]).frames)
+        section = next(gen).output_latents[0]
+        sampled.append(section.float().cpu())
+        chunks.append(decoder.push(section).frames)
         if history is not None:
             gen.ring.reset(start)
             for i in range(k + 1):
                 gen.ring.push(history[:, :, 1 + window * i : 1 + window * (i + 1)].to(start.device, start.dtype))
     if finish:
         chunks.append(decoder.finish().frames)
-    return torch.cat(chunks).numpy()
+    return torch.cat(chunks).numpy(), torch.cat(sampled, dim=1)
 
 
 # ------------------------------------------------------------------------------------------------- criteria

@@ -405,6 +405,12 @@ def train_transformer(args: argparse.Namespace) -> Path:
             raise FileNotFoundError(f"no latent cache found: {args.cache or out / 'latents.pt'}")
         cache = LatentCache.load(*files)
         dataset = WindowDataset(cache, window=args.window)
+        if args.onpolicy:  # the model's own histories with the world's continuations (demo/onpolicy.py)
+            from framepack_rt.demo.onpolicy import MixedDataset, OnPolicyDataset
+
+            own = OnPolicyDataset.load(*args.onpolicy)
+            cache.prompts.update(own.prompts)
+            dataset = MixedDataset(dataset, own, args.onpolicy_fraction)
         model = wrap_for(build_transformer(args, info), args, info).train()
         inner = getattr(model, "module", model)  # the FramePackTransformer inside DDP (EMA reads its names)
         if args.grad_checkpoint:
@@ -562,6 +568,10 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--text-dropout", dest="text_dropout", type=float, default=0.0,
                         help="fraction of samples trained without text (zero embeddings), for real CFG")
         sp.add_argument("--vanilla-fraction", dest="vanilla_fraction", type=float, default=0.15)
+        sp.add_argument("--onpolicy", nargs="*", default=None,
+                        help="windows files of demo/onpolicy.py: the model's own histories, the world's targets")
+        sp.add_argument("--onpolicy-fraction", dest="onpolicy_fraction", type=float, default=0.5,
+                        help="about this fraction of the windows drawn are on-policy ones")
         sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
         sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
         sp.add_argument("--tiny", action="store_true", help="the tiny preset instead of the demo config (tests)")

@@ -1,0 +1,281 @@
+"""On-policy training windows for the demo transformer: its own history in, the world's continuation out.
+
+Why (issue 19): with the world's history (teacher forcing) the shipped transformer keeps 72% of frames intact,
+running on its own history 42%. Trained only on encoded world clips, it never saw its own sections, whose
+errors are a ball turned yellow or gone, not Gaussian noise; so one bad section makes the next worse
+(exposure bias). This is DAgger (Ross et al., 2011) with the world as the expert:
+
+1. a world scene whose prompt changes only at section boundaries (as a stream's does) is run by the model,
+   free, through the pipeline's sampling and decoder (:func:`evaluate.engine_run`);
+2. at every section boundary the objects are found by colour in the decoded history (:func:`track_objects`);
+3. the world carries them on from *there* with the next section's prompt, drawn clean: right colour, count and
+   size, continuous position (:func:`expert_section`), and that is encoded by the VAE as the target;
+4. the training window is (the model's own latents as history, that target).
+
+The VAE encodes clips in temporal tiles of 17 frames at a stride of 12 (GroupNorm statistics span a tile), so
+a section's latents depend only on the 12 frames before it and the 4 after: the target is encoded from those 12
+lead-in frames (the tracked objects, drawn clean), the section and a 4-frame tail (its motion carried on), and
+equals what encoding a longer clip gives there (tests/demo/test_onpolicy.py).
+
+    python -m framepack_rt.demo.onpolicy --model framepack_rt/demo/weights --out runs/op/onpolicy.pt --scenes 300
+    python -m framepack_rt.demo.train transformer ... --onpolicy runs/op/onpolicy.pt --onpolicy-fraction 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from framepack_rt.demo.data import encode_prompts, encode_video, history_before
+from framepack_rt.demo.world import (
+    ARTICLES,
+    Clip,
+    WorldConfig,
+    WorldObject,
+    _Limits,
+    _pick_motion,
+    _step,
+    all_prompts,
+    make_prompt,
+    make_scene,
+    render,
+    simulate,
+)
+
+LEAD_IN = 12  # frames before a section that its latents depend on (the VAE's temporal tile stride)
+TAIL = 4  # and after it: the last tile holding the section then has all its 17 frames
+TRACK_COLOUR_DISTANCE = 60.0  # a pixel belongs to an object within this RGB distance of its colour (as fidelity.py)
+TRACK_AREA_BAND = (0.5, 2.0)  # a found object is believed when its area is within this band of the drawn one's
+
+
+@dataclass
+class SectionScene:
+    """A world scene and a plan whose prompt changes only at section boundaries: ``prompts[k]`` is section k's.
+    ``clip`` is the world's own run of the plan (its centres, radii and frames: what a perfect model draws)."""
+
+    clip: Clip
+    plan: list[tuple[int, int, str]]
+    prompts: list[str]
+    window: int
+
+    @property
+    def frames_per_section(self) -> int:
+        return 4 * self.window
+
+
+def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig(),
+                  change: float = 0.5) -> SectionScene:
+    """A random scene (1-3 objects, as the training clips) run for ``sections`` sections; at each boundary the
+    prompt changes with probability ``change`` to a motion that has room to show (world._pick_motion)."""
+    if sections < 2:
+        raise ValueError(f"an on-policy scene needs 2 or more sections (the first has no own history), got {sections}")
+    rng = np.random.default_rng(seed)
+    objects, background, states = make_scene(rng, cfg)
+    lim, per = _Limits(cfg), 4 * window
+    plan: list[tuple[int, int, str]] = []
+    prompts: list[str] = []
+    current = states.copy()
+    for k in range(sections):
+        if k == 0 or rng.random() < change:
+            subject, motion = _pick_motion(rng, current, lim, cfg)
+            plan.append((0 if k == 0 else 1 + per * k, subject, motion))
+            obj = objects[subject]
+            prompts.append(make_prompt(obj.colour, obj.shape, motion, ARTICLES[int(rng.integers(len(ARTICLES)))]))
+        else:
+            prompts.append(prompts[-1])
+        centers, radii, _ = simulate(objects, states, plan, 1 + per * (k + 1), cfg)
+        current = np.concatenate([centers[-1], radii[-1][:, None]], axis=1).astype(np.float64)
+    centers, radii, subjects = simulate(objects, states, plan, 1 + per * sections, cfg)
+    frames = render(objects, background, centers, radii, cfg.size)
+    timeline = [(f, prompts[0 if f == 0 else (f - 1) // per]) for f, _, _ in plan]
+    return SectionScene(Clip(frames, timeline, objects, background, centers, radii, subjects, cfg), plan, prompts,
+                        window)
+
+
+def object_area(shape: str, radius: np.ndarray) -> np.ndarray:
+    """Drawn area in pixels of a ball (radius) or square (half-side)."""
+    return np.pi * radius**2 if shape == "ball" else 4.0 * radius**2
+
+
+def track_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int) -> np.ndarray:
+    """Each object's centre per frame, found by its colour in ``frames`` (T, H, W, 3) of any side, in world
+    pixels (side ``size``): (T, n, 2). radii (T, n) are the drawn ones (world pixels). Where an object is not
+    found with an area in TRACK_AREA_BAND of its drawn area (gone, changed colour, split into a smear) the last
+    centre it was found at is kept; before it is first found, NaN."""
+    scale = frames.shape[2] / size
+    pixels = frames.astype(np.float32)
+    ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]].astype(np.float32)
+    out = np.full((len(frames), len(objects), 2), np.nan)
+    for i, obj in enumerate(objects):
+        mask = np.linalg.norm(pixels - np.asarray(obj.rgb, np.float32), axis=-1) <= TRACK_COLOUR_DISTANCE
+        area = mask.sum(axis=(1, 2)) / scale**2
+        drawn = object_area(obj.shape, radii[:, i])
+        found = (area >= TRACK_AREA_BAND[0] * drawn) & (area <= TRACK_AREA_BAND[1] * drawn)
+        last = (np.nan, np.nan)
+        for t in range(len(frames)):
+            if found[t]:
+                n = mask[t].sum()
+                # pixel j covers [j - 0.5, j + 0.5]: centres map back by (p + 0.5) / scale - 0.5
+                last = ((xs[mask[t]].sum() / n + 0.5) / scale - 0.5, (ys[mask[t]].sum() / n + 0.5) / scale - 0.5)
+            out[t, i] = last
+    return out
+
+
+def expert_section(scene: SectionScene, section: int, tracked: np.ndarray) -> np.ndarray:
+    """What the world draws for section ``section`` (>= 1) when the objects stand where the model left them:
+    frames (LEAD_IN + 1 + frames_per_section + TAIL, H, W, 3): the lead-in along the tracked centres, then the
+    section's motion carried on from the last tracked state (into the tail). tracked (>= boundary + 1, n, 2), NaN where an
+    object was never found (the world's own centre is used there). Radii are the world's."""
+    clip, per = scene.clip, scene.frames_per_section
+    boundary = per * section  # the last frame of the history
+    lim = _Limits(clip.config)
+    first = boundary - LEAD_IN
+    lead = np.where(np.isnan(tracked[first : boundary + 1]), clip.centers[first : boundary + 1], tracked[first : boundary + 1])
+    state = np.concatenate([lead[-1], clip.radii[boundary][:, None]], axis=1).astype(np.float64)
+    began, subject, motion = next((f - 1, s, m) for f, s, m in reversed(scene.plan) if f <= boundary + 1)
+    began = max(began, 0)
+    # A bounce hops from the height it had when it began: shift the world's hop to where the model has the object.
+    anchor = (clip.centers[began, subject, 1] - clip.centers[boundary, subject, 1] + state[subject, 1]
+              if motion == "bounces" else state[subject, 1])
+    centers = np.empty((per + TAIL, len(clip.objects), 2))
+    radii = np.empty((per + TAIL, len(clip.objects)))
+    for t in range(per + TAIL):
+        _step(state[subject], motion, boundary + 1 + t - began, anchor, lim)
+        centers[t], radii[t] = state[:, :2], state[:, 2]
+    all_centers = np.concatenate([lead, centers]).astype(np.float32)
+    all_radii = np.concatenate([clip.radii[first : boundary + 1], radii]).astype(np.float32)
+    return render(clip.objects, clip.background, all_centers, all_radii, clip.config.size)
+
+
+@dataclass
+class OnPolicyWindow:
+    """One training window: history (C, K, h, w) the model's own latents, target (C, w, h, w) the world's."""
+
+    target: torch.Tensor
+    history: torch.Tensor
+    start: torch.Tensor
+    image_embeds: torch.Tensor
+    prompt: str
+
+
+def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19) -> list[OnPolicyWindow]:
+    """Run ``scene`` with the model (free) and return one window per section boundary (sections 1..n-1)."""
+    from framepack_rt.demo.evaluate import engine_run
+    from framepack_rt.engine.schedules import f1_schedule
+
+    image = scene.clip.frames[0]
+    frames, latents = engine_run(pipe, image, scene.prompts, seed, None, f1_schedule(scene.window), finish=True)
+    clip, per = scene.clip, scene.frames_per_section
+    tracked = track_objects(frames[: len(clip.frames)], clip.objects, clip.radii, clip.config.size)
+    _, embeds, _ = pipe.encode_image(image)
+    vae = pipe.parts.vae()
+    lat = latents.transpose(0, 1)  # (N, C, h, w): start latent, then the sections
+    windows = []
+    for section in range(1, len(scene.prompts)):
+        drawn = expert_section(scene, section, tracked)
+        target = encode_video(vae.live, drawn, vae.scaling_factor)[-1 - scene.window : -1]  # the tail's latent off
+        s = 1 + scene.window * section
+        windows.append(OnPolicyWindow(
+            target=target.transpose(0, 1).half(), history=history_before(lat, s, num_history).transpose(0, 1).half(),
+            start=lat[0:1].transpose(0, 1).half(), image_embeds=embeds[0].float().cpu(),
+            prompt=scene.prompts[section]))
+    return windows
+
+
+class OnPolicyDataset(Dataset):
+    """Windows written by this module's command: items shaped as data.WindowDataset's (fp32)."""
+
+    def __init__(self, windows: list[OnPolicyWindow], prompts: dict) -> None:
+        self.windows, self.prompts = windows, prompts
+
+    @classmethod
+    def load(cls, *paths: str | Path) -> OnPolicyDataset:
+        windows, prompts = [], {}
+        for path in paths:
+            data = torch.load(Path(path), weights_only=True)
+            windows += [OnPolicyWindow(**w) for w in data["windows"]]
+            prompts.update(data["prompts"])
+        return cls(windows, prompts)
+
+    def save(self, path: str | Path, done_scenes: int) -> None:
+        tmp = Path(path).with_suffix(".tmp")
+        torch.save({"windows": [vars(w) for w in self.windows], "prompts": self.prompts, "scenes": done_scenes}, tmp)
+        tmp.replace(path)  # a run stopped mid-write keeps the last whole file
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict:
+        w = self.windows[i]
+        return {"target": w.target.float(), "start": w.start.float(), "history": w.history.float(),
+                "image_embeds": w.image_embeds.float(), "prompt": w.prompt}
+
+
+class MixedDataset(Dataset):
+    """``extra``'s items as about ``fraction`` of an epoch of ``base`` + them: each is listed
+    round(fraction / (1 - fraction) * len(base) / len(extra)) times (at least once)."""
+
+    def __init__(self, base: Dataset, extra: Dataset, fraction: float) -> None:
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"--onpolicy-fraction must be in (0, 1), got {fraction}")
+        if not len(extra):
+            raise ValueError("the on-policy file holds no windows")
+        repeat = max(1, round(fraction / (1.0 - fraction) * len(base) / len(extra)))
+        self.base, self.extra, self.repeat = base, extra, repeat
+
+    def __len__(self) -> int:
+        return len(self.base) + self.repeat * len(self.extra)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.base[i] if i < len(self.base) else self.extra[(i - len(self.base)) % len(self.extra)]
+
+
+def generate(args: argparse.Namespace) -> Path:
+    """Scenes seeds ``args.seed * 1_000_003 + i`` for i < args.scenes, appended to ``args.out`` (resumable)."""
+    from framepack_rt.demo.evaluate import load_pipeline
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.model)
+    done = 0
+    if out.is_file():
+        data = OnPolicyDataset.load(out)
+        done = torch.load(out, weights_only=True)["scenes"]
+    else:
+        data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()))
+    began = time.perf_counter()
+    for i in range(done, args.scenes):
+        seed = args.seed * 1_000_003 + i
+        scene = section_scene(seed, args.sections, args.window, WorldConfig(size=args.size))
+        with torch.no_grad():
+            data.windows += scene_windows(pipe, scene, seed)
+        if (i + 1) % args.save_every == 0 or i + 1 == args.scenes:
+            data.save(out, i + 1)
+            print(f"{i + 1}/{args.scenes} scenes, {len(data)} windows, {time.perf_counter() - began:.0f} s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    from framepack_rt.demo import DEMO_SIZE
+
+    p = argparse.ArgumentParser(prog="python -m framepack_rt.demo.onpolicy", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="demo", help="the weights whose own histories to record (a folder or demo)")
+    p.add_argument("--out", required=True, help="windows file (.pt); an existing one is continued")
+    p.add_argument("--scenes", type=int, default=300)
+    p.add_argument("--sections", type=int, default=6, help="sections per scene: sections - 1 windows each")
+    p.add_argument("--window", type=int, default=9)
+    p.add_argument("--seed", type=int, default=3, help="scene seed family (training clips use 1 and 2, the "
+                   "evaluation 0-49 and its fidelity scenes their own)")
+    p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--save-every", dest="save_every", type=int, default=10)
+    generate(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

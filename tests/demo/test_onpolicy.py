@@ -1,0 +1,146 @@
+"""On-policy windows (demo/onpolicy.py): section-aligned scenes, tracking by colour, the world carrying objects
+on from where the model left them, targets encoded exactly as whole clips are, and the trainer reading them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from framepack_rt.demo import onpolicy as O
+from framepack_rt.demo import train as T
+from framepack_rt.demo.data import encode_video
+from framepack_rt.demo.world import MOTIONS, parse_prompt
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_prompts_change_only_at_section_boundaries(seed):
+    scene = O.section_scene(seed, 4, window=9)
+    per = scene.frames_per_section
+    assert len(scene.prompts) == 4 and len(scene.clip.frames) == 1 + 4 * per
+    assert [f for f, _, _ in scene.plan][0] == 0
+    assert all((f - 1) % per == 0 for f, _, _ in scene.plan[1:])
+    for f, subject, motion in scene.plan:  # each prompt names its subject and motion
+        section = 0 if f == 0 else (f - 1) // per
+        colour, shape, said = parse_prompt(scene.prompts[section])
+        assert said == motion in MOTIONS and scene.clip.objects[subject].colour == colour
+    assert scene.clip.prompt_at(per * 2 + 1) == scene.prompts[2]
+
+
+def test_tracking_finds_the_worlds_objects_at_its_size_and_the_decoders():
+    errors = []
+    for seed in range(6):
+        clip = O.section_scene(seed, 3).clip
+        big = np.repeat(np.repeat(clip.frames, 2, axis=1), 2, axis=2)  # a 2x decoder's frame of the same scene
+        for frames in (clip.frames, big):
+            errors.append(np.linalg.norm(O.track_objects(frames, clip.objects, clip.radii, 64) - clip.centers, axis=-1))
+    assert np.median(np.concatenate([e.ravel() for e in errors])) < 0.3  # px, where nothing overlaps
+
+
+def test_an_object_that_vanishes_or_changes_colour_keeps_its_last_centre():
+    clip = O.section_scene(1, 2).clip
+    frames = clip.frames.copy()
+    frames[10:20] = np.asarray(clip.background, np.uint8)  # gone
+    shapes = np.any(frames[20:30] != np.asarray(clip.background, np.uint8), axis=-1)
+    frames[20:30][shapes] = (150, 0, 150)  # every object turned purple, a colour the world has not
+    tracked = O.track_objects(frames, clip.objects, clip.radii, 64)
+    assert np.allclose(tracked[10:30], tracked[9], equal_nan=True)
+    assert np.abs(tracked[40] - clip.centers[40]).max() < 1.0  # found again when it is back
+
+
+@pytest.mark.parametrize("seed", [0, 2, 3])  # 0 and 3: bounces that carry on over a boundary; 2: growing
+def test_with_the_worlds_own_centres_the_expert_draws_the_world(seed):
+    scene = O.section_scene(seed, 4)
+    per, clip = scene.frames_per_section, scene.clip
+    for section in range(1, 4):
+        drawn = O.expert_section(scene, section, clip.centers.astype(np.float64))
+        world = clip.frames[per * section - O.LEAD_IN : per * (section + 1) + 1]  # the tail may be the next prompt
+        assert len(drawn) == O.LEAD_IN + 1 + per + O.TAIL and np.array_equal(drawn[: len(world)], world)
+
+
+def test_the_expert_carries_objects_on_from_where_the_model_left_them():
+    scene = next(s for s in (O.section_scene(seed, 3) for seed in range(40))
+                 if s.prompts[1].endswith("moves right") and s.prompts[1] != s.prompts[0]
+                 and 16 < s.clip.centers[36, s.plan[1][1], 0] < 32)  # room on both sides
+    clip, per = scene.clip, scene.frames_per_section
+    subject = scene.plan[1][1]
+    tracked = clip.centers.astype(np.float64).copy()
+    tracked[per - 20 :, subject, 0] -= 4.0  # the model drew it 4 px short of the world
+    tracked[per - 20 :, subject, 1] += 1.5
+    drawn = O.expert_section(scene, 1, tracked)
+    found = O.track_objects(drawn, clip.objects, clip.radii[per - O.LEAD_IN : 2 * per + 1 + O.TAIL], 64)[:, subject]
+    assert np.abs(found[O.LEAD_IN] - tracked[per, subject]).max() < 0.3  # the lead-in ends where the model was
+    step = np.diff(found[O.LEAD_IN:, 0])
+    assert abs(step[:20].mean() - 0.01 * 64) < 0.05 and step.max() < 1.0  # on at the world's speed, no jump
+    assert np.abs(found[O.LEAD_IN:, 1] - tracked[per, subject, 1]).max() < 0.3  # and only right
+
+
+@pytest.fixture(scope="module")
+def demo_pipe():
+    from framepack_rt.demo.evaluate import load_pipeline
+
+    return load_pipeline("demo")
+
+
+def test_a_section_encoded_from_its_lead_in_and_tail_equals_the_whole_clips_encode(demo_pipe):
+    vae = demo_pipe.parts.vae()
+    clip = O.section_scene(7, 4).clip
+    whole = encode_video(vae.live, clip.frames, vae.scaling_factor)
+    per = 36
+    for section in (1, 2):
+        part = encode_video(vae.live, clip.frames[per * section - O.LEAD_IN : per * (section + 1) + 1 + O.TAIL],
+                            vae.scaling_factor)
+        assert torch.equal(part[-10:-1], whole[1 + 9 * section : 1 + 9 * (section + 1)])
+    short = encode_video(vae.live, clip.frames[per - O.LEAD_IN : 2 * per + 1], vae.scaling_factor)
+    assert not torch.equal(short[-9:], whole[10:19])  # without the tail the last tile is cut short
+
+
+def test_windows_hold_the_models_own_history_and_the_experts_target(demo_pipe):
+    from framepack_rt.demo.evaluate import engine_run
+    from framepack_rt.engine.schedules import f1_schedule
+
+    scene = O.section_scene(11, 3)
+    with torch.no_grad():
+        windows = O.scene_windows(demo_pipe, scene, seed=5)
+        frames, latents = engine_run(demo_pipe, scene.clip.frames[0], scene.prompts, 5, None, f1_schedule(9),
+                                     finish=True)
+    assert len(windows) == 2 and [w.prompt for w in windows] == scene.prompts[1:]
+    second = windows[1]
+    assert second.history.shape == (16, 19, 8, 8) and second.target.shape == (16, 9, 8, 8)
+    assert torch.equal(second.history, latents[:, :19].half())  # the start latent + 2 sections: its own
+    assert not windows[0].history[:, :9].any() and torch.equal(windows[0].history[:, 9:], latents[:, :10].half())
+    assert torch.equal(second.start, latents[:, :1].half())
+    tracked = O.track_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, 64)
+    vae = demo_pipe.parts.vae()
+    target = encode_video(vae.live, O.expert_section(scene, 2, tracked), vae.scaling_factor)[-10:-1]
+    assert torch.equal(second.target, target.transpose(0, 1).half())
+
+
+def test_mixed_dataset_lists_on_policy_windows_as_the_fraction_asked():
+    base, extra = list(range(900)), ["x"] * 30
+    mixed = O.MixedDataset(base, extra, 0.5)
+    assert len(mixed) == 1800 and mixed[0] == 0 and mixed[899] == 899 and mixed[900] == mixed[1799] == "x"
+    assert len(O.MixedDataset(base, extra, 0.25)) == 900 + 300
+    with pytest.raises(ValueError, match="onpolicy-fraction"):
+        O.MixedDataset(base, extra, 1.0)
+    with pytest.raises(ValueError, match="no windows"):
+        O.MixedDataset(base, [], 0.5)
+
+
+def test_the_trainer_reads_on_policy_windows(tmp_path):
+    from tests.demo.test_train import _args, _tiny_cache
+
+    _tiny_cache(tmp_path)
+    cache = torch.load(tmp_path / "latents.pt", weights_only=True)
+    clip = cache["clips"][0]
+    c, h, w = clip["latents"].shape[1:]
+    windows = [O.OnPolicyWindow(target=torch.randn(c, 9, h, w).half(), history=torch.randn(c, 19, h, w).half(),
+                                start=torch.randn(c, 1, h, w).half(), image_embeds=clip["image_embeds"],
+                                prompt=clip["prompts"][0]) for _ in range(3)]
+    O.OnPolicyDataset(windows, cache["prompts"]).save(tmp_path / "own.pt", done_scenes=1)
+    assert len(O.OnPolicyDataset.load(tmp_path / "own.pt")) == 3
+    T.train_transformer(_args(tmp_path, "--steps", "2", "--onpolicy", str(tmp_path / "own.pt")))
+    log = [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
