@@ -6,6 +6,8 @@
 * ``data``      -- clips -> latent caches -> FramePack F1 training batches (flow matching).
 * ``train``     -- ``python -m framepack_rt.demo.train``: VAE, then transformer; single process or FSDP.
 * ``evaluate``  -- ``python -m framepack_rt.demo.evaluate``: direction, prompt change, drift.
+* ``onpolicy``  -- ``python -m framepack_rt.demo.onpolicy``: training windows from the model's own histories,
+  the world's continuations as targets (DAgger); ``train transformer --onpolicy`` mixes them in.
 
 The trained weights live in ``WEIGHTS_DIR`` in the published folder layout (model_folders.py), with the
 example start in ``example/``, so the folder loader reads them like any other model set.
