@@ -243,12 +243,12 @@ def generate(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model)
-    done = 0
-    if out.is_file():
-        data = OnPolicyDataset.load(out)
-        done = torch.load(out, weights_only=True)["scenes"]
+    if out.is_file():  # continue a run that stopped
+        saved = torch.load(out, weights_only=True)
+        data = OnPolicyDataset([OnPolicyWindow(**w) for w in saved["windows"]], saved["prompts"])
+        done = saved["scenes"]
     else:
-        data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()))
+        data, done = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts())), 0
     began = time.perf_counter()
     for i in range(done, args.scenes):
         seed = args.seed * 1_000_003 + i

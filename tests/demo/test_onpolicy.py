@@ -144,3 +144,16 @@ def test_the_trainer_reads_on_policy_windows(tmp_path):
     T.train_transformer(_args(tmp_path, "--steps", "2", "--onpolicy", str(tmp_path / "own.pt")))
     log = [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
+    out = tmp_path / "own.pt"
+    args = ["--model", "demo", "--out", str(out), "--sections", "2", "--save-every", "1", "--seed", "9"]
+    O.main([*args, "--scenes", "1"])
+    first = O.OnPolicyDataset.load(out)
+    assert len(first) == 1 and torch.load(out, weights_only=True)["scenes"] == 1
+    assert set(first.prompts) >= {w.prompt for w in first.windows}  # the trainer finds every window's text
+    O.main([*args, "--scenes", "2"])
+    both = O.OnPolicyDataset.load(out)
+    assert len(both) == 2 and torch.equal(both.windows[0].target, first.windows[0].target)  # scene 0 kept, not redone
+    assert not out.with_suffix(".tmp").exists()
