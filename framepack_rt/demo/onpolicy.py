@@ -130,13 +130,14 @@ def track_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndar
 def expert_section(scene: SectionScene, section: int, tracked: np.ndarray) -> np.ndarray:
     """What the world draws for section ``section`` (>= 1) when the objects stand where the model left them:
     frames (LEAD_IN + 1 + frames_per_section + TAIL, H, W, 3): the lead-in along the tracked centres, then the
-    section's motion carried on from the last tracked state (into the tail). tracked (>= boundary + 1, n, 2), NaN where an
-    object was never found (the world's own centre is used there). Radii are the world's."""
+    section's motion carried on from the last tracked state (into the tail). tracked (>= boundary + 1, n, 2),
+    NaN where an object was never found (the world's own centre is used there). Radii are the world's."""
     clip, per = scene.clip, scene.frames_per_section
     boundary = per * section  # the last frame of the history
     lim = _Limits(clip.config)
     first = boundary - LEAD_IN
-    lead = np.where(np.isnan(tracked[first : boundary + 1]), clip.centers[first : boundary + 1], tracked[first : boundary + 1])
+    seen = tracked[first : boundary + 1]
+    lead = np.where(np.isnan(seen), clip.centers[first : boundary + 1], seen)
     state = np.concatenate([lead[-1], clip.radii[boundary][:, None]], axis=1).astype(np.float64)
     began, subject, motion = next((f - 1, s, m) for f, s, m in reversed(scene.plan) if f <= boundary + 1)
     began = max(began, 0)
