@@ -139,13 +139,7 @@ def stream_vanilla(pipe, image: np.ndarray, prompts: list[str], seed: int, steps
     """The same with the vanilla schedule (no start slot), through the engine: the pipeline has no such mode."""
     from framepack_rt.engine.schedules import vanilla_schedule
 
-    return _engine_frames(pipe, image, prompts, seed, steps, vanilla_schedule())
-
-
-def _engine_frames(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None, schedule,
-                   history: torch.Tensor | None = None, finish: bool = False) -> np.ndarray:
-    """:func:`engine_run`'s frames."""
-    return engine_run(pipe, image, prompts, seed, steps, schedule, history, finish)[0]
+    return engine_run(pipe, image, prompts, seed, steps, vanilla_schedule())[0]
 
 
 def engine_run(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None, schedule,
@@ -333,7 +327,7 @@ def stream_f1_forced(pipe, image: np.ndarray, prompts: list[str], seed: int, ste
 
     vae = pipe.parts.vae()
     world = encode_video(vae.live, truth, vae.scaling_factor).transpose(0, 1)[None]  # (1, C, T', h, w)
-    frames = _engine_frames(pipe, image, prompts, seed, steps, f1_schedule(window), history=world, finish=True)
+    frames, _ = engine_run(pipe, image, prompts, seed, steps, f1_schedule(window), history=world, finish=True)
     return frames[: len(truth)]
 
 

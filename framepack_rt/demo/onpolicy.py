@@ -190,19 +190,21 @@ def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19) -
 
 
 class OnPolicyDataset(Dataset):
-    """Windows written by this module's command: items shaped as data.WindowDataset's (fp32)."""
+    """Windows written by this module's command: items shaped as data.WindowDataset's (fp32). ``scenes``: how
+    many scenes the files recorded (a stopped recording continues after them)."""
 
-    def __init__(self, windows: list[OnPolicyWindow], prompts: dict) -> None:
-        self.windows, self.prompts = windows, prompts
+    def __init__(self, windows: list[OnPolicyWindow], prompts: dict, scenes: int = 0) -> None:
+        self.windows, self.prompts, self.scenes = windows, prompts, scenes
 
     @classmethod
     def load(cls, *paths: str | Path) -> OnPolicyDataset:
-        windows, prompts = [], {}
+        windows, prompts, scenes = [], {}, 0
         for path in paths:
             data = torch.load(Path(path), weights_only=True)
             windows += [OnPolicyWindow(**w) for w in data["windows"]]
             prompts.update(data["prompts"])
-        return cls(windows, prompts)
+            scenes += data["scenes"]
+        return cls(windows, prompts, scenes)
 
     def save(self, path: str | Path, done_scenes: int) -> None:
         tmp = Path(path).with_suffix(".tmp")
@@ -245,13 +247,11 @@ def generate(args: argparse.Namespace) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.model)
     if out.is_file():  # continue a run that stopped
-        saved = torch.load(out, weights_only=True)
-        data = OnPolicyDataset([OnPolicyWindow(**w) for w in saved["windows"]], saved["prompts"])
-        done = saved["scenes"]
+        data = OnPolicyDataset.load(out)
     else:
-        data, done = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts())), 0
+        data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()))
     began = time.perf_counter()
-    for i in range(done, args.scenes):
+    for i in range(data.scenes, args.scenes):
         seed = args.seed * 1_000_003 + i
         scene = section_scene(seed, args.sections, args.window, WorldConfig(size=args.size))
         with torch.no_grad():

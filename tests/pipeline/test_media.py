@@ -69,7 +69,8 @@ def test_mp4_writer_frame_count_and_rate(tmp_path):
 
 def test_mp4_writer_output_does_not_depend_on_when_frames_arrive(tmp_path):
     """The same frames written in sections with different pauses between them (as a stream's sections arrive)
-    decode to the same video: with x264's default frame threads they did not (up to 46/255 apart)."""
+    decode to the same video: with x264's default lookahead they did not (up to 46/255 apart), even on one
+    encoder thread."""
     import time
 
     from framepack_rt.demo.world import start_image
