@@ -369,16 +369,25 @@ def build_transformer(args: argparse.Namespace, info: D.DistInfo) -> torch.nn.Mo
     from framepack_rt.model.transformer import FramePackTransformer
 
     if args.init is None:
+        if args.deepen:
+            raise ValueError("--deepen grows a trained transformer: give it with --init FOLDER")
         cfg = TRANSFORMER_CONFIG
         if args.tiny:
             cfg = dataclasses.replace(FramePackConfig.preset("tiny"), text_embed_dim=TRANSFORMER_CONFIG.text_embed_dim,
                                       pooled_projection_dim=TRANSFORMER_CONFIG.pooled_projection_dim,
                                       image_proj_dim=TRANSFORMER_CONFIG.image_proj_dim)
         return FramePackTransformer.from_config(cfg, seed=args.seed)
+    if args.deepen and args.fsdp:
+        raise ValueError("--deepen grows the demo model in one process: not with --fsdp")
     if broadcasts_init(args, info) and not info.is_main:
         return FramePackTransformer.from_config(FramePackConfig.from_file(Path(args.init) / "config.json"),
                                                 device="meta")
-    return FramePackTransformer.from_pretrained(args.init, dtype=torch.float32)
+    model = FramePackTransformer.from_pretrained(args.init, dtype=torch.float32)
+    if args.deepen:  # new zero-gated blocks between the trained ones: the same function, more depth (grow.py)
+        from framepack_rt.demo.grow import deepen
+
+        model = deepen(model, *args.deepen, seed=args.seed)
+    return model
 
 
 def wrap_for(model: torch.nn.Module, args: argparse.Namespace, info: D.DistInfo) -> torch.nn.Module:
@@ -522,6 +531,17 @@ def export(args: argparse.Namespace) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
+def _block_counts(text: str) -> tuple[int, int]:
+    """"D,S" -> (D, S): double- and single-stream block counts for --deepen."""
+    try:
+        double, single = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two block counts, double- and single-stream, e.g. 6,6")
+    if double < 1 or single < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one double-stream block, no negative counts")
+    return double, single
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m framepack_rt.demo.train", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
@@ -574,6 +594,8 @@ def parser() -> argparse.ArgumentParser:
                         help="about this fraction of the windows drawn are on-policy ones")
         sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
         sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
+        sp.add_argument("--deepen", type=_block_counts, default=None, metavar="D,S",
+                        help="with --init: grow to D double- and S single-stream blocks, same function (grow.py)")
         sp.add_argument("--tiny", action="store_true", help="the tiny preset instead of the demo config (tests)")
         sp.add_argument("--fsdp", action="store_true", help="FullyShardedDataParallel over the torchrun group")
         sp.add_argument("--bf16", action="store_true", help="bf16 compute (autocast; FSDP mixed precision)")
