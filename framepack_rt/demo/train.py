@@ -32,6 +32,9 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
         --decoder-init runs/fd64/fast_decoder --decoder-steps 2000 --save-every 200
     python -m framepack_rt.demo.train export --out runs/fd128     # the shipped fast_decoder/
 
+A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
+function at first) was trained and measured, not shipped; README has the command and the figures.
+
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32.
 
