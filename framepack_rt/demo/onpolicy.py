@@ -103,11 +103,10 @@ def object_area(shape: str, radius: np.ndarray) -> np.ndarray:
     return np.pi * radius**2 if shape == "ball" else 4.0 * radius**2
 
 
-def track_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int) -> np.ndarray:
+def find_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int) -> np.ndarray:
     """Each object's centre per frame, found by its colour in ``frames`` (T, H, W, 3) of any side, in world
-    pixels (side ``size``): (T, n, 2). radii (T, n) are the drawn ones (world pixels). Where an object is not
-    found with an area in TRACK_AREA_BAND of its drawn area (gone, changed colour, split into a smear) the last
-    centre it was found at is kept; before it is first found, NaN."""
+    pixels (side ``size``): (T, n, 2). radii (T, n) are the drawn ones (world pixels). NaN where an object is not
+    found with an area in TRACK_AREA_BAND of its drawn area (gone, changed colour, split into a smear)."""
     scale = frames.shape[2] / size
     pixels = frames.astype(np.float32)
     ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]].astype(np.float32)
@@ -117,14 +116,31 @@ def track_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndar
         area = mask.sum(axis=(1, 2)) / scale**2
         drawn = object_area(obj.shape, radii[:, i])
         found = (area >= TRACK_AREA_BAND[0] * drawn) & (area <= TRACK_AREA_BAND[1] * drawn)
-        last = (np.nan, np.nan)
-        for t in range(len(frames)):
-            if found[t]:
-                n = mask[t].sum()
-                # pixel j covers [j - 0.5, j + 0.5]: centres map back by (p + 0.5) / scale - 0.5
-                last = ((xs[mask[t]].sum() / n + 0.5) / scale - 0.5, (ys[mask[t]].sum() / n + 0.5) / scale - 0.5)
-            out[t, i] = last
+        for t in np.nonzero(found)[0]:
+            n = mask[t].sum()
+            # pixel j covers [j - 0.5, j + 0.5]: centres map back by (p + 0.5) / scale - 0.5
+            out[t, i] = ((xs[mask[t]].sum() / n + 0.5) / scale - 0.5, (ys[mask[t]].sum() / n + 0.5) / scale - 0.5)
     return out
+
+
+def carry_forward(found: np.ndarray) -> np.ndarray:
+    """(T, n, 2) centres with NaN where not found -> the last centre found kept there (NaN before the first)."""
+    out = found.copy()
+    for t in range(1, len(out)):
+        lost = np.isnan(out[t, :, 0])
+        out[t, lost] = out[t - 1, lost]
+    return out
+
+
+def track_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int) -> np.ndarray:
+    """:func:`find_objects`, with the last centre an object was found at kept where it is not found."""
+    return carry_forward(find_objects(frames, objects, radii, size))
+
+
+def found_through_lead_in(found: np.ndarray, boundary: int) -> bool:
+    """Whether every object was found (:func:`find_objects`) in each frame the expert's lead-in follows, up to
+    ``boundary``: the window then teaches carrying on from the model's own history, not repairing it."""
+    return not np.isnan(found[max(0, boundary - LEAD_IN) : boundary + 1]).any()
 
 
 def expert_section(scene: SectionScene, section: int, tracked: np.ndarray) -> np.ndarray:
@@ -165,20 +181,25 @@ class OnPolicyWindow:
     prompt: str
 
 
-def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19) -> list[OnPolicyWindow]:
-    """Run ``scene`` with the model (free) and return one window per section boundary (sections 1..n-1)."""
+def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19,
+                  only_found: bool = False) -> list[OnPolicyWindow]:
+    """Run ``scene`` with the model (free) and return one window per section boundary (sections 1..n-1); with
+    ``only_found``, only at the boundaries where the model still has every object (:func:`found_through_lead_in`)."""
     from framepack_rt.demo.evaluate import engine_run
     from framepack_rt.engine.schedules import f1_schedule
 
     image = scene.clip.frames[0]
     frames, latents = engine_run(pipe, image, scene.prompts, seed, None, f1_schedule(scene.window), finish=True)
     clip, per = scene.clip, scene.frames_per_section
-    tracked = track_objects(frames[: len(clip.frames)], clip.objects, clip.radii, clip.config.size)
+    found = find_objects(frames[: len(clip.frames)], clip.objects, clip.radii, clip.config.size)
+    tracked = carry_forward(found)
     _, embeds, _ = pipe.encode_image(image)
     vae = pipe.parts.vae()
     lat = latents.transpose(0, 1)  # (N, C, h, w): start latent, then the sections
     windows = []
     for section in range(1, len(scene.prompts)):
+        if only_found and not found_through_lead_in(found, per * section):
+            continue
         drawn = expert_section(scene, section, tracked)
         target = encode_video(vae.live, drawn, vae.scaling_factor)[-1 - scene.window : -1]  # the tail's latent off
         s = 1 + scene.window * section
@@ -255,7 +276,7 @@ def generate(args: argparse.Namespace) -> Path:
         seed = args.seed * 1_000_003 + i
         scene = section_scene(seed, args.sections, args.window, WorldConfig(size=args.size))
         with torch.no_grad():
-            data.windows += scene_windows(pipe, scene, seed)
+            data.windows += scene_windows(pipe, scene, seed, only_found=args.only_found)
         if (i + 1) % args.save_every == 0 or i + 1 == args.scenes:
             data.save(out, i + 1)
             print(f"{i + 1}/{args.scenes} scenes, {len(data)} windows, {time.perf_counter() - began:.0f} s", flush=True)
@@ -274,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=3, help="scene seed family (training clips use 1 and 2, the "
                    "evaluation 0-49 and its fidelity scenes their own)")
     p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--only-found", dest="only_found", action="store_true",
+                   help="windows only where the model still has every object through the lead-in (continuation, "
+                   "not repair)")
     p.add_argument("--save-every", dest="save_every", type=int, default=10)
     generate(p.parse_args(argv))
 

@@ -50,6 +50,17 @@ def test_an_object_that_vanishes_or_changes_colour_keeps_its_last_centre():
     assert np.abs(tracked[40] - clip.centers[40]).max() < 1.0  # found again when it is back
 
 
+def test_only_boundaries_where_every_object_is_found_through_the_lead_in_are_kept():
+    clip = O.section_scene(1, 2).clip
+    frames = clip.frames.copy()
+    frames[30:33] = np.asarray(clip.background, np.uint8)  # every object gone for 3 frames
+    found = O.find_objects(frames, clip.objects, clip.radii, 64)
+    assert np.isnan(found[30:33]).all() and not np.isnan(found[:30]).any() and not np.isnan(found[33:]).any()
+    assert O.found_through_lead_in(found, 29) and O.found_through_lead_in(found, 33 + O.LEAD_IN)
+    for boundary in (30, 36, 32 + O.LEAD_IN):  # the gap inside [boundary - LEAD_IN, boundary]
+        assert not O.found_through_lead_in(found, boundary)
+
+
 @pytest.mark.parametrize("seed", [0, 2, 3])  # 0 and 3: bounces that carry on over a boundary; 2: growing
 def test_with_the_worlds_own_centres_the_expert_draws_the_world(seed):
     scene = O.section_scene(seed, 4)
@@ -116,6 +127,13 @@ def test_windows_hold_the_models_own_history_and_the_experts_target(demo_pipe):
     vae = demo_pipe.parts.vae()
     target = encode_video(vae.live, O.expert_section(scene, 2, tracked), vae.scaling_factor)[-10:-1]
     assert torch.equal(second.target, target.transpose(0, 1).half())
+    # only_found keeps exactly the boundaries where the model still had every object
+    found = O.find_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, 64)
+    want = [w for k, w in enumerate(windows, 1) if O.found_through_lead_in(found, scene.frames_per_section * k)]
+    with torch.no_grad():
+        kept = O.scene_windows(demo_pipe, scene, seed=5, only_found=True)
+    assert [w.prompt for w in kept] == [w.prompt for w in want]
+    assert all(torch.equal(a.target, b.target) and torch.equal(a.history, b.history) for a, b in zip(kept, want))
 
 
 def test_mixed_dataset_lists_on_policy_windows_as_the_fraction_asked():
