@@ -18,6 +18,7 @@ lead-in frames (the tracked objects, drawn clean), the section and a 4-frame tai
 equals what encoding a longer clip gives there (tests/demo/test_onpolicy.py).
 
     python -m framepack_rt.demo.onpolicy --model framepack_rt/demo/weights --out runs/op/onpolicy.pt --scenes 300
+        [--only-found]     # only the boundaries where the model still has every object: continuation, not repair
     python -m framepack_rt.demo.train transformer ... --onpolicy runs/op/onpolicy.pt --onpolicy-fraction 0.5
 """
 
