@@ -56,7 +56,7 @@ def deepen(model: FramePackTransformer, num_layers: int, num_single_layers: int,
                     zero_gates(getattr(block, norm), gates)
     rest = {k: v for k, v in model.state_dict().items()
             if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
-    missing = grown.load_state_dict(rest, strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"unexpected weights outside the blocks: {missing.unexpected_keys[:4]}")
+    loaded = grown.load_state_dict(rest, strict=False)  # the blocks' keys are the only ones left out
+    if loaded.unexpected_keys:
+        raise ValueError(f"unexpected weights outside the blocks: {loaded.unexpected_keys[:4]}")
     return grown

@@ -539,7 +539,8 @@ def _block_counts(text: str) -> tuple[int, int]:
     try:
         double, single = (int(x) for x in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give two block counts, double- and single-stream, e.g. 6,6")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give two block counts, double- and single-stream, e.g. 6,6") from None
     if double < 1 or single < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: at least one double-stream block, no negative counts")
     return double, single
