@@ -54,9 +54,11 @@ def deepen(model: FramePackTransformer, num_layers: int, num_single_layers: int,
             else:
                 for norm in norms:
                     zero_gates(getattr(block, norm), gates)
-    rest = {k: v for k, v in model.state_dict().items()
-            if not k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks)}
     loaded = grown.load_state_dict(rest, strict=False)  # the blocks' keys are the only ones left out
-    if loaded.unexpected_keys:
-        raise ValueError(f"unexpected weights outside the blocks: {loaded.unexpected_keys[:4]}")
+    missing = [k for k in loaded.missing_keys if not k.startswith(blocks)]
+    if loaded.unexpected_keys or missing:
+        raise ValueError(f"the two transformers differ outside their blocks: unexpected "
+                         f"{loaded.unexpected_keys[:4]}, missing {missing[:4]}")
     return grown

@@ -64,6 +64,13 @@ def test_new_blocks_learn_from_the_first_step(tiny_config, make_inputs):
     assert new_block.attn.to_q.weight.grad.abs().sum() > 0  # and after one step its inner weights learn too
 
 
+def test_deepen_refuses_a_model_that_differs_outside_its_blocks(tiny_config):
+    model = _trained_like(tiny_config)
+    model.image_projection = None  # its config still says it has one, so the grown model would miss weights
+    with pytest.raises(ValueError, match="missing .*image_projection"):
+        deepen(model, 4, 4)
+
+
 def test_deepen_needs_a_trained_model_and_sane_counts(tmp_path):
     with pytest.raises(SystemExit):
         T.parser().parse_args(["transformer", "--out", str(tmp_path), "--deepen", "6"])
