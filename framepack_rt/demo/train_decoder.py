@@ -8,6 +8,7 @@ frames again from the seeds (the world is deterministic), and trains the decoder
 the latents, with a little noise on the latents: in a stream they come from the sampler, not from the encoder.
 ``--decoder-scale 2`` trains a decoder that draws frames twice the VAE's side from the same latents: the targets
 are the same scenes rendered at twice the size (the world is resolution-free), so a 64 px model streams 128 px.
+``--decoder-flow`` adds the flow head that moves a latent's four frames apart (fast_decoder.py).
 The loss is the VAE's (L1 + MSE, weighted up on the shapes). Checkpoints (OUT/decoder_ckpt) make it resumable
 with the same command; the result is OUT/fast_decoder in the diffusers layout, which ``export`` ships.
 """
@@ -119,7 +120,8 @@ def train_decoder(args: argparse.Namespace) -> Path:
     del vae
     torch.manual_seed(args.seed)
     widths = tuple(int(w) for w in args.decoder_widths.split(","))
-    decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths).train()
+    decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths,
+                               motion_flow=args.decoder_flow).train()
     scale = args.decoder_scale
     if decoder.spatial_compression_ratio != vae_ratio * scale:
         raise ValueError(f"--decoder-widths {args.decoder_widths} upsamples {decoder.spatial_compression_ratio}x, but "
@@ -207,6 +209,9 @@ def add_arguments(sp: argparse.ArgumentParser) -> None:
                          "--decoder-widths entry per 2x")
     sp.add_argument("--decoder-init", dest="decoder_init",
                     help="fast_decoder/ folder to start from (its layers whose shapes match)")
+    sp.add_argument("--decoder-flow", dest="decoder_flow", action="store_true",
+                    help="a flow head that moves each of a latent's frames along the motion it reads (zero at "
+                         "first: with --decoder-init, training starts from that decoder's frames)")
     sp.add_argument("--latent-noise", dest="latent_noise", type=float, default=0.1,
                     help="max std of the noise added to the latents (sampled latents are not the encoder's)")
     sp.add_argument("--decoder-fg-weight", dest="decoder_fg_weight", type=float, default=10.0)

@@ -48,7 +48,8 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, latent_channels: int = 16, out_channels: int = 3,
-                 block_out_channels: tuple[int, ...] = (64, 32, 16, 16), temporal_compression_ratio: int = 4) -> None:
+                 block_out_channels: tuple[int, ...] = (64, 32, 16, 16), temporal_compression_ratio: int = 4,
+                 motion_flow: bool = False) -> None:
         super().__init__()
         widths = list(block_out_channels)
         if len(widths) < 2:
@@ -60,6 +61,16 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
                        nn.Conv2d(widths[i], widths[i + 1], 3, padding=1), nn.ReLU()]
         self.stages = nn.Sequential(*stages)
         self.conv_out = nn.Conv2d(widths[-1], out_channels * temporal_compression_ratio, 3, padding=1)
+        # Motion within a latent: without help the convolutions draw a latent's frames alike (a moving object
+        # stands still for four frames, then jumps), since moving an edge by a velocity read from two latents is
+        # a product a small ReLU stack does not learn. The flow head reads that velocity at the latent
+        # resolution, and each frame is its drawing resampled along it, shifted by its time from the latent's
+        # middle. Zero-initialised, so a decoder grown from one without it starts as the same function.
+        self.flow_head = nn.Sequential(nn.Conv2d(widths[0], widths[0], 3, padding=1), nn.ReLU(),
+                                       nn.Conv2d(widths[0], 2, 3, padding=1)) if motion_flow else None
+        if self.flow_head is not None:
+            nn.init.zeros_(self.flow_head[2].weight)
+            nn.init.zeros_(self.flow_head[2].bias)
 
     @property
     def spatial_compression_ratio(self) -> int:
@@ -73,10 +84,32 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
         before = latents[:, :, :1] if previous is None else previous.to(latents.dtype)
         context = torch.cat([before, latents[:, :, :-1]], dim=2)
         x = torch.cat([latents, context], dim=1).transpose(1, 2).reshape(b * t, 2 * c, h, w)
-        x = self.conv_out(self.stages(torch.relu(self.conv_in(x))))
+        features = torch.relu(self.conv_in(x))
+        x = self.conv_out(self.stages(features))
         r, ch = self.config.temporal_compression_ratio, self.config.out_channels
+        x = x.reshape(b * t, r, ch, *x.shape[-2:])
+        if self.flow_head is not None:
+            x = self.follow_flow(x, self.flow_head(features))
         frames = x.reshape(b, t, r, ch, *x.shape[-2:]).permute(0, 3, 1, 2, 4, 5).reshape(b, ch, t * r, *x.shape[-2:])
         return frames if previous is not None else frames[:, :, r - 1 :]
+
+    @staticmethod
+    def follow_flow(frames: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """frames (N, r, C, H, W), a latent's r frames; flow (N, 2, h, w): the motion in full-resolution pixels a
+        frame (x, y) -> frame k moved by (k - (r - 1) / 2) times the flow, upsampled smoothly to (H, W)."""
+        n, r, c, height, width = frames.shape
+        flow = nn.functional.interpolate(flow.float(), size=(height, width), mode="bilinear", align_corners=False)
+        ys, xs = torch.meshgrid(torch.arange(height, device=flow.device, dtype=flow.dtype),
+                                torch.arange(width, device=flow.device, dtype=flow.dtype), indexing="ij")
+        offsets = torch.arange(r, device=flow.device, dtype=flow.dtype) - (r - 1) / 2
+        # Each output pixel reads its frame where the content was before moving: at p - offset * flow.
+        src_x = xs - offsets.view(1, r, 1, 1) * flow[:, None, 0]
+        src_y = ys - offsets.view(1, r, 1, 1) * flow[:, None, 1]
+        grid = torch.stack([(2 * src_x + 1) / width - 1, (2 * src_y + 1) / height - 1], dim=-1)  # align_corners=False
+        moved = nn.functional.grid_sample(frames.reshape(n * r, c, height, width).float(),
+                                          grid.reshape(n * r, height, width, 2), mode="bilinear",
+                                          padding_mode="border", align_corners=False)
+        return moved.to(frames.dtype).reshape(n, r, c, height, width)
 
 
 class CausalStreamingDecoder:

@@ -395,3 +395,21 @@ def test_decoder_stage_draws_frames_larger_than_the_vae(tmp_path):
     assert decoder.spatial_compression_ratio == 16
     with torch.no_grad():
         assert decoder(torch.randn(1, 16, 2, 2, 3)).shape == (1, 3, 5, 32, 48)
+
+
+def test_decoder_stage_grows_a_flow_head_onto_a_trained_decoder(tmp_path):
+    """--decoder-flow --decoder-init: the first step's loss is the init decoder's (the zero flow head changes
+    nothing), the head learns from there, and the exported folder loads with it."""
+    from framepack_rt.pipeline.fast_decoder import FastVideoDecoder, load_fast_decoder
+
+    torch.manual_seed(0)
+    FastVideoDecoder(block_out_channels=(16, 8, 8, 8)).save_pretrained(tmp_path / "init")
+    T.build_vae().save_pretrained(tmp_path / "vae")
+    first_losses = []
+    for name, more in (("plain", ()), ("flow", ("--decoder-flow",))):
+        shutil.copytree(tmp_path / "vae", tmp_path / name / "vae")
+        log = _decoder_stage(tmp_path / name, 3, "--decoder-init", str(tmp_path / "init"), *more)
+        first_losses.append(next(r["loss"] for r in log if r.get("step") == 1))
+    assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-5)
+    decoder = load_fast_decoder(tmp_path / "flow" / "fast_decoder")
+    assert decoder.config.motion_flow and decoder.flow_head[2].weight.abs().sum() > 0

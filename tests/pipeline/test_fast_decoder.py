@@ -235,3 +235,50 @@ def test_batched_streams_decode_with_their_own_decoders(pipe, fast, image):
                 assert np.abs(expect.astype(int) - frames.astype(int)).max() <= 1
     finally:
         vae.fast = None
+
+
+def _flow_decoder(seed: int = 0) -> FastVideoDecoder:
+    """A motion_flow decoder whose flow head is switched on (random, as after training)."""
+    torch.manual_seed(seed)
+    decoder = FastVideoDecoder(block_out_channels=(16, 8, 8, 8), motion_flow=True).eval()
+    with torch.no_grad():
+        decoder.flow_head[2].weight.normal_(0, 0.3)
+    return decoder
+
+
+def test_a_new_flow_head_leaves_the_decoder_it_grows_from_unchanged(fast):
+    grown = FastVideoDecoder(block_out_channels=(16, 8, 8, 8), motion_flow=True).eval()
+    missing = grown.load_state_dict(fast.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("flow_head.") for k in missing)
+    z, before = torch.randn(1, 16, 3, 4, 5), torch.randn(1, 16, 1, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(z), fast(z), rtol=0, atol=1e-6)
+        torch.testing.assert_close(grown(z, before), fast(z, before), rtol=0, atol=1e-6)
+
+
+def test_follow_flow_moves_each_frame_by_its_time_from_the_latents_middle():
+    frames = torch.zeros(1, 4, 3, 32, 32)
+    frames[..., 12:18, 10:16] = 1.0  # the same square in all four frames
+    flow = torch.zeros(1, 2, 4, 4)
+    flow[:, 0], flow[:, 1] = 2.0, -2.0  # 2 px a frame right and up: frames at -3, -1, +1, +3 px from the middle
+    moved = FastVideoDecoder.follow_flow(frames, flow)
+    for k, shift in enumerate((-3, -1, 1, 3)):
+        want = torch.roll(frames[0, k], shifts=(-shift, shift), dims=(1, 2))
+        torch.testing.assert_close(moved[0, k], want, rtol=0, atol=1e-5)
+
+
+def test_a_flow_decoder_keeps_the_frame_layout_causality_and_streaming():
+    decoder = _flow_decoder()
+    z = _latents(1 + 4 + 4, hw=(4, 4))
+    with torch.no_grad():
+        whole = decoder(z[None])
+        changed = z.clone()
+        changed[:, 3] += 1.0
+        differs = (decoder(changed[None]) - whole).abs().amax(dim=(0, 1, 3, 4)) > 0
+        frames = whole[0, :, 1:].reshape(3, 8, 4, 32, 32)  # latents 1..8, four frames each
+    assert whole.shape == (1, 3, frame_count(9), 32, 32)
+    assert not differs[:9].any() and differs[9:17].all()
+    assert (frames[:, :, 0] - frames[:, :, 3]).abs().amax() > 0.01  # a latent's frames are no longer alike
+    stream = CausalStreamingDecoder(decoder)
+    chunks = [stream.push(z[:, :1]), stream.push(z[:, 1:5]), stream.push(z[:, 5:]), stream.finish()]
+    assert (assemble(chunks).int() - to_uint8(whole)[0].int()).abs().max() <= 1
