@@ -196,6 +196,32 @@ def picture_errors(frames: torch.Tensor, truth: torch.Tensor, shapes: torch.Tens
     return psnr, float(diff.abs().mean(dim=-1)[shapes].mean())
 
 
+def centroids(frames: np.ndarray, background: tuple[int, int, int], threshold: float = 40.0) -> np.ndarray:
+    """uint8 frames (N, H, W, 3) -> (N, 2) centroids (x, y) of the pixels farther than ``threshold`` from the
+    background colour (NaN where there are none)."""
+    far = np.abs(frames.astype(np.float32) - np.array(background, np.float32)).max(axis=-1) > threshold
+    out = np.full((len(frames), 2), np.nan)
+    for i, mask in enumerate(far):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            out[i] = xs.mean(), ys.mean()
+    return out
+
+
+def centroid_steps(clips: list[np.ndarray]) -> dict:
+    """Per clip (N, 2) centroids of frames 0..N-1 -> their frame-to-frame steps: the mean between frames of one
+    latent, the mean across a latent boundary (frame 4t to 4t + 1), and the largest."""
+    within, across = [], []
+    for centres in clips:
+        steps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+        leaves = np.arange(len(steps)) % 4 == 0  # frame f -> f + 1 leaves latent t when f = 4t
+        within.append(steps[~leaves])
+        across.append(steps[leaves])
+    within, across = np.concatenate(within), np.concatenate(across)
+    return {"within": float(np.nanmean(within)), "across": float(np.nanmean(across)),
+            "largest": float(np.nanmax(np.concatenate([within, across])))}
+
+
 def add_arguments(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--decoder-steps", dest="decoder_steps", type=int, default=3000)
     sp.add_argument("--decoder-batch", dest="decoder_batch", type=int, default=8, help="clips per step")

@@ -413,3 +413,18 @@ def test_decoder_stage_grows_a_flow_head_onto_a_trained_decoder(tmp_path):
     assert first_losses[0] == pytest.approx(first_losses[1], rel=1e-5)
     decoder = load_fast_decoder(tmp_path / "flow" / "fast_decoder")
     assert decoder.config.motion_flow and decoder.flow_head[2].weight.abs().sum() > 0
+
+
+def test_centroid_steps_tell_a_latent_at_a_time_from_frame_by_frame_motion():
+    from framepack_rt.demo.train_decoder import centroid_steps, centroids
+
+    frames = np.zeros((9, 16, 16, 3), np.uint8)  # frame 0, then latents 1 and 2 (frames 1-4, 5-8)
+    for f in range(9):
+        frames[f, 6:9, f : f + 3] = 200  # a square one pixel further right each frame
+    smooth = centroids(frames, (0, 0, 0))
+    assert np.allclose(np.diff(smooth[:, 0]), 1) and np.allclose(smooth[:, 1], 7)
+    held = smooth.copy()
+    held[1:5], held[5:9] = smooth[2], smooth[6]  # a latent's frames alike, at its middle
+    assert centroid_steps([smooth]) == {"within": 1.0, "across": 1.0, "largest": 1.0}
+    assert centroid_steps([held, held]) == {"within": 0.0, "across": 3.0, "largest": 4.0}  # steps 2, then 4
+    assert np.isnan(centroids(np.zeros((1, 4, 4, 3), np.uint8), (0, 0, 0))).all()
