@@ -30,13 +30,19 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     mkdir -p runs/fd128 && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/fd128/vae  # 128 px frames, same latents:
     python -m framepack_rt.demo.train decoder --out runs/fd128 --decoder-scale 2 --decoder-widths 64,32,16,16,16 \
         --decoder-init runs/fd64/fast_decoder --decoder-steps 2000 --save-every 200
-    python -m framepack_rt.demo.train export --out runs/fd128     # the shipped fast_decoder/
+    python -m framepack_rt.demo.train export --out runs/fd128     # the 128 px fast decoder, shipped until the flow
+    mkdir -p runs/fdflow && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/fdflow/vae  # frames that move within a latent:
+    for n in 1000 2000; do python -m framepack_rt.demo.train decoder --out runs/fdflow --decoder-scale 2 \
+        --decoder-widths 64,32,16,16,16 --decoder-init runs/fd128/fast_decoder --decoder-flow --decoder-lr 1e-3 \
+        --decoder-steps $n --save-every 100; done                 # (it ran as 1000 steps, then resumed to 2000)
+    python -m framepack_rt.demo.train export --out runs/fdflow    # the shipped fast_decoder/
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
-commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32.
+commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
+decoder as exported (framepack_rt/demo/weights/fast_decoder at commit 4570a7e).
 
 The first VAE run ran before commit 0a10d24, when models.VAE_CONFIG had norm_num_groups=4: with 2 channels
 a group a plain frame normalises to a sign pattern, and plain backgrounds decoded to one colour. The next two
