@@ -37,11 +37,12 @@ def run(model: str = "demo", size: int = 64, clips: int = 8, latents: int = 13, 
     decoded, world = [], []
     for s in seeds:
         clip = make_clip(s, frames_for_latents(latents), WorldConfig(size=size), num_objects=1)
+        vae_weight, fast_weight = next(vae.live.parameters()), next(vae.fast.parameters())
         pixels = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         with torch.no_grad():
-            z = vae.live.encode(pixels).latent_dist.mode() * vae.scaling_factor
-            frames = vae.fast(z.to(next(vae.fast.parameters()).dtype))[0]
-        frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+            z = vae.live.encode(pixels.to(vae_weight)).latent_dist.mode() * vae.scaling_factor
+            frames = vae.fast(z.to(fast_weight))[0]
+        frames = ((frames.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
         scale = frames.shape[1] / clip.frames.shape[1]
         for target, drawn, factor in ((decoded, frames, scale), (world, clip.frames, 1.0)):
             target.append(centroids(drawn, clip.background) / factor)

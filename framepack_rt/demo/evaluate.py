@@ -257,6 +257,7 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
 
 
 FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the other criteria never use
+FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points above 16 turns', README)
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
@@ -268,7 +269,7 @@ def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
     return seed, image, clip
 
 
-def eval_fidelity(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
+def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
     report = _fidelity_runs(runs, lambda image, clip, seed: stream_f1(
         pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
@@ -331,14 +332,14 @@ def stream_f1_forced(pipe, image: np.ndarray, prompts: list[str], seed: int, ste
     return frames[: len(truth)]
 
 
-def eval_fidelity_ceiling(pipe, runs: int = 4, before: int = 3, after: int = 3, window: int = 9) -> dict:
+def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, window: int = 9) -> dict:
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
     prompts = [RIGHT] * before + [LEFT] * after
     return _fidelity_runs(runs, lambda image, clip, seed: round_trip(pipe, world_turn(clip, prompts, window), window))
 
 
-def eval_fidelity_forced(pipe, runs: int = 4, before: int = 3, after: int = 3, steps: int | None = None,
+def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None,
                          window: int = 9) -> dict:
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
@@ -402,8 +403,8 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--cfg", type=float, default=None, help="real-CFG scale (default: the demo's, DEMO_CFG; 1: off)")
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
-    p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=16,
-                   help="turns (seeds 10,000 on); 0: skip. Four proved too few: their rate was 8 points off 16's")
+    p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=FIDELITY_RUNS,
+                   help="turns (seeds 10,000 on); 0: skip")
     devices.add_decoder_argument(p)  # --decoder auto|vae|fast
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

@@ -59,6 +59,7 @@ def deepen(model: FramePackTransformer, num_layers: int, num_single_layers: int,
     loaded = grown.load_state_dict(rest, strict=False)  # the blocks' keys are the only ones left out
     missing = [k for k in loaded.missing_keys if not k.startswith(blocks)]
     if loaded.unexpected_keys or missing:
-        raise ValueError(f"the two transformers differ outside their blocks: unexpected "
-                         f"{loaded.unexpected_keys[:4]}, missing {missing[:4]}")
+        raise ValueError(f"the model's modules outside its blocks do not match its config (unexpected "
+                         f"{loaded.unexpected_keys[:4]}, missing {missing[:4]}): deepen a transformer loaded "
+                         "from its own folder (FramePackTransformer.from_pretrained), not one changed after loading")
     return grown

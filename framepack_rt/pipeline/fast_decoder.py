@@ -89,7 +89,11 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
         r, ch = self.config.temporal_compression_ratio, self.config.out_channels
         x = x.reshape(b * t, r, ch, *x.shape[-2:])
         if self.flow_head is not None:
-            x = self.follow_flow(x, self.flow_head(features))
+            flow = self.flow_head(features)
+            if previous is None:  # the clip's first latent, read with itself: its one frame stays where it is
+                first = (torch.arange(b * t, device=flow.device) % t != 0).to(flow.dtype)
+                flow = flow * first.view(-1, 1, 1, 1)
+            x = self.follow_flow(x, flow)
         frames = x.reshape(b, t, r, ch, *x.shape[-2:]).permute(0, 3, 1, 2, 4, 5).reshape(b, ch, t * r, *x.shape[-2:])
         return frames if previous is not None else frames[:, :, r - 1 :]
 
