@@ -20,24 +20,22 @@ import platform
 import numpy as np
 import torch
 
+from framepack_rt.demo.evaluate import load_pipeline
 from framepack_rt.demo.train_decoder import centroid_steps, centroids
 from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
 
 
 def run(model: str = "demo", size: int = 64, clips: int = 8, latents: int = 13, seed: int = 5) -> dict:
-    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
-
-    pipe = FramePackPipeline.from_pretrained(model, buckets="demo") if model != "demo" else \
-        FramePackPipeline.from_pretrained("demo")
+    pipe = load_pipeline(model)  # "demo", or a run's folder with the demo's buckets
     vae = pipe.parts.vae()
     if vae.fast is None:
         raise SystemExit(f"{model} has no fast decoder (fast_decoder/ beside vae/); train one: "
                          "python -m framepack_rt.demo.train decoder --out RUN")
     seeds = [int(s) for s in np.random.default_rng([seed, 13]).integers(2**31, size=clips)]
+    vae_weight, fast_weight = next(vae.live.parameters()), next(vae.fast.parameters())  # their device and dtype
     decoded, world = [], []
     for s in seeds:
         clip = make_clip(s, frames_for_latents(latents), WorldConfig(size=size), num_objects=1)
-        vae_weight, fast_weight = next(vae.live.parameters()), next(vae.fast.parameters())
         pixels = torch.from_numpy(clip.frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
         with torch.no_grad():
             z = vae.live.encode(pixels.to(vae_weight)).latent_dist.mode() * vae.scaling_factor

@@ -21,6 +21,7 @@ import platform
 import numpy as np
 import torch
 
+from framepack_rt.demo.evaluate import load_pipeline
 from framepack_rt.demo.train_decoder import clip_pixels, decode_stream, picture_errors, upscale_frames
 from framepack_rt.demo.world import WorldConfig
 from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder
@@ -28,10 +29,7 @@ from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE
 
 
 def run(model: str = "demo", size: int = 64, clips: int = 4, sections: int = 4, window: int = 9, seed: int = 7) -> dict:
-    from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
-
-    pipe = FramePackPipeline.from_pretrained(model, buckets="demo") if model != "demo" else \
-        FramePackPipeline.from_pretrained("demo")
+    pipe = load_pipeline(model)  # "demo", or a run's folder with the demo's buckets
     vae: VideoVAE = pipe.parts.vae()
     if vae.fast is None:
         raise SystemExit(f"{model} has no fast decoder (fast_decoder/ beside vae/); train one: "
