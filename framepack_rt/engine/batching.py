@@ -42,7 +42,7 @@ class SectionRun:
             self._plan = generator._branch_plans(self.setup.context)
             sigmas = generator.sigmas.to(generator.device)
             self._steps = sampling_steps(self.setup.x, sigmas, generator.sampler.solver,
-                                         generator.step_info_callback(k))
+                                         generator.step_info_callback(k), generator.step_noise)
             self._point = next(self._steps)  # (x, sigma): where the next model evaluation is
         except BaseException:
             generator.close_section()

@@ -10,13 +10,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from framepack_rt.engine.context import ContextInputs, ContextRing
 from framepack_rt.engine.sampling import (
     GuidanceConfig,
+    SOLVERS,
     NoiseSource,
     StepInfo,
     flow_seq_len,
@@ -61,6 +62,12 @@ class SamplerConfig:
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     teacache: TeaCacheConfig | None = None
     shift: float | None = None  # None: the resolution-dependent flow shift
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
 
 
 @dataclass
@@ -208,6 +215,11 @@ class SectionGenerator:
         x = self.noise.noise(shape, device=self.device)
         return SectionSetup(k, conditioning, context, caches, ("pos", conditioning), negative, x)
 
+    def step_noise(self, shape: Sequence[int]) -> torch.Tensor:
+        """Fresh noise for the stochastic solvers' steps, from the job's seeded source (after the section's
+        initial noise), so that a seed replays a stream exactly, sampled solo or batched."""
+        return self.noise.noise(shape, device=self.device)
+
     def step_info_callback(self, k: int) -> Callable[[StepInfo], None] | None:
         """The sampler's per-step callback for section ``k``: the generator's step_callback, as a StepEvent."""
         if self.step_callback is None:
@@ -232,7 +244,8 @@ class SectionGenerator:
         _sync(self.device)
         began = time.perf_counter()
         with torch.no_grad():
-            latents = sample(denoise, setup.x, self.sigmas.to(self.device), self.sampler.solver, callback)
+            latents = sample(denoise, setup.x, self.sigmas.to(self.device), self.sampler.solver, callback,
+                             noise=self.step_noise)
         _sync(self.device)
         return self.section_result(setup, latents, (time.perf_counter() - began) * 1000)
 

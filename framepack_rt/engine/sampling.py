@@ -5,7 +5,11 @@ The transformer predicts the velocity v = noise - x0 at timestep sigma * 1000; s
 (data) prediction x0 = x - v * sigma.
 
 Solvers make exactly one model call per step, at sigmas[0..steps-1]; sigma = 0 is never evaluated: the
-last step returns the x0 prediction made at the last nonzero sigma.
+last step returns the x0 prediction made at the last nonzero sigma. "euler_stochastic" is the one solver that
+draws noise of its own (diffusers' FlowMatchEulerDiscreteScheduler with stochastic_sampling=True): each step
+puts the x0 prediction back on the path at the next sigma with fresh noise instead of following the ODE, so an
+error of one step's velocity is not carried into the next. The demo model, small and imperfect, keeps its
+objects' colours far better that way (README, issue 19).
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ VelocityFn = Callable[[Tensor, Tensor, Tensor, Any], Tensor]
 # pair_fn(x, timestep, guidance, positive, negative) -> (v_pos, v_neg): both CFG branches in one model call.
 PairedVelocityFn = Callable[[Tensor, Tensor, Tensor, Any, Any], "tuple[Tensor, Tensor]"]
 
-SOLVERS = ("unipc_bh1", "unipc_bh2", "euler")
+SOLVERS = ("unipc_bh1", "unipc_bh2", "euler", "euler_stochastic")
+STOCHASTIC_SOLVERS = ("euler_stochastic",)  # they need a noise source: sample(..., noise=NoiseSource(seed).noise)
+# noise(shape) -> standard normal Tensor of that shape (fp32 on the CPU is fine: the solver casts and moves it).
+NoiseFn = Callable[[Sequence[int]], Tensor]
 
 
 # --------------------------------------------------------------------------------------------- schedule
@@ -125,15 +132,17 @@ def sample(
     sigmas: Tensor,
     solver: str = "unipc_bh1",
     callback: Optional[Callable[[StepInfo], None]] = None,
+    noise: Optional[NoiseFn] = None,
 ) -> Tensor:
     """Integrate the flow ODE from sigmas[0] to sigmas[-1] = 0; returns x0, shaped like x.
 
     x: (B, ...) noisy latent at sigmas[0]. sigmas: (steps + 1,) decreasing, ending at 0.
     denoise is called exactly `steps` times, with sigma as a (B,) tensor in sigmas' dtype.
     solver: "unipc_bh1" (default), "unipc_bh2" (UniPC, order min(3, steps - 1), warm-up orders 1, 2, ...)
-    or "euler" (the first-order flow step x + (sigma_next - sigma) * v).
+    or "euler" (the first-order flow step x + (sigma_next - sigma) * v); "euler_stochastic" (the x0 prediction
+    re-noised to sigma_next: (1 - sigma_next) * x0 + sigma_next * noise(x.shape)) needs ``noise``.
     """
-    steps = sampling_steps(x, sigmas, solver, callback)
+    steps = sampling_steps(x, sigmas, solver, callback, noise)
     try:
         request = next(steps)
         while True:
@@ -147,26 +156,30 @@ def sampling_steps(
     sigmas: Tensor,
     solver: str = "unipc_bh1",
     callback: Optional[Callable[[StepInfo], None]] = None,
+    noise: Optional[NoiseFn] = None,
 ) -> Generator[tuple[Tensor, Tensor], Tensor, Tensor]:
     """:func:`sample` as a resumable generator: it yields each model evaluation it needs, ``(x, sigma (B,))``,
     is sent the x0 prediction there, and returns the final x0. :func:`sample` drives it with a denoiser; the
     continuous batcher (engine/batching.py) drives many at once, so both run exactly this solver code."""
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; valid: {', '.join(SOLVERS)}")
+    if solver in STOCHASTIC_SOLVERS and noise is None:
+        raise ValueError(f"solver {solver!r} draws fresh noise at every step: pass noise= (e.g. NoiseSource(seed).noise)")
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(f"sigmas must be 1-D with steps + 1 >= 2 values, got shape {tuple(sigmas.shape)}")
     ts = sigmas.tolist()  # one host sync; the coefficients are host math
     if ts[-1] != 0.0 or min(ts[:-1]) <= 0.0 or any(a <= b for a, b in zip(ts, ts[1:])):
         raise ValueError("sigmas must decrease strictly and end at exactly 0 (e.g. from flow_sigmas)")
-    return _sampling_steps(x, sigmas, ts, solver, callback)
+    return _sampling_steps(x, sigmas, ts, solver, callback, noise)
 
 
 def _sampling_steps(x: Tensor, sigmas: Tensor, ts: list[float], solver: str,
-                    callback: Optional[Callable[[StepInfo], None]]) -> Generator[tuple[Tensor, Tensor], Tensor, Tensor]:
+                    callback: Optional[Callable[[StepInfo], None]],
+                    noise: Optional[NoiseFn] = None) -> Generator[tuple[Tensor, Tensor], Tensor, Tensor]:
     """The solver loop of :func:`sampling_steps`, after its checks (which so raise at the call, not at next())."""
     sigmas = sigmas.to(x.device)
     steps, batch = len(ts) - 1, x.shape[0]
-    order = 1 if solver == "euler" else max(1, min(3, steps - 1))
+    order = 1 if solver.startswith("euler") else max(1, min(3, steps - 1))
     variant = solver.removeprefix("unipc_")
     x0_hist: list[Tensor] = []  # the last `order` x0 predictions, oldest first
     for i in range(steps):
@@ -176,6 +189,10 @@ def _sampling_steps(x: Tensor, sigmas: Tensor, ts: list[float], solver: str,
         elif solver == "euler":
             ratio = ts[i] / ts[i - 1]
             x = ratio * x + (1.0 - ratio) * x0_hist[-1]
+            x0 = yield x, sigma
+        elif solver == "euler_stochastic":
+            fresh = noise(x.shape).to(device=x.device, dtype=x.dtype)
+            x = (1.0 - ts[i]) * x0_hist[-1] + ts[i] * fresh
             x0 = yield x, sigma
         else:
             p = min(i, order)  # warm-up: not enough history yet for the full order

@@ -33,10 +33,10 @@ def conditioning(model, prompt: str, seed: int, text_len: int) -> Conditioning:
 
 
 def generator(model, seed: int, *, steps: int = 4, cfg: float = 1.0, text_len: int = 6, min_sigma: float = 0.0,
-              teacache: float | None = None) -> SectionGenerator:
+              teacache: float | None = None, solver: str = "unipc_bh1") -> SectionGenerator:
     start = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(100 + seed))
     sampler = SamplerConfig(steps=steps, guidance=GuidanceConfig(distilled=3.0 + seed, cfg=cfg, cfg_min_sigma=min_sigma),
-                            teacache=None if teacache is None else TeaCacheConfig(teacache))
+                            teacache=None if teacache is None else TeaCacheConfig(teacache), solver=solver)
     return SectionGenerator(model, f1_schedule(window=3), start, conditioning(model, f"prompt {seed}", seed, text_len),
                             sampler=sampler, seed=seed)
 
@@ -68,13 +68,14 @@ def test_merged_plan_step_equals_each_plans_step(model):
 
 
 def test_batched_section_equals_solo_with_other_sessions_at_other_steps(model):
-    """Session A (CFG on its noisy steps) batched with B (no CFG, 6 steps, other prompt length) and C (CFG on
-    every step, joining two steps later): A's latents over two sections equal its solo run."""
+    """Session A (CFG on its noisy steps) batched with B (no CFG, 6 steps, other prompt length, the stochastic
+    solver: its per-step noise from its own source) and C (CFG on every step, joining two steps later): each
+    session's latents over its sections equal its solo run."""
     expect_a = solo(model, 2, seed=0, cfg=2.0, min_sigma=0.6)
-    expect_b = solo(model, 2, seed=1, steps=6, text_len=9)
+    expect_b = solo(model, 2, seed=1, steps=6, text_len=9, solver="euler_stochastic")
     expect_c = solo(model, 1, seed=2, cfg=1.5, text_len=4)
     gen_a = generator(model, 0, cfg=2.0, min_sigma=0.6)
-    gen_b = generator(model, 1, steps=6, text_len=9)
+    gen_b = generator(model, 1, steps=6, text_len=9, solver="euler_stochastic")
     gen_c = generator(model, 2, cfg=1.5, text_len=4)
     batcher = StepBatcher(model, max_batch=8)
     got: dict[str, list[torch.Tensor]] = {"a": [], "b": [], "c": []}

@@ -98,16 +98,24 @@ def test_prompt_change_applies_from_the_next_section(model):
     assert prompts == ["a ball moves right", "a ball moves right", "a ball moves left", "a ball moves left"]
 
 
-def test_same_seed_same_video_and_noise_carries_across_sections(model):
+@pytest.mark.parametrize("solver", ["unipc_bh1", "euler_stochastic"])
+def test_same_seed_same_video_and_noise_carries_across_sections(model, solver):
     def run(seed):
         gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "x"),
-                               sampler=SamplerConfig(steps=2), seed=seed)
+                               sampler=SamplerConfig(steps=3, solver=solver), seed=seed)
         return [next(gen).latents for _ in range(3)]
 
     a, b, c = run(7), run(7), run(8)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     assert not torch.equal(a[1], a[2])
+
+
+def test_sampler_config_refuses_an_unknown_solver_and_zero_steps():
+    with pytest.raises(ValueError, match="euler_stochastic"):
+        SamplerConfig(solver="dpm++")
+    with pytest.raises(ValueError, match="steps"):
+        SamplerConfig(steps=0)
 
 
 def test_section_reports_timings_and_steps(model):

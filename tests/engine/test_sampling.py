@@ -9,6 +9,7 @@ import torch
 
 from framepack_rt.engine.sampling import (
     SOLVERS,
+    STOCHASTIC_SOLVERS,
     GuidanceConfig,
     NoiseSource,
     StepInfo,
@@ -20,6 +21,7 @@ from framepack_rt.engine.sampling import (
 )
 
 UNIPC = ("unipc_bh1", "unipc_bh2")
+ODE_SOLVERS = tuple(s for s in SOLVERS if s not in STOCHASTIC_SOLVERS)  # those that integrate the ODE
 
 # ------------------------------------------------------------------------------------------- schedule
 
@@ -122,7 +124,7 @@ def errors() -> dict[tuple[str, float], list[float]]:
     target = prob.mu + prob.s * eps
     table = {}
     for shift in SHIFTS:
-        for solver in SOLVERS:
+        for solver in ODE_SOLVERS:
             errs = []
             for n in STEPS:
                 out = sample(prob.denoise, eps.clone(), flow_sigmas(n, shift).double(), solver)
@@ -140,7 +142,7 @@ def _slope(steps, errs) -> float:
     return -float((x * (y - y.mean())).sum() / (x * x).sum())
 
 
-CASES = [(solver, shift) for solver in SOLVERS for shift in SHIFTS]
+CASES = [(solver, shift) for solver in ODE_SOLVERS for shift in SHIFTS]
 CASE_IDS = [f"{solver}-shift{shift:g}" for solver, shift in CASES]
 
 
@@ -199,6 +201,44 @@ def test_euler_is_the_plain_velocity_step():
     torch.testing.assert_close(sample(prob.denoise, eps, sig, "euler"), x, rtol=1e-12, atol=1e-12)
 
 
+def test_euler_stochastic_renoises_the_x0_prediction_at_every_step():
+    """Each step after the first is (1 - sigma) * x0_prev + sigma * fresh noise, the noise drawn in step order
+    from the source it is given; one model call per step; the last x0 prediction is the result."""
+    prob, eps = _problem(shape=(2, 3))
+    sig = flow_sigmas(6, 3.0).double()
+    calls, draws = [], NoiseSource(7)
+    x, x0 = eps.clone(), None
+    for i in range(6):
+        if i:
+            x = (1 - sig[i]) * x0 + sig[i] * draws.noise(x.shape, dtype=torch.float64)
+        x0 = prob.denoise(x, sig[i])
+
+    def denoise(x, sigma):
+        calls.append(float(sigma[0]))
+        return prob.denoise(x, sigma[0])
+
+    out = sample(denoise, eps, sig, "euler_stochastic", noise=NoiseSource(7).noise)
+    torch.testing.assert_close(out, x0, rtol=1e-12, atol=1e-12)
+    assert calls == pytest.approx(sig[:-1].tolist())
+    # Its own noise: another seed lands elsewhere; the ODE's Euler step is not what it does.
+    assert not torch.allclose(out, sample(prob.denoise, eps, sig, "euler_stochastic", noise=NoiseSource(8).noise))
+    assert not torch.allclose(out, sample(prob.denoise, eps, sig, "euler"))
+
+
+def test_euler_stochastic_lands_on_a_data_point_the_model_is_sure_of():
+    """Fresh noise at every step does not leak into the result: a denoiser that always predicts the same x0
+    (a point-mass data distribution) gives exactly that x0, whatever the noise."""
+    target = torch.tensor([[0.25, -1.5, 2.0]], dtype=torch.float64)
+    out = sample(lambda x, sigma: target.expand_as(x), torch.randn(1, 3, dtype=torch.float64),
+                 flow_sigmas(8, 3.0).double(), "euler_stochastic", noise=NoiseSource(0).noise)
+    torch.testing.assert_close(out, target, rtol=0, atol=0)
+
+
+def test_euler_stochastic_needs_a_noise_source():
+    with pytest.raises(ValueError, match="noise="):
+        sample(lambda x, sigma: x, torch.zeros(1, 2), flow_sigmas(4, 1.0), "euler_stochastic")
+
+
 @pytest.mark.parametrize("solver", UNIPC)
 def test_unipc_first_order_step_is_euler(solver):
     prob, eps = _problem(shape=(2, 3))
@@ -240,7 +280,7 @@ def test_one_model_call_per_step_and_callbacks(solver, steps):
         sigmas_seen.append(s[0].item())
         return prob.denoise(x, s)
 
-    out = sample(denoise, eps, sig, solver, callback=infos.append)
+    out = sample(denoise, eps, sig, solver, callback=infos.append, noise=NoiseSource(0).noise)  # used if stochastic
     assert len(sigmas_seen) == steps
     assert 0.0 not in sigmas_seen  # sigma = 0 is never evaluated
     assert sigmas_seen == sig[:-1].tolist()
