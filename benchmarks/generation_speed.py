@@ -29,7 +29,8 @@ from framepack_rt.stream import DEFAULT_MODEL
 
 def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None, teacache: float | None = None,
         device: str = "auto", cfg: float | None = None, dtype: str = "auto", threads: int | None = None,
-        decode_overlap: bool | None = None, channels_last: bool = False, decoder: str = "auto") -> dict:
+        decode_overlap: bool | None = None, channels_last: bool = False, decoder: str = "auto",
+        solver: str | None = None) -> dict:
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     if threads:
@@ -47,7 +48,7 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
         image, prompt = np.full((64, 64, 3), 30, np.uint8), "a red ball moves right"
         image[24:40, 8:24] = (220, 40, 40)
     stream = pipe.stream(image, prompt, steps=steps, teacache=teacache, guidance=guidance,
-                         decode_overlap=decode_overlap)
+                         decode_overlap=decode_overlap, solver=solver)
     next(stream)  # warm-up: first-call allocations, and the first section's shorter output
     rows = []
     began = time.perf_counter()
@@ -61,6 +62,7 @@ def run(model: str = DEFAULT_MODEL, sections: int = 6, steps: int | None = None,
     h, w = rows and stream._decoder._hw
     return dict(
         config=dict(model=model, sections=sections, steps=steps or pipe.default_steps, cfg=guidance.cfg,
+                    solver=solver or pipe.default_solver,
                     teacache=teacache, device=pipe.placement.describe(), frame_size=[h, w],
                     decode_overlap=stream._ahead is not None, channels_last=channels_last,
                     decoder=type(stream._decoder).__name__),
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--teacache", type=float)
     devices.add_arguments(parser)  # --device, --dtype: auto by default, as every command
     parser.add_argument("--cfg", type=float, help="real-CFG scale (default: the model's; 1: off)")
+    parser.add_argument("--solver", help="sampler solver (default: the model's; engine/sampling.py's SOLVERS)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, the cores)")
     parser.add_argument("--no-decode-overlap", dest="decode_overlap", action="store_false", default=None,
                         help="decode each section after sampling it, on the same thread")
@@ -95,11 +98,11 @@ def main() -> None:
     args = parser.parse_args()
     try:
         r = run(args.model, args.sections, args.steps, args.teacache, args.device, args.cfg, args.dtype, args.threads,
-                args.decode_overlap, args.channels_last, args.decoder)
+                args.decode_overlap, args.channels_last, args.decoder, args.solver)
     except (FileNotFoundError, ValueError) as exc:  # a bad --device/--dtype, too little memory, no such model
         parser.exit(2, f"generation_speed.py: {exc}\n")
     c = r["config"]
-    print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, cfg {c['cfg']:g}, "
+    print(f"{c['model']} {c['frame_size'][0]}x{c['frame_size'][1]}, {c['steps']} steps, {c['solver']}, cfg {c['cfg']:g}, "
           f"{c['device']}, {c['decoder']}, decode overlap {'on' if c['decode_overlap'] else 'off'} ({r['machine']})")
     print(f"  {r['fps']:.1f} frames/s over {r['frames']} frames ({r['wall_s']:.2f} s)")
     print(f"  sampling {r['sample_share']:.0%} of the time ({r['ms_per_step_p50']:.1f} ms per step), "

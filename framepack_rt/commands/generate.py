@@ -10,6 +10,7 @@ from pathlib import Path
 from framepack_rt.pipeline import devices
 from framepack_rt.pipeline.media import Mp4Writer, load_image, parse_prompt_schedule
 from framepack_rt.pipeline.framepack_pipeline import FPS, MODES
+from framepack_rt.engine.sampling import SOLVERS
 from framepack_rt.engine.schedules import num_sections, video_frames_for_latents
 
 
@@ -30,6 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacache", type=float, metavar="THRESH", help="TeaCache threshold, e.g. 0.15")
     parser.add_argument("--cfg", type=float, metavar="SCALE",
                         help="real classifier-free guidance scale, 1 = off (default: the model's; demo 2, folders 1)")
+    parser.add_argument("--solver", default=None, help=f"sampler solver, one of {', '.join(SOLVERS)} (default: the "
+                                                      "model's; demo euler_stochastic, folders unipc_bh1)")
     parser.add_argument("--window", type=int, default=9, help="latent frames per section")
     devices.add_arguments(parser, memory=True)  # --device, --dtype, --low-vram, --memory-budget-gb, --quantize
     devices.add_decoder_argument(parser)
@@ -59,6 +62,8 @@ def validate(args: argparse.Namespace) -> None:
         raise ValueError("--steps must be >= 1")
     if args.cfg is not None and args.cfg <= 0:
         raise ValueError(f"--cfg must be > 0 (1 turns real CFG off), got {args.cfg:g}")
+    if args.solver is not None and args.solver not in SOLVERS:
+        raise ValueError(f"--solver {args.solver!r}: choose one of {', '.join(SOLVERS)}")
     devices.check_memory_flags(args.low_vram, args.memory_budget_gb)
     if args.image is not None:
         load_image(args.image)  # readable?
@@ -157,7 +162,7 @@ def write_video(pipe, args: argparse.Namespace) -> int:
     stream = pipe.stream(image, prompt or schedule[0].prompt, seed=args.seed, steps=steps,
                          window=args.window, mode=args.mode, seconds=args.seconds, teacache=args.teacache,
                          end_image=args.end_image, on_step=on_step, prompt_schedule=schedule,
-                         guidance=pipe.guidance(args.cfg),
+                         guidance=pipe.guidance(args.cfg), solver=args.solver,
                          decode_overlap=False if getattr(args, "no_decode_overlap", False) else None)
     chunks = []
     with Mp4Writer(args.out, fps=FPS) as writer:

@@ -21,6 +21,7 @@ from framepack_rt.pipeline.builtin import (  # noqa: F401  (the demo's settings 
     DEMO_CFG,
     DEMO_CFG_MIN_SIGMA,
     DEMO_SIZE,
+    DEMO_SOLVER,
     DEMO_STEPS,
     DEMO_WEIGHTS_DIR as WEIGHTS_DIR,
     demo_guidance,

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from framepack_rt.demo.world import COLOURS, Clip, parse_prompt, render, simulate, start_image
+from framepack_rt.engine.sampling import SOLVERS
 from framepack_rt.pipeline import devices
 
 RED = COLOURS["red"]
@@ -153,7 +154,7 @@ def engine_run(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: in
     from framepack_rt.pipeline.framepack_pipeline import make_decoder
 
     start, embeds, _ = pipe.encode_image(image)
-    sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance)
+    sampler = SamplerConfig(steps=steps or pipe.default_steps, guidance=pipe.default_guidance, solver=pipe.default_solver)
     gen = SectionGenerator(pipe.parts.transformer(), schedule, start, pipe.conditioning(prompts[0], embeds),
                            sampler=sampler, seed=seed)
     decoder = make_decoder(pipe.parts.vae(), pipe.default_decoder, "forward", None)  # as the pipeline's streams
@@ -380,10 +381,12 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
     return "\n".join(lines)
 
 
-def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto"):
+def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto", solver: str | None = None):
     """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
-    demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off); ``decoder``: as serve's --decoder."""
-    from framepack_rt.demo import DEMO_STEPS, demo_guidance
+    demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off); ``decoder``: as serve's --decoder;
+    ``solver``: one of engine/sampling.py's SOLVERS (default: the demo's, DEMO_SOLVER)."""
+    from framepack_rt.demo import DEMO_SOLVER, DEMO_STEPS, demo_guidance
+    from framepack_rt.engine.sampling import SOLVERS
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     if model == "demo":
@@ -392,6 +395,9 @@ def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto"):
         pipe = FramePackPipeline.from_pretrained(model, buckets="demo", decoder=decoder)  # a folder: a run's weights
         pipe.default_steps = DEMO_STEPS
     pipe.default_guidance = demo_guidance(cfg)
+    if (solver or DEMO_SOLVER) not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    pipe.default_solver = solver or DEMO_SOLVER
     return pipe
 
 
@@ -401,6 +407,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="real-CFG scale (default: the demo's, DEMO_CFG; 1: off)")
+    p.add_argument("--solver", choices=SOLVERS, default=None, help="sampler solver (default: the demo's, DEMO_SOLVER)")
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=FIDELITY_RUNS,
@@ -408,7 +415,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     devices.add_decoder_argument(p)  # --decoder auto|vae|fast
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder)
+    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder, args.solver)
     began = time.perf_counter()
     results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
@@ -417,9 +424,10 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
         fidelity["forced"] = eval_fidelity_forced(pipe, args.fidelity_runs, steps=args.steps)
         fidelity["ceiling"] = eval_fidelity_ceiling(pipe, args.fidelity_runs)
     report = {"model": args.model, "decoder": args.decoder, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
+              "solver": getattr(pipe, "default_solver", None),
               "wall_s": time.perf_counter() - began,
               **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift, "fidelity": fidelity}
-    print(f"{args.model}: {report['steps']} steps, cfg {report['cfg']:g}, {report['wall_s']:.0f} s")
+    print(f"{args.model}: {report['steps']} steps, {report['solver']}, cfg {report['cfg']:g}, {report['wall_s']:.0f} s")
     print(table(results, drift, fidelity))
     if args.json:
         with open(args.json, "w") as f:

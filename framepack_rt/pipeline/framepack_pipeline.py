@@ -20,7 +20,7 @@ import torch
 from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGenerator, StepEvent
 from framepack_rt.pipeline.media import (BUCKET_SETS, ImageInput, PromptChange, fit_to_bucket, load_image,
                                          nearest_bucket, prompt_at)
-from framepack_rt.engine.sampling import GuidanceConfig
+from framepack_rt.engine.sampling import SOLVERS, GuidanceConfig
 from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedule, num_sections, video_frames_for_latents
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
@@ -66,10 +66,11 @@ class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
     def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
-                 default_guidance: GuidanceConfig = GuidanceConfig(),
+                 default_guidance: GuidanceConfig = GuidanceConfig(), default_solver: str = "unipc_bh1",
                  example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None,
                  decoder: str = "auto", fast_scale: int | None = None) -> None:
         """default_guidance: what stream() samples with when not told (the release: distilled 10, no real CFG).
+        default_solver: the sampler's solver when stream() is not told (engine/sampling.py's SOLVERS).
         example: a start image (H, W, 3) uint8 and prompt this model set is made for (the demo's red ball);
         servers and tools open with it. None: the model has no preference. placement: the device and dtype
         from_pretrained resolved (None when the parts were built elsewhere). decoder: what streams decode with
@@ -84,6 +85,9 @@ class FramePackPipeline:
         self.buckets = BUCKET_SETS[buckets]
         self.default_steps = default_steps
         self.default_guidance = default_guidance
+        if default_solver not in SOLVERS:
+            raise ValueError(f"unknown solver {default_solver!r}: choose one of {', '.join(SOLVERS)}")
+        self.default_solver = default_solver
         self.example = example
         self._loras = None  # model/lora.py's LoraSet, made by the first load_lora()
         self._lora_defaults: dict[str, float] = {}  # name -> the scale new streams start with
@@ -139,7 +143,7 @@ class FramePackPipeline:
         if str(path) == "demo" and not part_paths:
             path = builtin.demo_weights_dir()
             settings = {**settings, "buckets": "demo", "default_steps": builtin.DEMO_STEPS,
-                        "default_guidance": builtin.demo_guidance()}
+                        "default_guidance": builtin.demo_guidance(), "default_solver": builtin.DEMO_SOLVER}
         roots = [] if str(path) == "tiny" else [path]
         if roots and (example := builtin.read_example(roots[0])) is not None:
             settings["example"] = example
@@ -304,6 +308,7 @@ class FramePackPipeline:
         negative_prompt: str | None = None,
         decode_overlap: bool | None = None,
         decoder: str | None = None,
+        solver: str | None = None,
     ) -> VideoStream:
         """Start generating; returns the :class:`VideoStream` of sections.
 
@@ -314,6 +319,7 @@ class FramePackPipeline:
         away from (None or empty: zero text embeddings). decode_overlap: decode section k on its own thread
         (CUDA stream) while k + 1 samples; None: on, except in low-VRAM mode (decode_ahead.overlap_by_default).
         decoder: "vae", "fast" (the model's FastVideoDecoder) or "auto"; None: the pipeline's ``default_decoder``.
+        solver: one of engine/sampling.py's SOLVERS; None: the pipeline's ``default_solver``.
         """
         check_decoder(decoder or self.default_decoder)
         if mode not in MODES:
@@ -341,7 +347,7 @@ class FramePackPipeline:
         if isinstance(teacache, (int, float)):
             teacache = TeaCacheConfig(threshold=float(teacache))
         sampler = SamplerConfig(steps=steps or self.default_steps, guidance=guidance or self.default_guidance,
-                                teacache=teacache)
+                                teacache=teacache, solver=solver or self.default_solver)
 
         holder: dict[str, VideoStream] = {}
 

@@ -24,7 +24,7 @@ def test_generate_writes_a_playable_mp4(tmp_path, start_image, mode, extra, caps
 def test_generate_with_a_prompt_schedule(tmp_path, start_image, mp4_frames):
     out = tmp_path / "sched.mp4"
     assert main(["generate", "--image", str(start_image), "--prompt-schedule", "0:a ball rolls;1.2:the ball stops",
-                 "--seconds", "2", "--steps", "1", "--cfg", "1.5", "--out", str(out)]) == 0
+                 "--seconds", "2", "--steps", "2", "--cfg", "1.5", "--solver", "euler_stochastic", "--out", str(out)]) == 0
     assert len(mp4_frames(out)) == 73
 
 
@@ -34,9 +34,10 @@ def test_generate_with_a_prompt_schedule(tmp_path, start_image, mp4_frames):
      (["--mode", "sideways"], "choose one of f1, inverted"), (["--image", "/no/such.png"], "no such image file"),
      (["--image", "NOTIMAGE"], "not a readable image"), (["--end-image", "IMAGE"], "needs --mode inverted"),
      (["--out", "/no/such/dir/x.mp4"], "does not exist"), (["--prompt-schedule", "2:late"], "one of --prompt"),
-     (["--cfg", "0"], "--cfg must be > 0"), (["--memory-budget-gb", "4"], "add --low-vram")],
+     (["--cfg", "0"], "--cfg must be > 0"), (["--memory-budget-gb", "4"], "add --low-vram"),
+     (["--solver", "dpm"], "--solver 'dpm': choose one of")],
     ids=["zero-seconds", "negative-seconds", "bad-mode", "missing-image", "unreadable-image", "end-image-f1",
-         "bad-out-dir", "prompt-and-schedule", "zero-cfg", "budget-without-low-vram"],
+         "bad-out-dir", "prompt-and-schedule", "zero-cfg", "budget-without-low-vram", "bad-solver"],
 )
 def test_bad_arguments_one_line_nonzero(tmp_path, start_image, args, message, capsys):
     not_image = tmp_path / "notes.png"

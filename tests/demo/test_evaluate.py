@@ -114,6 +114,7 @@ class FakeStream:
 class FakePipe:
     default_steps = 8
     default_guidance = GuidanceConfig(cfg=2.0)
+    default_solver = "euler_stochastic"
 
     def __init__(self, contrary: bool = False) -> None:
         self.contrary = contrary
@@ -157,4 +158,14 @@ def test_main_reports_rates_and_the_guidance_it_sampled_with(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert saved["cfg"] == 2.0 and saved["steps"] == 8 and saved["drift"] is None
     assert saved["direction"]["passed"] == 3 and saved["prompt_change"]["rate"] == 1.0 == report["prompt_change"]["rate"]
-    assert "cfg 2" in capsys.readouterr().out
+    assert saved["solver"] == "euler_stochastic"
+    assert "euler_stochastic, cfg 2" in capsys.readouterr().out
+
+
+def test_load_pipeline_samples_with_the_demo_solver_unless_told():
+    from framepack_rt.demo import DEMO_SOLVER
+
+    assert E.load_pipeline("demo").default_solver == DEMO_SOLVER
+    assert E.load_pipeline("demo", solver="unipc_bh1").default_solver == "unipc_bh1"
+    with pytest.raises(ValueError, match="unknown solver 'rk4'"):
+        E.load_pipeline("demo", solver="rk4")

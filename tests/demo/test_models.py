@@ -87,6 +87,7 @@ def test_from_pretrained_demo_reads_the_weights_folder_with_demo_settings(saved,
     pipe = FramePackPipeline.from_pretrained("demo")
     assert pipe.default_steps == demo.DEMO_STEPS and pipe.buckets == ((DEMO_SIZE, DEMO_SIZE),)
     assert pipe.default_guidance.cfg == demo.DEMO_CFG
+    assert pipe.default_solver == demo.DEMO_SOLVER == "euler_stochastic"
     # --cfg changes the scale only: the demo's sigma interval stays.
     assert pipe.guidance(3.0).cfg == 3.0 and pipe.guidance(3.0).cfg_min_sigma == demo.DEMO_CFG_MIN_SIGMA
     assert pipe.guidance() == pipe.default_guidance

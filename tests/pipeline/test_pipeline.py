@@ -105,8 +105,9 @@ def test_pause_resume_and_stop(pipe, image):
 @pytest.mark.parametrize(
     "kwargs, message",
     [(dict(mode="sideways"), "unknown mode"), (dict(seconds=0), "seconds must be > 0"),
-     (dict(mode="inverted"), "pass seconds"), (dict(end_image=np.zeros((8, 8, 3), np.uint8)), "needs mode 'inverted'")],
-    ids=["bad-mode", "zero-seconds", "inverted-without-seconds", "end-image-in-f1"],
+     (dict(mode="inverted"), "pass seconds"), (dict(end_image=np.zeros((8, 8, 3), np.uint8)), "needs mode 'inverted'"),
+     (dict(solver="dpm++"), "unknown solver 'dpm\\+\\+': choose one of")],
+    ids=["bad-mode", "zero-seconds", "inverted-without-seconds", "end-image-in-f1", "bad-solver"],
 )
 def test_bad_arguments_explain(pipe, image, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -171,3 +172,21 @@ def test_guidance_and_negative_prompt_reach_the_generator(pipe, image):
     assert next(guided).frames.shape[0] > 0
     assert pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0))._gen._negative is None
     assert pipe.stream(image, "a ball", steps=1, negative_prompt="a blur")._gen._negative is None  # cfg 1: unused
+
+
+def test_solver_default_and_override_reach_the_generator(pipe, image):
+    """stream() samples with the pipeline's default_solver unless told; a seeded stochastic stream replays
+    exactly and differs from the ODE solver's."""
+    assert pipe.default_solver == "unipc_bh1"  # folders and tiny: the release's solver
+    assert pipe.stream(image, "a ball", steps=2)._gen.sampler.solver == "unipc_bh1"
+
+    def first_section(solver):
+        stream = pipe.stream(image, "a ball", steps=3, seed=5, solver=solver)
+        assert stream._gen.sampler.solver == solver
+        frames = next(stream).frames
+        stream.stop()
+        return frames
+
+    a, b = first_section("euler_stochastic"), first_section("euler_stochastic")
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, first_section("unipc_bh1"))
