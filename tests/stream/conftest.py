@@ -3,6 +3,7 @@ browser-like offers made by aiortc, and the page in headless Chromium (``browser
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,10 +82,13 @@ def browser_offer() -> Callable[[], Awaitable[str]]:
 
 @pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the module's tests (each test opens its own pages)."""
-    from playwright.sync_api import sync_playwright
-
+    """One headless Chromium for the module's tests (each test opens its own pages); without Debian's Chromium
+    the tests that use it skip with the command that installs it."""
     from framepack_rt.bench.browser import CHROMIUM, FLAGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium")
+    from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         chromium = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)

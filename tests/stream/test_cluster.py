@@ -145,11 +145,8 @@ def test_a_killed_replica_ends_only_its_sessions_and_new_sessions_start(cluster_
 
 
 def test_the_page_tells_its_viewer_when_the_replica_died(cluster_url, new_page):
-    """The page in Chromium: its session's replica is killed, and the ingress's answer shows as its error."""
-    from framepack_rt.bench.browser import CHROMIUM
-
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"{CHROMIUM} not found: apt-get install -y chromium")
+    """The page in Chromium (skipped without it: the browser fixture): its session's replica is killed, and the
+    ingress's answer shows as its error."""
     import json
     import urllib.request
 
