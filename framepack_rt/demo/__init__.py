@@ -19,6 +19,7 @@ import numpy as np
 
 from framepack_rt.pipeline.builtin import (  # noqa: F401  (the demo's settings live with the pipeline that loads it)
     DEMO_CFG,
+    DEMO_CFG_AFTER_CHANGE,
     DEMO_CFG_MIN_SIGMA,
     DEMO_SIZE,
     DEMO_SOLVER,

@@ -67,7 +67,7 @@ class SectionRun:
         if self.closed:
             raise RuntimeError("this section run is closed")
         x, sigma = self._point
-        sigma, timestep, g, guide = model_inputs(self.generator.sampler.guidance, x, sigma)
+        sigma, timestep, g, guide = model_inputs(self.setup.guidance, x, sigma)
         self._inputs = (x, sigma, guide)
         setup, batch = self.setup, x.shape[0]
         names = [setup.positive] + ([setup.negative] if guide else [])
@@ -84,7 +84,7 @@ class SectionRun:
         x, sigma, guide = self._inputs
         self._inputs = None
         v_neg = velocities[1] if guide else None
-        x0 = guided_x0(self.generator.sampler.guidance, x, sigma, velocities[0], v_neg)
+        x0 = guided_x0(self.setup.guidance, x, sigma, velocities[0], v_neg)
         self.steps_done += 1
         try:
             self._point = self._steps.send(x0)

@@ -104,7 +104,7 @@ class SectionLatents:
 class SectionSetup:
     """What sampling one section starts from: guidance branches are (name, Conditioning), the negative one
     None without real CFG; caches are the branches' TeaCaches by name (empty without TeaCache); x is the
-    initial noise (B, 16, w, H, W)."""
+    initial noise (B, 16, w, H, W); guidance: this section's (GuidanceConfig.for_section)."""
 
     index: int
     conditioning: Conditioning
@@ -113,6 +113,7 @@ class SectionSetup:
     positive: tuple[str, Conditioning]
     negative: tuple[str, Conditioning] | None
     x: torch.Tensor
+    guidance: GuidanceConfig
 
 
 class SectionGenerator:
@@ -149,6 +150,7 @@ class SectionGenerator:
         self._negative = None if negative is None else negative.to(self.device, self.dtype)
         self._pending: Conditioning | None = None
         self._in_flight: int | None = None  # the section being sampled right now, if any
+        self._changed_at: int | None = None  # the last section that began with a new prompt
         seq_len = flow_seq_len(schedule.window, self.height, self.width)
         self.shift = sampler.shift if sampler.shift is not None else flow_shift(seq_len)
         self.sigmas = flow_sigmas(sampler.steps, self.shift)
@@ -188,11 +190,13 @@ class SectionGenerator:
         if self.finished:
             raise StopIteration
         with self._lock:
+            k = self._in_flight = self.sections_done
             if self._pending is not None:
+                if self._pending.prompt != self._conditioning.prompt:
+                    self._changed_at = k
                 self._conditioning = self._pending.to(self.device, self.dtype)
                 self._pending = None
             conditioning = self._conditioning
-            k = self._in_flight = self.sections_done
         return k, conditioning
 
     def close_section(self) -> None:
@@ -208,12 +212,13 @@ class SectionGenerator:
             caches = {"pos": TeaCache(self.sampler.teacache), "neg": TeaCache(self.sampler.teacache)}
             for cache in caches.values():
                 cache.start(self.sampler.steps)
+        guidance = self.sampler.guidance.for_section(prompt_changed=k == self._changed_at)
         negative = None
-        if self.sampler.guidance.cfg != 1.0:  # real CFG only: at cfg 1 the negative branch never runs
+        if guidance.cfg != 1.0:  # real CFG only: at cfg 1 the negative branch never runs
             negative = ("neg", self._negative or _zeros_like(conditioning))
         shape = (self.batch, self.model.config.in_channels, self.schedule.window, self.height, self.width)
         x = self.noise.noise(shape, device=self.device)
-        return SectionSetup(k, conditioning, context, caches, ("pos", conditioning), negative, x)
+        return SectionSetup(k, conditioning, context, caches, ("pos", conditioning), negative, x, guidance)
 
     def step_noise(self, shape: Sequence[int]) -> torch.Tensor:
         """Fresh noise for the stochastic solvers' steps, from the job's seeded source (after the section's
@@ -239,7 +244,7 @@ class SectionGenerator:
             pair = self._paired_velocity_fn(context, conditioning, negative[1])  # TeaCache keeps one per branch
         elif negative is not None and caches:
             pair = self._branched_velocity_fn(context, caches)  # one cache per branch, blocks visited once
-        denoise = guided_denoiser(velocity, self.sampler.guidance, positive, negative, pair_fn=pair)
+        denoise = guided_denoiser(velocity, setup.guidance, positive, negative, pair_fn=pair)
         callback = self.step_info_callback(k)
         _sync(self.device)
         began = time.perf_counter()

@@ -15,7 +15,7 @@ objects' colours far better that way (README, issue 19).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Generator, Optional, Sequence
 
 import torch
@@ -223,18 +223,34 @@ class GuidanceConfig:
     """distilled: embedded guidance scale (fed as distilled*1000); cfg: real CFG scale, 1 = off (one
     model call per step); cfg_rescale: 0..1, CFG-rescale blend (Lin et al. 2023); cfg_min_sigma: real CFG
     only at steps with sigma >= this (guidance in a limited interval, Kynkaanniemi et al. 2024: the noisy steps
-    decide layout and motion, guiding the clean ones mostly oversaturates), 0 = every step."""
+    decide layout and motion, guiding the clean ones mostly oversaturates), 0 = every step.
+    cfg_after_change: the real CFG scale of the first section sampled with a new prompt, which has to pull the
+    video away from the motion its history carries; None: ``cfg`` there too."""
 
     distilled: float = 10.0
     cfg: float = 1.0
     cfg_rescale: float = 0.0
     cfg_min_sigma: float = 0.0
+    cfg_after_change: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cfg_rescale <= 1.0:
             raise ValueError(f"cfg_rescale must be in [0, 1], got {self.cfg_rescale}")
         if not 0.0 <= self.cfg_min_sigma <= 1.0:
             raise ValueError(f"cfg_min_sigma must be in [0, 1], got {self.cfg_min_sigma}")
+        if self.cfg_after_change is not None and self.cfg_after_change <= 0.0:
+            raise ValueError(f"cfg_after_change must be > 0 (or None), got {self.cfg_after_change}")
+
+    def for_section(self, prompt_changed: bool) -> "GuidanceConfig":
+        """The guidance of one section: ``cfg_after_change`` as its scale when it is the first with a new prompt."""
+        if not prompt_changed or self.cfg_after_change is None:
+            return self
+        return replace(self, cfg=self.cfg_after_change)
+
+    @property
+    def may_guide(self) -> bool:
+        """Whether any section can run real CFG (and so needs a negative conditioning)."""
+        return self.cfg != 1.0 or self.cfg_after_change not in (None, 1.0)
 
 
 def _cfg_rescale(v_cfg: Tensor, v_pos: Tensor, rescale: float) -> Tensor:

@@ -29,6 +29,7 @@ DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "demo" bucket of medi
 DEMO_STEPS = 8  # default sampling steps of the demo model
 DEMO_CFG = 2.0  # real classifier-free guidance scale (1.0: off), against zero text: trained with 10% text dropout
 DEMO_CFG_MIN_SIGMA = 0.6  # guide only the steps with sigma >= this (5 of the 8): they set the motion
+DEMO_CFG_AFTER_CHANGE = 4.0  # the scale of the first section with a new prompt: it must undo the history's motion
 # Fresh noise at every step, not the ODE path: the demo keeps one intact ball in 57% of frames over 16 turns,
 # against 38% with UniPC, at the same cost (README, issue 19).
 DEMO_SOLVER = "euler_stochastic"
@@ -46,10 +47,13 @@ def demo_weights_dir() -> Path:
 
 
 def demo_guidance(cfg: float | None = None) -> "GuidanceConfig":
-    """How the demo samples: distilled guidance 10 (as trained) and real CFG at ``cfg`` (default DEMO_CFG)."""
+    """How the demo samples: distilled guidance 10 (as trained) and real CFG at ``cfg`` (default DEMO_CFG), at
+    DEMO_CFG_AFTER_CHANGE in the first section after a prompt change (when that is stronger; none at cfg 1)."""
     from framepack_rt.engine.sampling import GuidanceConfig
 
-    return GuidanceConfig(cfg=DEMO_CFG if cfg is None else cfg, cfg_min_sigma=DEMO_CFG_MIN_SIGMA)
+    scale = DEMO_CFG if cfg is None else cfg
+    after = DEMO_CFG_AFTER_CHANGE if scale != 1.0 and DEMO_CFG_AFTER_CHANGE > scale else None
+    return GuidanceConfig(cfg=scale, cfg_min_sigma=DEMO_CFG_MIN_SIGMA, cfg_after_change=after)
 
 
 def read_example(root: str | Path) -> tuple[np.ndarray, str] | None:

@@ -247,8 +247,14 @@ class FramePackPipeline:
 
     def guidance(self, cfg: float | None = None) -> GuidanceConfig:
         """The model's default guidance with real CFG at ``cfg`` (None: unchanged); its other settings, such as
-        the demo's sigma interval, stay."""
-        return self.default_guidance if cfg is None else replace(self.default_guidance, cfg=cfg)
+        the demo's sigma interval, stay. A stronger scale after a prompt change (``cfg_after_change``) stays
+        when it is above ``cfg`` and goes with cfg 1 (real CFG off means off)."""
+        if cfg is None:
+            return self.default_guidance
+        after = self.default_guidance.cfg_after_change
+        if after is not None:
+            after = None if cfg == 1.0 or after <= cfg else after
+        return replace(self.default_guidance, cfg=cfg, cfg_after_change=after)
 
     # -- encoding --------------------------------------------------------------------------------------------
     def bucket(self, image: ImageInput) -> tuple[int, int]:
@@ -358,7 +364,7 @@ class FramePackPipeline:
                 on_step(StepProgress(event.section, event.step, event.steps, preview))
 
         negative = None
-        if sampler.guidance.cfg != 1.0 and negative_prompt:
+        if sampler.guidance.may_guide and negative_prompt:
             negative = self.conditioning(negative_prompt, image_embeds)
         transformer = self.parts.transformer()
         first = self.conditioning(prompt, image_embeds)

@@ -91,6 +91,13 @@ def test_from_pretrained_demo_reads_the_weights_folder_with_demo_settings(saved,
     # --cfg changes the scale only: the demo's sigma interval stays.
     assert pipe.guidance(3.0).cfg == 3.0 and pipe.guidance(3.0).cfg_min_sigma == demo.DEMO_CFG_MIN_SIGMA
     assert pipe.guidance() == pipe.default_guidance
+    # The first section after a prompt change is guided harder; --cfg 1 turns real CFG off there too, and a
+    # --cfg above that scale is not lowered after a change.
+    assert pipe.default_guidance.cfg_after_change == demo.DEMO_CFG_AFTER_CHANGE > demo.DEMO_CFG
+    assert pipe.guidance(3.0).cfg_after_change == demo.DEMO_CFG_AFTER_CHANGE
+    assert pipe.guidance(1.0).cfg_after_change is None and not pipe.guidance(1.0).may_guide
+    assert pipe.guidance(6.0).cfg_after_change is None
+    assert demo.demo_guidance(1.0).cfg_after_change is None and demo.demo_guidance(5.0).cfg_after_change is None
     image, prompt = pipe.example
     assert image.shape == (DEMO_SIZE, DEMO_SIZE, 3) and prompt == "a red ball moves right"
     assert (np.abs(image.astype(int) - (220, 40, 40)).sum(-1) < 30).sum() > 20  # the red ball is in it

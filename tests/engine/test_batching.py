@@ -103,6 +103,44 @@ def test_batched_section_equals_solo_with_other_sessions_at_other_steps(model):
     assert len(samples) < 4 + 4 + 6 + 6 + 4  # fewer forwards than the sessions' steps
 
 
+def test_a_prompt_change_with_its_own_guidance_batched_equals_solo(model):
+    """A session whose second section has a new prompt and a stronger CFG (cfg_after_change) beside one at a
+    steady prompt: batched, both equal their solo runs (the section's guidance travels with its setup)."""
+    def make(seed):
+        start = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(100 + seed))
+        sampler = SamplerConfig(steps=3, guidance=GuidanceConfig(cfg=1.0, cfg_after_change=2.5), solver="euler_stochastic")
+        return SectionGenerator(model, f1_schedule(window=3), start, conditioning(model, "a", seed, 5),
+                                sampler=sampler, seed=seed)
+
+    def solo_run(seed):
+        gen = make(seed)
+        first = next(gen).latents
+        if seed == 0:
+            gen.set_conditioning(conditioning(model, "b", 9, 7))
+        return [first, next(gen).latents]
+
+    expect = {0: solo_run(0), 1: solo_run(1)}
+    gens = {0: make(0), 1: make(1)}
+    batcher, got = StepBatcher(model, max_batch=8), {0: [], 1: []}
+    runs = {s: SectionRun(g) for s, g in gens.items()}
+    for _ in range(20):
+        assert not batcher.step(list(runs.values())).failed
+        for s, run in list(runs.items()):
+            if run.done:
+                got[s].append(run.result.latents)
+                del runs[s]
+                if len(got[s]) < 2:
+                    if s == 0:
+                        gens[0].set_conditioning(conditioning(model, "b", 9, 7))
+                    runs[s] = SectionRun(gens[s])
+        if not runs:
+            break
+    for s in (0, 1):
+        for e, g in zip(expect[s], got[s], strict=True):
+            assert (e - g).abs().max() <= TOL
+    assert not torch.equal(got[0][1], got[1][1])
+
+
 def test_teacache_skip_leaves_the_batch(model):
     """With TeaCache, a branch whose cache skips leaves the packed forward; results equal the solo runs, and the
     skipping session really skipped steps while the other one (threshold 0) ran every step."""

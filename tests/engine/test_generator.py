@@ -183,6 +183,30 @@ def test_real_cfg_runs_the_negative_branch_only_when_asked_batched_with_the_posi
         del model.step_branches
 
 
+def test_stronger_guidance_only_in_the_first_section_after_a_prompt_change(model):
+    """cfg 1 with cfg_after_change 3: the negative branch runs in the one section that begins with a new prompt,
+    not before, not after, and not when the same prompt is set again."""
+    calls = []
+    original_branches = model.step_branches
+    model.step_branches = lambda branches: calls.append(sum(b.hidden_states.shape[0] for b in branches)) or \
+        original_branches(branches)
+    try:
+        gen = SectionGenerator(model, f1_schedule(window=2), start_latent(), conditioning(model, "left"),
+                               sampler=SamplerConfig(steps=2, guidance=GuidanceConfig(cfg=1.0, cfg_after_change=3.0)))
+        rows = []
+        for k in range(5):
+            if k == 1:
+                gen.set_conditioning(conditioning(model, "left"))  # the same prompt again: no change
+            if k == 2:
+                gen.set_conditioning(conditioning(model, "right", seed=3))
+            calls.clear()
+            next(gen)
+            rows.append(calls[:])
+        assert rows == [[1, 1], [1, 1], [2, 2], [1, 1], [1, 1]]
+    finally:
+        del model.step_branches
+
+
 @pytest.mark.parametrize("negative_text_len", [None, 3, 6, 9], ids=lambda n: f"neg_text_{n or 'zeros'}")
 def test_batched_cfg_equals_two_calls(model, monkeypatch, negative_text_len):
     """One batch of [positive; negative] gives the same sections as two calls, also when the negative prompt

@@ -444,3 +444,14 @@ def test_noise_source_dtype_and_replay():
     half = src.noise((2, 3), dtype=torch.bfloat16, device="cpu")
     assert half.dtype == torch.bfloat16 and half.device.type == "cpu"
     assert torch.equal(half, first.to(torch.bfloat16))  # drawn in fp32, then cast
+
+
+def test_guidance_for_the_section_after_a_prompt_change():
+    plain = GuidanceConfig(cfg=2.0, cfg_min_sigma=0.6)
+    assert plain.for_section(prompt_changed=True) is plain and plain.may_guide
+    boosted = GuidanceConfig(cfg=2.0, cfg_min_sigma=0.6, cfg_after_change=4.0)
+    assert boosted.for_section(prompt_changed=False) is boosted
+    assert boosted.for_section(prompt_changed=True) == GuidanceConfig(cfg=4.0, cfg_min_sigma=0.6, cfg_after_change=4.0)
+    assert not GuidanceConfig().may_guide and GuidanceConfig(cfg_after_change=3.0).may_guide
+    with pytest.raises(ValueError, match="cfg_after_change must be > 0"):
+        GuidanceConfig(cfg_after_change=0.0)

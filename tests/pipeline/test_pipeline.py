@@ -172,6 +172,9 @@ def test_guidance_and_negative_prompt_reach_the_generator(pipe, image):
     assert next(guided).frames.shape[0] > 0
     assert pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg=2.0))._gen._negative is None
     assert pipe.stream(image, "a ball", steps=1, negative_prompt="a blur")._gen._negative is None  # cfg 1: unused
+    # CFG only after a prompt change still needs the negative prompt for those sections.
+    after = pipe.stream(image, "a ball", steps=1, guidance=GuidanceConfig(cfg_after_change=3.0), negative_prompt="a blur")
+    assert after._gen._negative.prompt == "a blur"
 
 
 def test_solver_default_and_override_reach_the_generator(pipe, image):
