@@ -125,12 +125,17 @@ def _frames(sections) -> np.ndarray:
 
 
 def stream_f1(pipe, image: np.ndarray, prompts: list[str], seed: int, steps: int | None) -> np.ndarray:
-    """F1 through the pipeline: section k uses prompts[k]; all frames emitted, in order (T, H, W, 3)."""
-    stream = pipe.stream(image, prompts[0], seed=seed, steps=steps)
+    """F1 through the pipeline: section k uses prompts[k]; all frames emitted, in order (T, H, W, 3).
+
+    Without decode overlap: with it, section k + 1 is already sampling when section k comes out, so a prompt
+    set then would apply a section late (set_prompt says from which section; checked)."""
+    stream = pipe.stream(image, prompts[0], seed=seed, steps=steps, decode_overlap=False)
     out = []
     for k, prompt in enumerate(prompts):
         if k and prompt != prompts[k - 1]:
-            stream.set_prompt(prompt)
+            applies_from = stream.set_prompt(prompt)
+            if applies_from != k:
+                raise RuntimeError(f"prompt {k} would apply from section {applies_from}")
         out.append(next(stream))
     stream.stop()
     return _frames(out)

@@ -90,10 +90,12 @@ class FakeStream:
         c, area = E.track(image[None])
         self.state = np.array([[c[0, 0], c[0, 1], np.sqrt(area[0] / np.pi)]])
         self.bg, self.prompt, self.contrary, self.emitted = tuple(int(v) for v in image[0, 0]), prompt, contrary, 0
-        self.first = image
+        self.first, self.sections = image, 0
 
-    def set_prompt(self, text: str) -> None:
+    def set_prompt(self, text: str) -> int:
         self.prompt = text
+        return self.sections
+
 
     def stop(self) -> None:
         pass
@@ -108,6 +110,7 @@ class FakeStream:
         frames = frames if self.emitted == 0 else frames[1:]
         section = FakeSection(self.emitted, frames)
         self.emitted += len(frames)
+        self.sections += 1
         return section
 
 
@@ -119,7 +122,7 @@ class FakePipe:
     def __init__(self, contrary: bool = False) -> None:
         self.contrary = contrary
 
-    def stream(self, image, prompt, seed=0, steps=None):
+    def stream(self, image, prompt, seed=0, steps=None, decode_overlap=None):
         return FakeStream(image, prompt, self.contrary)
 
 
@@ -160,6 +163,17 @@ def test_main_reports_rates_and_the_guidance_it_sampled_with(tmp_path, capsys):
     assert saved["direction"]["passed"] == 3 and saved["prompt_change"]["rate"] == 1.0 == report["prompt_change"]["rate"]
     assert saved["solver"] == "euler_stochastic"
     assert "euler_stochastic, cfg 2" in capsys.readouterr().out
+
+
+def test_stream_f1_samples_each_section_with_its_own_prompt(monkeypatch):
+    """With decode overlap (the CPU default) section k + 1 is already sampling when k comes out, so a prompt
+    set then applied a section late: the turns ran 4 sections right and 2 left instead of 3 and 3."""
+    pipe, prompts, seen = E.load_pipeline("demo"), [E.RIGHT, E.RIGHT, E.LEFT, E.LEFT], []
+    frames_of = E._frames
+    monkeypatch.setattr(E, "_frames", lambda sections: seen.extend(s.prompt for s in sections) or frames_of(sections))
+    image, _ = E.fidelity_scene(0)[1:]
+    frames = E.stream_f1(pipe, image, prompts, seed=0, steps=1)
+    assert seen == prompts and len(frames) == 1 + 4 * 36
 
 
 def test_load_pipeline_samples_with_the_demo_solver_unless_told():
