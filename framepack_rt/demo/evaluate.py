@@ -277,22 +277,23 @@ def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
 
 def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
-    report = _fidelity_runs(runs, lambda image, clip, seed: stream_f1(
+    report = _fidelity_runs(runs, before + after, lambda image, clip, seed: stream_f1(
         pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 
 
-def _fidelity_runs(runs: int, make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
-    """The fidelity measures of ``make_frames(image, clip, seed)`` over the first ``runs`` fidelity scenes."""
-    from framepack_rt.demo.fidelity import fidelity, summarize
+def _fidelity_runs(runs: int, sections: int, make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
+    """The fidelity measures of ``make_frames(image, clip, seed)`` (``sections`` sections) over the first
+    ``runs`` fidelity scenes, with the intact rate of each section."""
+    from framepack_rt.demo.fidelity import fidelity, per_section, summarize
 
-    reports = []
+    reports, intact = [], []
     for run in range(runs):
         seed, image, clip = fidelity_scene(run)
         report = fidelity(make_frames(image, clip, seed), clip)
-        report.pop("intact_per_frame")
+        intact.append(report.pop("intact_per_frame"))
         reports.append({"seed": seed, **report})
-    return {**summarize(reports), "details": reports}
+    return {**summarize(reports), "intact_per_section": per_section(intact, sections), "details": reports}
 
 
 def world_turn(clip: Clip, prompts: list[str], window: int = 9) -> np.ndarray:
@@ -342,7 +343,8 @@ def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, afte
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, lambda image, clip, seed: round_trip(pipe, world_turn(clip, prompts, window), window))
+    return _fidelity_runs(runs, len(prompts), lambda image, clip, seed: round_trip(
+        pipe, world_turn(clip, prompts, window), window))
 
 
 def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None,
@@ -350,8 +352,14 @@ def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, lambda image, clip, seed: stream_f1_forced(
+    return _fidelity_runs(runs, len(prompts), lambda image, clip, seed: stream_f1_forced(
         pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window))
+
+
+def _per_section_line(report: dict) -> str:
+    """'67 75 81 31 56 72' (percent), or '-' for a report from before the per-section rates."""
+    rates = report.get("intact_per_section")
+    return " ".join(f"{100 * r:.0f}" for r in rates) if rates else "-"
 
 
 def table(results: list[Result], drift: dict | None, fidelity: dict | None = None) -> str:
@@ -376,13 +384,14 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
         lines.append(f"fidelity ({f['runs']} turns, {f['frames']} frames): intact {f['intact']:.0%} (one object "
                      f"{f['one_object']:.0%}, colour {f['colour_ok']:.0%}, area {f['area_ok']:.0%}; target 90%), "
                      f"largest jump {f['largest_jump']:.3f} of the width (target <= 0.08)")
+        lines.append(f"  intact per section: {_per_section_line(f)}")
         for key, what in (("forced", "sampled from the world's history (teacher forcing)"),
                           ("ceiling", "drawn by the world, through the VAE and the decoder only")):
             c = f.get(key)
             if c:
                 lines.append(f"  the same turns {what}: intact {c['intact']:.0%} (one object {c['one_object']:.0%}, "
                              f"colour {c['colour_ok']:.0%}, area {c['area_ok']:.0%}), largest jump "
-                             f"{c['largest_jump']:.3f}")
+                             f"{c['largest_jump']:.3f}; per section {_per_section_line(c)}")
     return "\n".join(lines)
 
 

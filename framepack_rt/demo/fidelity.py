@@ -91,6 +91,21 @@ def fidelity(frames: np.ndarray, clip) -> dict:
             "largest_jump": float(steps.max()) if len(steps) else float("nan"), "intact_per_frame": intact}
 
 
+def per_section(intact_runs: list[np.ndarray], sections: int) -> list[float]:
+    """The intact rate of each section over several runs, frame-weighted: each run's frames after the start
+    image (frame 0, in no section) split evenly into ``sections`` (a stream emits 4 window frames a section).
+    Shows where a run fails: the turn, the first section, or the end."""
+    if sections < 1:
+        raise ValueError(f"sections must be >= 1, got {sections}")
+    kept, seen = np.zeros(sections), np.zeros(sections)
+    for intact in intact_runs:
+        for k, part in enumerate(np.array_split(np.asarray(intact[1:], bool), sections)):
+            kept[k], seen[k] = kept[k] + part.sum(), seen[k] + len(part)
+    if not seen.all():
+        raise ValueError(f"a run has fewer frames than its {sections} sections")
+    return (kept / seen).tolist()
+
+
 def summarize(reports: list[dict]) -> dict:
     """Frame-weighted rates over several runs and the largest jump of any."""
     frames = sum(r["frames"] for r in reports)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from framepack_rt.demo import evaluate as E
-from framepack_rt.demo.fidelity import blobs, fidelity, label_blobs
+from framepack_rt.demo.fidelity import blobs, fidelity, label_blobs, per_section
 from framepack_rt.demo.world import start_image
 
 from tests.demo.test_evaluate import FakePipe
@@ -64,12 +64,40 @@ def test_a_second_blob_a_colour_change_a_smear_and_a_jump_are_caught(turn):
     assert jump["largest_jump"] > 0.2  # (the roll also wraps the ball across the edge in some frames: split)
 
 
+def test_per_section_weights_frames_and_leaves_out_the_start_image():
+    first = np.ones(13, bool)
+    first[0] = False  # the start image: in no section
+    first[5:9] = False  # all of section 1 (frames 5-8)
+    second = np.ones(13, bool)
+    second[12] = False  # one frame of section 2
+    assert per_section([first, second], 3) == pytest.approx([1.0, 0.5, 7 / 8])
+    assert per_section([np.ones(8, bool)], 3) == pytest.approx([1.0] * 3)  # 7 frames: split 3, 2, 2
+    with pytest.raises(ValueError, match="fewer frames"):
+        per_section([np.ones(3, bool)], 3)
+
+
+def test_the_evaluation_finds_the_section_that_fails(turn, monkeypatch):
+    """A turn whose third section (the first after the change) turns yellow: only that section's rate drops."""
+    frames, clip = turn
+    section = (len(frames) - 1) // 4
+    broken = frames.copy()
+    part = broken[1 + 2 * section : 1 + 3 * section]
+    part[np.linalg.norm(part.astype(float) - clip.background, axis=-1) > 60] = (230, 200, 40)
+    monkeypatch.setattr(E, "fidelity_scene", lambda run: (0, None, clip))
+    report = E._fidelity_runs(2, 4, lambda image, scene, seed: broken)
+    assert report["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
+    assert report["intact"] == pytest.approx(1 - section / len(frames))
+
+
 def test_the_evaluation_reports_fidelity(tmp_path, capsys):
     report = E.main(["--runs", "1", "--drift-seconds", "0", "--fidelity-runs", "2"], pipe_factory=FakePipe)
     f = report["fidelity"]
     assert f["runs"] == 2 and f["frames"] == sum(d["frames"] for d in f["details"]) > 400 and f["intact"] == 1.0
     assert [d["seed"] for d in f["details"]] == [E.FIDELITY_SEEDS, E.FIDELITY_SEEDS + 1]
-    assert f"fidelity (2 turns, {f['frames']} frames): intact 100%" in capsys.readouterr().out
+    assert f["intact_per_section"] == [1.0] * 6
+    out = capsys.readouterr().out
+    assert f"fidelity (2 turns, {f['frames']} frames): intact 100%" in out
+    assert "intact per section: 100 100 100 100 100 100" in out
 
 
 def test_the_world_draws_the_turn_a_perfect_model_would():
