@@ -101,6 +101,10 @@ class WorldConfig:
     min_segment_latents: int = 8  # a prompt lasts 8..30 latents (about 1.1 s .. 4 s)
     max_segment_latents: int = 30
     still_weight: float = 0.4  # "stays still" is drawn less often than a motion
+    # The chance that a prompt change turns the subject back ("moves right" -> "moves left", "grows" ->
+    # "shrinks"), as someone steering one object does, where the reverse has room; otherwise a random subject
+    # and motion. 0: every change random (and the random stream is exactly the one before this setting).
+    turn_rate: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -242,17 +246,37 @@ def _step(state: np.ndarray, motion: str, k: int, anchor_y: float, lim: _Limits)
     state[:] = (x, y, r)
 
 
+REVERSE = {"moves right": "moves left", "moves left": "moves right", "moves up": "moves down",
+           "moves down": "moves up", "grows": "shrinks", "shrinks": "grows"}
+
+
+def _motion_need(motion: str, lim: _Limits) -> float:
+    """Room a motion needs to show for about half a second at least."""
+    return {"bounces": 0.5 * lim.hop, "grows": 12 * lim.grow, "shrinks": 12 * lim.grow}.get(motion, 16 * lim.speed)
+
+
 def _pick_motion(rng: np.random.Generator, states: np.ndarray, lim: _Limits, cfg: WorldConfig) -> tuple[int, str]:
     """A subject and a motion that visibly does something from the current states (or 'stays still')."""
     weights = np.array([cfg.still_weight if m == "stays still" else 1.0 for m in MOTIONS])
     for _ in range(100):
         i = int(rng.integers(len(states)))
         motion = MOTIONS[int(rng.choice(len(MOTIONS), p=weights / weights.sum()))]
-        # Enough room for the motion to show for about half a second at least.
-        need = {"bounces": 0.5 * lim.hop, "grows": 12 * lim.grow, "shrinks": 12 * lim.grow}.get(motion, 16 * lim.speed)
-        if lim.room(*states[i], motion) >= need:
+        if lim.room(*states[i], motion) >= _motion_need(motion, lim):
             return i, motion
     return int(rng.integers(len(states))), "stays still"
+
+
+def _turn(rng: np.random.Generator, plan: list[tuple[int, int, str]], states: np.ndarray, lim: _Limits,
+          cfg: WorldConfig) -> tuple[int, str] | None:
+    """With probability ``cfg.turn_rate``, the last segment's subject and the reverse of its motion, if that
+    has room to show; else None (draws nothing from ``rng`` when the rate is 0 or there is no last segment)."""
+    if not plan or cfg.turn_rate <= 0 or rng.random() >= cfg.turn_rate:
+        return None
+    _, subject, motion = plan[-1]
+    reverse = REVERSE.get(motion)
+    if reverse is None or lim.room(*states[subject], reverse) < _motion_need(reverse, lim):
+        return None
+    return subject, reverse
 
 
 def _place(rng: np.random.Generator, n: int, lim: _Limits) -> np.ndarray:
@@ -324,7 +348,10 @@ def make_clip(seed: int, num_frames: int, cfg: WorldConfig = WorldConfig(), *, n
     plan: list[tuple[int, int, str]] = []
     frame, current = 0, states.copy()
     while frame < num_frames:
-        subject, motion = first if (first is not None and not plan) else _pick_motion(rng, current, lim, cfg)
+        if first is not None and not plan:
+            subject, motion = first
+        else:
+            subject, motion = _turn(rng, plan, current, lim, cfg) or _pick_motion(rng, current, lim, cfg)
         plan.append((frame, subject, motion))
         latents = int(rng.integers(cfg.min_segment_latents, cfg.max_segment_latents + 1))
         start_latent = latent_of_frame(frame)

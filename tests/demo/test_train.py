@@ -277,6 +277,25 @@ def test_vae_stage_trains_and_sets_the_scaling_factor(tmp_path):
     assert vae.config.scaling_factor == pytest.approx(log[-1]["scaling_factor"]) and vae.config.scaling_factor != 1.0
 
 
+def test_encode_stage_caches_the_worlds_clips_with_their_prompts(tmp_path):
+    """Stage 1b on a random 32 px VAE: one clip per seed, each latent with the prompt in force; --turn-rate
+    reaches the world (its clips are the ones world.make_clip draws with that rate)."""
+    from framepack_rt.demo.world import WorldConfig, frames_for_latents, make_clip
+
+    torch.manual_seed(0)
+    T.build_vae().save_pretrained(tmp_path / "vae")
+    args = T.parser().parse_args(["encode", "--out", str(tmp_path), "--size", "32", "--seed", "4", "--clips", "2",
+                                  "--clip-latents", "40", "--turn-rate", "1"])
+    cache = LatentCache.load(T.encode_world(args))
+    assert len(cache.clips) == 2
+    for i, clip in enumerate(cache.clips):
+        world = make_clip(4 * 1_000_003 + i, frames_for_latents(40), WorldConfig(size=32, turn_rate=1.0))
+        assert clip.latents.shape[0] == 40 and clip.prompts == [world.prompt_at_latent(j) for j in range(40)]
+        assert set(clip.prompts) <= set(cache.prompts)
+    random = [make_clip(4 * 1_000_003 + i, frames_for_latents(40), WorldConfig(size=32)) for i in range(2)]
+    assert [c.prompts for c in cache.clips] != [[w.prompt_at_latent(j) for j in range(40)] for w in random]
+
+
 FSDP_TIMEOUT = 300  # seconds per torchrun of 2 ranks (about 20 s on an idle 2-core machine)
 
 

@@ -8,6 +8,7 @@ import pytest
 from framepack_rt.demo.world import (
     COLOURS,
     MOTIONS,
+    REVERSE,
     WorldConfig,
     WorldObject,
     all_prompts,
@@ -117,6 +118,42 @@ def test_timeline_lands_on_latent_boundaries_and_prompts_per_latent():
     cfg = WorldConfig()
     assert np.all((lengths >= cfg.min_segment_latents) & (lengths <= cfg.max_segment_latents))
     assert clip.change_latents() == [latent_of_frame(f) for f in frames]
+
+
+def _changes(clip) -> list[tuple[int, int, int, str, str]]:
+    """(frame, subject after, subject before, motion before, motion after) of each prompt change."""
+    return [(f, int(clip.subjects[f]), int(clip.subjects[f - 1]), parse_prompt(before)[2], parse_prompt(after)[2])
+            for (_, before), (f, after) in zip(clip.timeline, clip.timeline[1:])]
+
+
+def test_turns_keep_the_subject_and_reverse_its_motion():
+    turns = changes = 0
+    for seed in range(6):
+        random, turning = make_clip(seed, frames_for_latents(90)), make_clip(seed, frames_for_latents(90),
+                                                                             WorldConfig(turn_rate=1.0))
+        assert random.objects == turning.objects and random.background == turning.background  # the same scene
+        assert parse_prompt(random.timeline[0][1]) == parse_prompt(turning.timeline[0][1])
+        for f, subject, previous, before, after in _changes(turning):
+            changes += 1
+            if subject == previous and REVERSE.get(before) == after:
+                turns += 1
+                if after in ("moves left", "moves right"):  # the object really goes back the way it came
+                    x = turning.centers[:, subject, 0]
+                    came, goes = np.sign(x[f - 1] - x[f - 9]), np.sign(x[f + 8] - x[f])
+                    assert goes == -came or came == 0  # (0: it had stopped at the edge)
+        random_turns = sum(s == p and REVERSE.get(b) == a for _, s, p, b, a in _changes(random))
+        assert random_turns <= 2
+    assert changes >= 12 and turns / changes > 0.6  # the rest: a reverse with no room, or none (bounces, still)
+
+
+def test_turn_rate_zero_draws_the_clips_it_always_drew():
+    """The setting's default leaves the random stream alone, so the caches made before it are reproducible."""
+    import framepack_rt.demo.world as W
+
+    rng, fresh = np.random.default_rng(5), np.random.default_rng(5)
+    states = np.array([[30.0, 30.0, 6.0]])
+    assert W._turn(rng, [(0, 0, "moves right")], states, W._Limits(WorldConfig()), WorldConfig()) is None
+    assert rng.random() == fresh.random()
 
 
 def test_deterministic_and_seed_dependent():
