@@ -39,6 +39,8 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
+So were fine-tunes on caches of longer clips (``encode --clip-latents 60``) and of clips whose prompt changes
+often turn the subject back (``--turn-rate 0.5``, world.WorldConfig.turn_rate): README has those too.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
