@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from framepack_rt.demo.world import COLOURS, Clip, parse_prompt, render, simulate, start_image
+from framepack_rt.demo.world import COLOURS, LATENT_FRAMES, Clip, parse_prompt, render, simulate, start_image
 from framepack_rt.engine.sampling import SOLVERS
 from framepack_rt.pipeline import devices
 
@@ -264,6 +264,7 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
 
 FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the other criteria never use
 FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points above 16 turns', README)
+STREAM_WINDOW = 9  # latents a section in stream_f1: the pipeline stream's default
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
@@ -277,14 +278,15 @@ def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
 
 def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
-    report = _fidelity_runs(runs, before + after, lambda image, clip, seed: stream_f1(
+    report = _fidelity_runs(runs, before + after, STREAM_WINDOW, lambda image, clip, seed: stream_f1(
         pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 
 
-def _fidelity_runs(runs: int, sections: int, make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
-    """The fidelity measures of ``make_frames(image, clip, seed)`` (``sections`` sections) over the first
-    ``runs`` fidelity scenes, with the intact rate of each section."""
+def _fidelity_runs(runs: int, sections: int, window: int,
+                   make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
+    """The fidelity measures of ``make_frames(image, clip, seed)`` (``sections`` sections of ``window``
+    latents) over the first ``runs`` fidelity scenes, with the intact rate of each section."""
     from framepack_rt.demo.fidelity import fidelity, per_section, summarize
 
     reports, intact = [], []
@@ -293,7 +295,8 @@ def _fidelity_runs(runs: int, sections: int, make_frames: Callable[[np.ndarray, 
         report = fidelity(make_frames(image, clip, seed), clip)
         intact.append(report.pop("intact_per_frame"))
         reports.append({"seed": seed, **report})
-    return {**summarize(reports), "intact_per_section": per_section(intact, sections), "details": reports}
+    return {**summarize(reports), "intact_per_section": per_section(intact, sections, LATENT_FRAMES * window),
+            "details": reports}
 
 
 def world_turn(clip: Clip, prompts: list[str], window: int = 9) -> np.ndarray:
@@ -343,7 +346,7 @@ def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, afte
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, len(prompts), lambda image, clip, seed: round_trip(
+    return _fidelity_runs(runs, len(prompts), window, lambda image, clip, seed: round_trip(
         pipe, world_turn(clip, prompts, window), window))
 
 
@@ -352,14 +355,13 @@ def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, len(prompts), lambda image, clip, seed: stream_f1_forced(
+    return _fidelity_runs(runs, len(prompts), window, lambda image, clip, seed: stream_f1_forced(
         pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window))
 
 
 def _per_section_line(report: dict) -> str:
-    """'67 75 81 31 56 72' (percent), or '-' for a report from before the per-section rates."""
-    rates = report.get("intact_per_section")
-    return " ".join(f"{100 * r:.0f}" for r in rates) if rates else "-"
+    """'67 75 81 31 56 72': the intact rate of each section, in percent."""
+    return " ".join(f"{100 * r:.0f}" for r in report["intact_per_section"])
 
 
 def table(results: list[Result], drift: dict | None, fidelity: dict | None = None) -> str:

@@ -14,6 +14,7 @@ Per frame the object is segmented against the scene's plain background (pixels f
   object is intact in both).
 
     report = fidelity(frames, clip)          # frames (T, H, W, 3) uint8, clip from world.start_image
+    per_section([report["intact_per_frame"], ...], sections=6, frames_per_section=36)   # where runs fail
 """
 
 from __future__ import annotations
@@ -91,18 +92,26 @@ def fidelity(frames: np.ndarray, clip) -> dict:
             "largest_jump": float(steps.max()) if len(steps) else float("nan"), "intact_per_frame": intact}
 
 
-def per_section(intact_runs: list[np.ndarray], sections: int) -> list[float]:
-    """The intact rate of each section over several runs, frame-weighted: each run's frames after the start
-    image (frame 0, in no section) split evenly into ``sections`` (a stream emits 4 window frames a section).
-    Shows where a run fails: the turn, the first section, or the end."""
-    if sections < 1:
-        raise ValueError(f"sections must be >= 1, got {sections}")
+def per_section(intact_runs: list[np.ndarray], sections: int, frames_per_section: int) -> list[float]:
+    """The intact rate of each section over several runs, frame-weighted. Frame 0 (the start image) is in no
+    section; section k is frames 1 + n k .. n (k + 1) for n = ``frames_per_section`` (a stream emits 4 window
+    frames a section), so a run whose decoder holds back its last frames has a shorter last section, not
+    shifted ones. Shows where a run fails: the turn, the first section, or the end."""
+    if sections < 1 or frames_per_section < 1:
+        raise ValueError(f"sections and frames_per_section must be >= 1, got {sections} and {frames_per_section}")
     kept, seen = np.zeros(sections), np.zeros(sections)
     for intact in intact_runs:
-        for k, part in enumerate(np.array_split(np.asarray(intact[1:], bool), sections)):
-            kept[k], seen[k] = kept[k] + part.sum(), seen[k] + len(part)
+        intact = np.asarray(intact, bool)
+        if len(intact) > 1 + sections * frames_per_section:
+            raise ValueError(f"a run has {len(intact)} frames, more than {sections} sections of "
+                             f"{frames_per_section} after the start: pass the run's own section count and length")
+        for k in range(sections):
+            part = intact[1 + frames_per_section * k : 1 + frames_per_section * (k + 1)]
+            kept[k] += part.sum()
+            seen[k] += len(part)
     if not seen.all():
-        raise ValueError(f"a run has fewer frames than its {sections} sections")
+        raise ValueError(f"no run reaches section {int(np.argmin(seen > 0))}: its frames are missing (did the "
+                         "stream stop early?)")
     return (kept / seen).tolist()
 
 

@@ -3,7 +3,8 @@
 A scene holds one to three objects (balls or squares, each its own colour) on a plain background. One object
 at a time is the *subject* and does what the prompt in force says ("a red ball moves right", "the blue square
 bounces", ...); the others stay where they are. A clip is a long run of frames whose prompt changes at random
-times; each change may pick another subject and another motion. Everything is deterministic from a seed.
+times; each change may pick another subject and another motion, or (``WorldConfig.turn_rate``) turn the
+subject back the way it came. Everything is deterministic from a seed.
 
 Motion rules (sizes are fractions of the frame side, so any resolution gives the same clip, only sharper):
 
@@ -103,8 +104,14 @@ class WorldConfig:
     still_weight: float = 0.4  # "stays still" is drawn less often than a motion
     # The chance that a prompt change turns the subject back ("moves right" -> "moves left", "grows" ->
     # "shrinks"), as someone steering one object does, where the reverse has room; otherwise a random subject
-    # and motion. 0: every change random (and the random stream is exactly the one before this setting).
+    # and motion. 0: every change random (and the random stream is exactly the one before this setting);
+    # 1: the subject goes back and forth while it has room.
     turn_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.turn_rate <= 1.0:  # (also refuses NaN)
+            raise ValueError(f"turn_rate is a probability in [0, 1], got {self.turn_rate}: pass --turn-rate "
+                             "between 0 and 1")
 
 
 @dataclass(frozen=True)
@@ -246,7 +253,7 @@ def _step(state: np.ndarray, motion: str, k: int, anchor_y: float, lim: _Limits)
     state[:] = (x, y, r)
 
 
-REVERSE = {"moves right": "moves left", "moves left": "moves right", "moves up": "moves down",
+REVERSE: dict[str, str] = {"moves right": "moves left", "moves left": "moves right", "moves up": "moves down",
            "moves down": "moves up", "grows": "shrinks", "shrinks": "grows"}
 
 

@@ -70,23 +70,31 @@ def test_per_section_weights_frames_and_leaves_out_the_start_image():
     first[5:9] = False  # all of section 1 (frames 5-8)
     second = np.ones(13, bool)
     second[12] = False  # one frame of section 2
-    assert per_section([first, second], 3) == pytest.approx([1.0, 0.5, 7 / 8])
-    assert per_section([np.ones(8, bool)], 3) == pytest.approx([1.0] * 3)  # 7 frames: split 3, 2, 2
-    with pytest.raises(ValueError, match="fewer frames"):
-        per_section([np.ones(3, bool)], 3)
+    assert per_section([first, second], 3, 4) == pytest.approx([1.0, 0.5, 7 / 8])
+    held_back = np.ones(11, bool)  # a decoder that holds back the last 2 frames: section 2 is short, not shifted
+    held_back[9:] = False
+    assert per_section([held_back], 3, 4) == pytest.approx([1.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="more than 3 sections of 4"):
+        per_section([np.ones(14, bool)], 3, 4)
+    with pytest.raises(ValueError, match="no run reaches section 2"):
+        per_section([np.ones(9, bool)], 3, 4)
 
 
 def test_the_evaluation_finds_the_section_that_fails(turn, monkeypatch):
-    """A turn whose third section (the first after the change) turns yellow: only that section's rate drops."""
+    """A turn whose third section (the first after the change) turns yellow: only that section's rate drops,
+    also when the decoder holds back the last frames."""
     frames, clip = turn
     section = (len(frames) - 1) // 4
+    assert section == 4 * 9
     broken = frames.copy()
     part = broken[1 + 2 * section : 1 + 3 * section]
     part[np.linalg.norm(part.astype(float) - clip.background, axis=-1) > 60] = (230, 200, 40)
     monkeypatch.setattr(E, "fidelity_scene", lambda run: (0, None, clip))
-    report = E._fidelity_runs(2, 4, lambda image, scene, seed: broken)
+    report = E._fidelity_runs(2, 4, 9, lambda image, scene, seed: broken)
     assert report["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
     assert report["intact"] == pytest.approx(1 - section / len(frames))
+    held_back = E._fidelity_runs(1, 4, 9, lambda image, scene, seed: broken[:-12])
+    assert held_back["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
 
 
 def test_the_evaluation_reports_fidelity(tmp_path, capsys):

@@ -291,7 +291,6 @@ def test_encode_stage_caches_the_worlds_clips_with_their_prompts(tmp_path):
     for i, clip in enumerate(cache.clips):
         world = make_clip(4 * 1_000_003 + i, frames_for_latents(40), WorldConfig(size=32, turn_rate=1.0))
         assert clip.latents.shape[0] == 40 and clip.prompts == [world.prompt_at_latent(j) for j in range(40)]
-        assert set(clip.prompts) <= set(cache.prompts)
     random = [make_clip(4 * 1_000_003 + i, frames_for_latents(40), WorldConfig(size=32)) for i in range(2)]
     assert [c.prompts for c in cache.clips] != [[w.prompt_at_latent(j) for j in range(40)] for w in random]
 

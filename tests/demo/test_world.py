@@ -147,13 +147,26 @@ def test_turns_keep_the_subject_and_reverse_its_motion():
 
 
 def test_turn_rate_zero_draws_the_clips_it_always_drew():
-    """The setting's default leaves the random stream alone, so the caches made before it are reproducible."""
+    """The setting's default leaves the random stream alone, so the caches made before it are reproducible:
+    the timelines below are what make_clip drew before turn_rate existed (commit 4c3d601)."""
     import framepack_rt.demo.world as W
 
     rng, fresh = np.random.default_rng(5), np.random.default_rng(5)
     states = np.array([[30.0, 30.0, 6.0]])
     assert W._turn(rng, [(0, 0, "moves right")], states, W._Limits(WorldConfig()), WorldConfig()) is None
     assert rng.random() == fresh.random()
+    assert make_clip(3, frames_for_latents(60)).timeline == [
+        (0, "a blue square bounces"), (53, "the blue square moves right"), (89, "the blue square moves up"),
+        (133, "a green square moves down"), (217, "a red ball moves right")]
+    assert make_clip(11, frames_for_latents(60)).timeline == [
+        (0, "the blue square stays still"), (29, "a blue square moves down"), (101, "the blue square moves up"),
+        (193, "a blue square moves left")]
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.5, float("nan")])
+def test_turn_rate_is_a_probability(rate):
+    with pytest.raises(ValueError, match="turn_rate is a probability"):
+        WorldConfig(turn_rate=rate)
 
 
 def test_deterministic_and_seed_dependent():
