@@ -254,7 +254,7 @@ def _step(state: np.ndarray, motion: str, k: int, anchor_y: float, lim: _Limits)
 
 
 REVERSE: dict[str, str] = {"moves right": "moves left", "moves left": "moves right", "moves up": "moves down",
-           "moves down": "moves up", "grows": "shrinks", "shrinks": "grows"}
+                           "moves down": "moves up", "grows": "shrinks", "shrinks": "grows"}
 
 
 def _motion_need(motion: str, lim: _Limits) -> float:
