@@ -39,6 +39,7 @@ import torch
 
 from framepack_rt.demo.world import COLOURS, LATENT_FRAMES, Clip, parse_prompt, render, simulate, start_image
 from framepack_rt.engine.sampling import SOLVERS
+from framepack_rt.engine.schedules import DEFAULT_WINDOW
 from framepack_rt.pipeline import devices
 
 RED = COLOURS["red"]
@@ -264,7 +265,6 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
 
 FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the other criteria never use
 FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points above 16 turns', README)
-STREAM_WINDOW = 9  # latents a section in stream_f1: the pipeline stream's default
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
@@ -278,7 +278,7 @@ def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
 
 def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
-    report = _fidelity_runs(runs, before + after, STREAM_WINDOW, lambda image, clip, seed: stream_f1(
+    report = _fidelity_runs(runs, before + after, DEFAULT_WINDOW, lambda image, clip, seed: stream_f1(
         pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 

@@ -21,7 +21,14 @@ from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGe
 from framepack_rt.pipeline.media import (BUCKET_SETS, ImageInput, PromptChange, fit_to_bucket, load_image,
                                          nearest_bucket, prompt_at)
 from framepack_rt.engine.sampling import SOLVERS, GuidanceConfig
-from framepack_rt.engine.schedules import Schedule, f1_schedule, inverted_schedule, num_sections, video_frames_for_latents
+from framepack_rt.engine.schedules import (
+    DEFAULT_WINDOW,
+    Schedule,
+    f1_schedule,
+    inverted_schedule,
+    num_sections,
+    video_frames_for_latents,
+)
 from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
 from framepack_rt.pipeline.decode_ahead import overlap_by_default
@@ -303,7 +310,7 @@ class FramePackPipeline:
         *,
         seed: int = 0,
         steps: int | None = None,
-        window: int = 9,
+        window: int = DEFAULT_WINDOW,
         mode: str = "f1",
         seconds: float | None = None,
         teacache: float | TeaCacheConfig | None = None,
