@@ -11,7 +11,10 @@ Per frame the object is segmented against the scene's plain background (pixels f
 * ``area_ok``: its area within ``AREA_BAND`` times the start object's area;
 * ``intact``: all three;
 * the centroid's largest jump between consecutive frames, as a fraction of the width (over frames where the
-  object is intact in both).
+  object is intact in both);
+* the largest jump across gaps: the same between consecutive *intact* frames however far apart, less what the
+  world's top speed (``WorldConfig.speed`` a frame) covers over the frames between. A ball that fades out and
+  comes back on the other side has no jump between consecutive frames, yet the eye sees it teleport.
 
     report = fidelity(frames, clip)          # frames (T, H, W, 3) uint8, clip from world.start_image
     per_section([report["intact_per_frame"], ...], sections=6, frames_per_section=36)   # where runs fail
@@ -85,11 +88,17 @@ def fidelity(frames: np.ndarray, clip) -> dict:
     intact = np.array(one) & np.array(colour) & np.array(area)
     xy = np.asarray(centroids, np.float64)
     xy[~intact] = np.nan
-    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1) / frames.shape[2]
+    width = frames.shape[2]
+    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1) / width
     steps = steps[~np.isnan(steps)]
+    kept = np.flatnonzero(intact)
+    missing = np.diff(kept) - 1  # frames between consecutive intact ones
+    across = np.linalg.norm(np.diff(xy[kept], axis=0), axis=1) / width - missing * clip.config.speed
     return {"frames": len(frames), "one_object": float(np.mean(one)), "colour_ok": float(np.mean(colour)),
             "area_ok": float(np.mean(area)), "intact": float(intact.mean()),
-            "largest_jump": float(steps.max()) if len(steps) else float("nan"), "intact_per_frame": intact}
+            "largest_jump": float(steps.max()) if len(steps) else float("nan"),
+            "largest_jump_across_gaps": float(across.max()) if len(across) else float("nan"),
+            "intact_per_frame": intact}
 
 
 def per_section(intact_runs: list[np.ndarray], sections: int, frames_per_section: int) -> list[float]:
@@ -120,5 +129,9 @@ def summarize(reports: list[dict]) -> dict:
     frames = sum(r["frames"] for r in reports)
     rates = {k: sum(r[k] * r["frames"] for r in reports) / frames
              for k in ("one_object", "colour_ok", "area_ok", "intact")}
-    jumps = [r["largest_jump"] for r in reports if not np.isnan(r["largest_jump"])]
-    return {"runs": len(reports), "frames": frames, **rates, "largest_jump": max(jumps) if jumps else float("nan")}
+    def largest(key: str) -> float:
+        values = [r[key] for r in reports if not np.isnan(r[key])]
+        return max(values) if values else float("nan")
+
+    return {"runs": len(reports), "frames": frames, **rates, "largest_jump": largest("largest_jump"),
+            "largest_jump_across_gaps": largest("largest_jump_across_gaps")}

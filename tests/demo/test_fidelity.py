@@ -38,6 +38,7 @@ def test_a_clean_turn_is_intact(turn):
     report = fidelity(frames, clip)
     assert report["intact"] == 1.0 and report["one_object"] == 1.0 and report["colour_ok"] == 1.0
     assert 0 < report["largest_jump"] < 0.03  # the world moves a few pixels a frame
+    assert report["largest_jump_across_gaps"] == pytest.approx(report["largest_jump"])  # no gaps
 
 
 def test_a_second_blob_a_colour_change_a_smear_and_a_jump_are_caught(turn):
@@ -62,6 +63,22 @@ def test_a_second_blob_a_colour_change_a_smear_and_a_jump_are_caught(turn):
     assert colour["colour_ok"] == pytest.approx(1 - second_half, abs=0.02) and colour["one_object"] == 1.0
     assert area["area_ok"] == pytest.approx(1 - second_half, abs=0.02)
     assert jump["largest_jump"] > 0.2  # (the roll also wraps the ball across the edge in some frames: split)
+
+
+def test_a_ball_that_comes_back_elsewhere_jumps_across_the_gap(turn):
+    """Frames without the ball hide a teleport from the frame-to-frame jump; the jump across gaps sees it, and
+    allows the motion the world could have made while the ball was not seen."""
+    frames, clip = turn
+    a, b, skip = 90, 96, 20  # during "moves left": 6 frames without the ball, then 20 frames of motion skipped
+    gap = frames.copy()
+    gap[a:b] = clip.background
+    teleport = gap.copy()
+    teleport[b : len(frames) - skip] = frames[b + skip :]
+    teleport[len(frames) - skip :] = frames[-1]
+    seen, jumped = fidelity(gap, clip), fidelity(teleport, clip)
+    assert seen["largest_jump"] < 0.03 and seen["largest_jump_across_gaps"] < 0.03
+    assert jumped["largest_jump"] < 0.03  # blind to it
+    assert jumped["largest_jump_across_gaps"] == pytest.approx(skip * clip.config.speed, abs=0.03)
 
 
 def test_per_section_weights_frames_and_leaves_out_the_start_image():
@@ -106,6 +123,8 @@ def test_the_evaluation_reports_fidelity(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"fidelity (2 turns, {f['frames']} frames): intact 100%" in out
     assert "intact per section: 100 100 100 100 100 100" in out
+    assert f["largest_jump_across_gaps"] == pytest.approx(f["largest_jump"])
+    assert "largest jump across gaps (a reappearance after frames without the ball" in out and "turns over 0.08: 0/2" in out
 
 
 def test_the_world_draws_the_turn_a_perfect_model_would():
