@@ -362,8 +362,9 @@ def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after
 
 
 def _turns_over(report: dict, limit: float = 0.08) -> str:
-    """'15/16': the turns whose largest jump across gaps exceeds ``limit``."""
-    over = sum(d["largest_jump_across_gaps"] > limit for d in report["details"])
+    """'15/16': the turns whose largest jump across gaps exceeds ``limit``, or that have no two intact frames to
+    measure it between (NaN: the worst turns, not the best)."""
+    over = sum(not d["largest_jump_across_gaps"] <= limit for d in report["details"])
     return f"{over}/{len(report['details'])}"
 
 
@@ -403,7 +404,8 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
             if c:
                 lines.append(f"  the same turns {what}: intact {c['intact']:.0%} (one object {c['one_object']:.0%}, "
                              f"colour {c['colour_ok']:.0%}, area {c['area_ok']:.0%}), largest jump "
-                             f"{c['largest_jump']:.3f}; per section {_per_section_line(c)}")
+                             f"{c['largest_jump']:.3f} (across gaps {c['largest_jump_across_gaps']:.3f}, turns over "
+                             f"0.08: {_turns_over(c)}); per section {_per_section_line(c)}")
     return "\n".join(lines)
 
 

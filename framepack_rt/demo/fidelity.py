@@ -93,7 +93,8 @@ def fidelity(frames: np.ndarray, clip) -> dict:
     steps = steps[~np.isnan(steps)]
     kept = np.flatnonzero(intact)
     missing = np.diff(kept) - 1  # frames between consecutive intact ones
-    across = np.linalg.norm(np.diff(xy[kept], axis=0), axis=1) / width - missing * clip.config.speed
+    across = np.maximum(np.linalg.norm(np.diff(xy[kept], axis=0), axis=1) / width - missing * clip.config.speed,
+                        0.0)  # a ball slower than the world across a gap did not jump
     return {"frames": len(frames), "one_object": float(np.mean(one)), "colour_ok": float(np.mean(colour)),
             "area_ok": float(np.mean(area)), "intact": float(intact.mean()),
             "largest_jump": float(steps.max()) if len(steps) else float("nan"),
