@@ -130,6 +130,7 @@ def summarize(reports: list[dict]) -> dict:
     frames = sum(r["frames"] for r in reports)
     rates = {k: sum(r[k] * r["frames"] for r in reports) / frames
              for k in ("one_object", "colour_ok", "area_ok", "intact")}
+
     def largest(key: str) -> float:
         values = [r[key] for r in reports if not np.isnan(r[key])]
         return max(values) if values else float("nan")
