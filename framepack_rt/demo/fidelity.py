@@ -86,15 +86,12 @@ def fidelity(frames: np.ndarray, clip) -> dict:
         area.append(bool(blob is not None and AREA_BAND[0] <= blob["area"] / start_area <= AREA_BAND[1]))
         centroids.append(blob["centroid"] if single else (np.nan, np.nan))
     intact = np.array(one) & np.array(colour) & np.array(area)
-    xy = np.asarray(centroids, np.float64)
-    xy[~intact] = np.nan
-    width = frames.shape[2]
-    steps = np.linalg.norm(np.diff(xy, axis=0), axis=1) / width
-    steps = steps[~np.isnan(steps)]
     kept = np.flatnonzero(intact)
-    missing = np.diff(kept) - 1  # frames between consecutive intact ones
-    across = np.maximum(np.linalg.norm(np.diff(xy[kept], axis=0), axis=1) / width - missing * clip.config.speed,
-                        0.0)  # a ball slower than the world across a gap did not jump
+    xy = np.asarray(centroids, np.float64)[kept]
+    moved = np.linalg.norm(np.diff(xy, axis=0), axis=1) / frames.shape[2]  # between consecutive intact frames
+    missing = np.diff(kept) - 1  # frames between them: 0 where the two are consecutive frames
+    steps = moved[missing == 0]
+    across = np.maximum(moved - missing * clip.config.speed, 0.0)  # a ball slower than the world did not jump
     return {"frames": len(frames), "one_object": float(np.mean(one)), "colour_ok": float(np.mean(colour)),
             "area_ok": float(np.mean(area)), "intact": float(intact.mean()),
             "largest_jump": float(steps.max()) if len(steps) else float("nan"),
