@@ -36,12 +36,14 @@ from torch.utils.data import Dataset
 from framepack_rt.demo.data import encode_prompts, encode_video, history_before
 from framepack_rt.demo.world import (
     ARTICLES,
+    REVERSE,
     Clip,
     WorldConfig,
     WorldObject,
     _Limits,
     _pick_motion,
     _step,
+    _turn,
     all_prompts,
     make_prompt,
     make_scene,
@@ -73,7 +75,8 @@ class SectionScene:
 def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig(),
                   change: float = 0.5) -> SectionScene:
     """A random scene (1-3 objects, as the training clips) run for ``sections`` sections; at each boundary the
-    prompt changes with probability ``change`` to a motion that has room to show (world._pick_motion)."""
+    prompt changes with probability ``change``: with ``cfg.turn_rate`` the subject turns back (world._turn),
+    where that has room, else to a motion that has room to show (world._pick_motion)."""
     if sections < 2:
         raise ValueError(f"an on-policy scene needs 2 or more sections (the first has no own history), got {sections}")
     rng = np.random.default_rng(seed)
@@ -84,7 +87,8 @@ def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = 
     current = states.copy()
     for k in range(sections):
         if k == 0 or rng.random() < change:
-            subject, motion = _pick_motion(rng, current, lim, cfg)
+            turn = _turn(rng, plan, current, lim, cfg) if k else None
+            subject, motion = turn or _pick_motion(rng, current, lim, cfg)
             plan.append((0 if k == 0 else 1 + per * k, subject, motion))
             obj = objects[subject]
             prompts.append(make_prompt(obj.colour, obj.shape, motion, ARTICLES[int(rng.integers(len(ARTICLES)))]))
@@ -92,7 +96,33 @@ def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = 
             prompts.append(prompts[-1])
         centers, radii, _ = simulate(objects, states, plan, 1 + per * (k + 1), cfg)
         current = np.concatenate([centers[-1], radii[-1][:, None]], axis=1).astype(np.float64)
-    centers, radii, subjects = simulate(objects, states, plan, 1 + per * sections, cfg)
+    return _run_plan(objects, background, states, plan, prompts, window, cfg)
+
+
+def wall_turn_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig()) -> SectionScene:
+    """A random scene whose subject moves toward a wall until the world stops it there, stays pressed for 0-1
+    more sections, then turns back for the sections left: the stream's hardest moment (the evaluation's turn,
+    with 1-3 objects of any colour and shape, in any of the four directions)."""
+    if sections < 2:
+        raise ValueError(f"a wall-turn scene needs 2 or more sections (one each way), got {sections}")
+    rng = np.random.default_rng(seed)
+    objects, background, states = make_scene(rng, cfg)
+    lim, per = _Limits(cfg), 4 * window
+    subject = int(rng.integers(len(objects)))
+    rooms = {m: lim.room(*states[subject], m) for m in ("moves right", "moves left", "moves up", "moves down")}
+    motion = str(rng.choice([m for m, room in rooms.items() if room >= max(rooms.values()) / 2]))
+    to_wall = int(np.ceil(rooms[motion] / (lim.speed * per)))  # sections until the world stops it
+    hold = int(np.clip(to_wall + rng.integers(2), 1, sections - 1))
+    obj, article = objects[subject], ARTICLES[int(rng.integers(len(ARTICLES)))]
+    plan = [(0, subject, motion), (1 + per * hold, subject, REVERSE[motion])]
+    prompts = [make_prompt(obj.colour, obj.shape, plan[k >= hold][2], article) for k in range(sections)]
+    return _run_plan(objects, background, states, plan, prompts, window, cfg)
+
+
+def _run_plan(objects: list[WorldObject], background: tuple[int, int, int], states: np.ndarray,
+              plan: list[tuple[int, int, str]], prompts: list[str], window: int, cfg: WorldConfig) -> SectionScene:
+    per = 4 * window
+    centers, radii, subjects = simulate(objects, states, plan, 1 + per * len(prompts), cfg)
     frames = render(objects, background, centers, radii, cfg.size)
     timeline = [(f, prompts[0 if f == 0 else (f - 1) // per]) for f, _, _ in plan]
     return SectionScene(Clip(frames, timeline, objects, background, centers, radii, subjects, cfg), plan, prompts,
@@ -144,11 +174,24 @@ def found_through_lead_in(found: np.ndarray, boundary: int) -> bool:
     return not np.isnan(found[max(0, boundary - LEAD_IN) : boundary + 1]).any()
 
 
+def back_inside(state: np.ndarray, before: np.ndarray, lim: _Limits) -> None:
+    """Objects of ``state`` (n, 3: x, y, r, just stepped from ``before``) that stand past the world's stop (nearer
+    an edge than its margin, where the model pushes a ball it moves into a wall) move back toward it, at most
+    the world's speed a frame from where they were: the world never draws an object there, so its continuation
+    does not either. In place; objects within the limits are left as they are."""
+    for obj, prev in zip(state, before):
+        lo, hi = lim.lo(obj[2]), lim.hi(obj[2])
+        for axis in (0, 1):
+            if not lo <= obj[axis] <= hi:
+                obj[axis] = np.clip(np.clip(obj[axis], lo, hi), prev[axis] - lim.speed, prev[axis] + lim.speed)
+
+
 def expert_section(scene: SectionScene, section: int, tracked: np.ndarray) -> np.ndarray:
     """What the world draws for section ``section`` (>= 1) when the objects stand where the model left them:
     frames (LEAD_IN + 1 + frames_per_section + TAIL, H, W, 3): the lead-in along the tracked centres, then the
     section's motion carried on from the last tracked state (into the tail). tracked (>= boundary + 1, n, 2),
-    NaN where an object was never found (the world's own centre is used there). Radii are the world's."""
+    NaN where an object was never found (the world's own centre is used there). Radii are the world's. Objects
+    the model left past the world's stop are brought back to it (:func:`back_inside`)."""
     clip, per = scene.clip, scene.frames_per_section
     boundary = per * section  # the last frame of the history
     lim = _Limits(clip.config)
@@ -164,7 +207,9 @@ def expert_section(scene: SectionScene, section: int, tracked: np.ndarray) -> np
     centers = np.empty((per + TAIL, len(clip.objects), 2))
     radii = np.empty((per + TAIL, len(clip.objects)))
     for t in range(per + TAIL):
+        before = state.copy()
         _step(state[subject], motion, boundary + 1 + t - began, anchor, lim)
+        back_inside(state, before, lim)
         centers[t], radii[t] = state[:, :2], state[:, 2]
     all_centers = np.concatenate([lead, centers]).astype(np.float32)
     all_radii = np.concatenate([clip.radii[first : boundary + 1], radii]).astype(np.float32)
@@ -275,7 +320,9 @@ def generate(args: argparse.Namespace) -> Path:
     began = time.perf_counter()
     for i in range(data.scenes, args.scenes):
         seed = args.seed * 1_000_003 + i
-        scene = section_scene(seed, args.sections, args.window, WorldConfig(size=args.size))
+        cfg = WorldConfig(size=args.size, turn_rate=args.turn_rate)
+        scene = (wall_turn_scene(seed, args.sections, args.window, cfg) if args.wall_turns
+                 else section_scene(seed, args.sections, args.window, cfg, args.change))
         with torch.no_grad():
             data.windows += scene_windows(pipe, scene, seed, only_found=args.only_found)
         if (i + 1) % args.save_every == 0 or i + 1 == args.scenes:
@@ -296,6 +343,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=3, help="scene seed family (training clips use 1 and 2, the "
                    "evaluation 0-49 and its fidelity scenes their own)")
     p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--turn-rate", dest="turn_rate", type=float, default=0.0,
+                   help="the chance that a prompt change turns the subject back (as encode's --turn-rate)")
+    p.add_argument("--change", type=float, default=0.5, help="the chance that the prompt changes at a boundary")
+    p.add_argument("--wall-turns", dest="wall_turns", action="store_true",
+                   help="every scene a subject moving into a wall and turning back there (wall_turn_scene)")
     p.add_argument("--only-found", dest="only_found", action="store_true",
                    help="windows only where the model still has every object through the lead-in (continuation, "
                    "not repair)")

@@ -88,6 +88,64 @@ def test_the_expert_carries_objects_on_from_where_the_model_left_them():
     assert np.abs(found[O.LEAD_IN:, 1] - tracked[per, subject, 1]).max() < 0.3  # and only right
 
 
+def test_with_a_turn_rate_changes_turn_the_subject_back_and_without_one_nothing_changes():
+    from framepack_rt.demo.world import REVERSE, WorldConfig
+
+    turns = 0
+    for seed in range(30):
+        plain, turning = O.section_scene(seed, 6), O.section_scene(seed, 6, cfg=WorldConfig(turn_rate=1.0))
+        assert plain.prompts == O.section_scene(seed, 6, cfg=WorldConfig(turn_rate=0.0)).prompts  # the old stream
+        for (_, was_subject, was), (_, subject, motion) in zip(turning.plan, turning.plan[1:]):
+            if motion == REVERSE.get(was) and subject == was_subject:
+                turns += 1
+    assert turns >= 20  # at rate 1 most changes after a reversible motion turn back (where it has room)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_wall_turn_scene_stops_its_subject_at_a_wall_then_turns_it_back(seed):
+    from framepack_rt.demo.world import REVERSE, WorldConfig, _Limits
+
+    scene = O.wall_turn_scene(seed, 6)
+    lim, per = _Limits(WorldConfig()), scene.frames_per_section
+    (_, subject, motion), (turn, again, back) = scene.plan
+    hold = (turn - 1) // per
+    assert again == subject and back == REVERSE[motion] and motion.startswith("moves") and 1 <= hold <= 5
+    assert scene.prompts[:hold] == [scene.prompts[0]] * hold and set(scene.prompts[hold:]) == {scene.prompts[-1]}
+    assert parse_prompt(scene.prompts[-1])[2] == back
+    x, y = scene.clip.centers[turn - 1, subject]
+    r = scene.clip.radii[turn - 1, subject]
+    to_stop = {"moves right": lim.hi(r) - x, "moves left": x - lim.lo(r), "moves down": lim.hi(r) - y,
+               "moves up": y - lim.lo(r)}[motion]
+    assert abs(to_stop) < 1e-3  # pressed against the world's stop when it turns
+
+
+@pytest.mark.parametrize("motion", ["moves right", "moves left"])
+def test_the_expert_brings_an_object_pushed_past_the_worlds_stop_back_at_the_worlds_speed(motion):
+    from framepack_rt.demo.world import WorldConfig, _Limits
+
+    scene = next(s for s in (O.wall_turn_scene(seed, 3) for seed in range(60))
+                 if s.plan[0][2] == "moves right" and s.prompts[1] != s.prompts[2] and len(s.clip.objects) == 1)
+    if motion == "moves right":  # section 1 goes on pressing; section 2 turns back
+        section = 1 if scene.prompts[1] == scene.prompts[0] else 0
+    else:
+        section = 2
+    assert section >= 1, "no scene that presses a whole section before it turns"
+    clip, per, lim = scene.clip, scene.frames_per_section, _Limits(WorldConfig())
+    boundary = per * section
+    tracked = clip.centers.astype(np.float64).copy()
+    stop = lim.hi(float(clip.radii[boundary, 0]))
+    tracked[boundary - 20 : boundary + 1, 0, 0] = stop + 3.0  # the model pushed it 3 px past the stop
+    drawn = O.expert_section(scene, section, tracked)
+    radii = np.repeat(clip.radii[boundary : boundary + 1], len(drawn), axis=0)  # a move keeps its radius
+    x = O.track_objects(drawn, clip.objects, radii, 64)[O.LEAD_IN:, 0, 0]
+    step = np.diff(x)
+    assert abs(x[0] - (stop + 3.0)) < 0.3 and np.all(step < 0.05) and np.all(step > -0.64 - 0.1)  # never faster
+    if motion == "moves right":
+        assert abs(x[-1] - stop) < 0.3 and abs(step[:4].mean() + 0.64) < 0.1  # back to the stop, then held
+    else:
+        assert abs(step[:20].mean() + 0.64) < 0.1  # leftward at the world's speed, not twice it
+
+
 @pytest.fixture(scope="module")
 def demo_pipe():
     from framepack_rt.demo.evaluate import load_pipeline
