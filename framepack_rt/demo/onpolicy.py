@@ -99,14 +99,15 @@ def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = 
     return _run_plan(objects, background, states, plan, prompts, window, cfg)
 
 
-def wall_turn_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig()) -> SectionScene:
+def wall_turn_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig(),
+                    num_objects: int | None = None) -> SectionScene:
     """A random scene whose subject moves toward a wall until the world stops it there, stays pressed for 0-1
     more sections, then turns back for the sections left: the stream's hardest moment (the evaluation's turn,
-    with 1-3 objects of any colour and shape, in any of the four directions)."""
+    with 1-3 objects of any colour and shape (or ``num_objects``), in any of the four directions)."""
     if sections < 2:
         raise ValueError(f"a wall-turn scene needs 2 or more sections (one each way), got {sections}")
     rng = np.random.default_rng(seed)
-    objects, background, states = make_scene(rng, cfg)
+    objects, background, states = make_scene(rng, cfg, num_objects)
     lim, per = _Limits(cfg), 4 * window
     subject = int(rng.integers(len(objects)))
     rooms = {m: lim.room(*states[subject], m) for m in ("moves right", "moves left", "moves up", "moves down")}
@@ -134,16 +135,24 @@ def object_area(shape: str, radius: np.ndarray) -> np.ndarray:
     return np.pi * radius**2 if shape == "ball" else 4.0 * radius**2
 
 
-def find_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int) -> np.ndarray:
+def find_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarray, size: int,
+                 background: tuple[int, int, int] | None = None) -> np.ndarray:
     """Each object's centre per frame, found by its colour in ``frames`` (T, H, W, 3) of any side, in world
     pixels (side ``size``): (T, n, 2). radii (T, n) are the drawn ones (world pixels). NaN where an object is not
-    found with an area in TRACK_AREA_BAND of its drawn area (gone, changed colour, split into a smear)."""
+    found with an area in TRACK_AREA_BAND of its drawn area (gone, changed colour, split into a smear).
+    With ``background`` (one-object scenes only) the object is what differs from the background, whatever its
+    colour (as fidelity.py segments it): a ball the model turned orange is still found where it is."""
+    if background is not None and len(objects) != 1:
+        raise ValueError(f"finding objects against the background needs a one-object scene, got {len(objects)}")
     scale = frames.shape[2] / size
     pixels = frames.astype(np.float32)
     ys, xs = np.mgrid[0 : frames.shape[1], 0 : frames.shape[2]].astype(np.float32)
     out = np.full((len(frames), len(objects), 2), np.nan)
     for i, obj in enumerate(objects):
-        mask = np.linalg.norm(pixels - np.asarray(obj.rgb, np.float32), axis=-1) <= TRACK_COLOUR_DISTANCE
+        if background is None:
+            mask = np.linalg.norm(pixels - np.asarray(obj.rgb, np.float32), axis=-1) <= TRACK_COLOUR_DISTANCE
+        else:
+            mask = np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1) > TRACK_COLOUR_DISTANCE
         area = mask.sum(axis=(1, 2)) / scale**2
         drawn = object_area(obj.shape, radii[:, i])
         found = (area >= TRACK_AREA_BAND[0] * drawn) & (area <= TRACK_AREA_BAND[1] * drawn)
@@ -227,17 +236,20 @@ class OnPolicyWindow:
     prompt: str
 
 
-def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19,
-                  only_found: bool = False) -> list[OnPolicyWindow]:
+def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19, only_found: bool = False,
+                  any_colour: bool = False) -> list[OnPolicyWindow]:
     """Run ``scene`` with the model (free) and return one window per section boundary (sections 1..n-1); with
-    ``only_found``, only at the boundaries where the model still has every object (:func:`found_through_lead_in`)."""
+    ``only_found``, only at the boundaries where the model still has every object (:func:`found_through_lead_in`);
+    with ``any_colour`` (one-object scenes) the object is found against the background, whatever its colour, so
+    the expert also takes over where the model has recoloured it (its target draws the right colour)."""
     from framepack_rt.demo.evaluate import engine_run
     from framepack_rt.engine.schedules import f1_schedule
 
     image = scene.clip.frames[0]
     frames, latents = engine_run(pipe, image, scene.prompts, seed, None, f1_schedule(scene.window), finish=True)
     clip, per = scene.clip, scene.frames_per_section
-    found = find_objects(frames[: len(clip.frames)], clip.objects, clip.radii, clip.config.size)
+    found = find_objects(frames[: len(clip.frames)], clip.objects, clip.radii, clip.config.size,
+                         clip.background if any_colour else None)
     tracked = carry_forward(found)
     _, embeds, _ = pipe.encode_image(image)
     vae = pipe.parts.vae()
@@ -321,10 +333,10 @@ def generate(args: argparse.Namespace) -> Path:
     for i in range(data.scenes, args.scenes):
         seed = args.seed * 1_000_003 + i
         cfg = WorldConfig(size=args.size, turn_rate=args.turn_rate)
-        scene = (wall_turn_scene(seed, args.sections, args.window, cfg) if args.wall_turns
-                 else section_scene(seed, args.sections, args.window, cfg, args.change))
+        scene = (wall_turn_scene(seed, args.sections, args.window, cfg, 1 if args.one_object else None)
+                 if args.wall_turns else section_scene(seed, args.sections, args.window, cfg, args.change))
         with torch.no_grad():
-            data.windows += scene_windows(pipe, scene, seed, only_found=args.only_found)
+            data.windows += scene_windows(pipe, scene, seed, only_found=args.only_found, any_colour=args.one_object)
         if (i + 1) % args.save_every == 0 or i + 1 == args.scenes:
             data.save(out, i + 1)
             print(f"{i + 1}/{args.scenes} scenes, {len(data)} windows, {time.perf_counter() - began:.0f} s", flush=True)
@@ -348,11 +360,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--change", type=float, default=0.5, help="the chance that the prompt changes at a boundary")
     p.add_argument("--wall-turns", dest="wall_turns", action="store_true",
                    help="every scene a subject moving into a wall and turning back there (wall_turn_scene)")
+    p.add_argument("--one-object", dest="one_object", action="store_true",
+                   help="with --wall-turns: one object a scene, found against the background whatever its colour")
     p.add_argument("--only-found", dest="only_found", action="store_true",
                    help="windows only where the model still has every object through the lead-in (continuation, "
                    "not repair)")
     p.add_argument("--save-every", dest="save_every", type=int, default=10)
-    generate(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.one_object and not args.wall_turns:
+        p.error("--one-object goes with --wall-turns")
+    generate(args)
 
 
 if __name__ == "__main__":

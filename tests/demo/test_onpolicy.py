@@ -50,6 +50,23 @@ def test_an_object_that_vanishes_or_changes_colour_keeps_its_last_centre():
     assert np.abs(tracked[40] - clip.centers[40]).max() < 1.0  # found again when it is back
 
 
+def test_against_the_background_a_recoloured_object_is_still_found_where_it_is():
+    scene = O.wall_turn_scene(4, 3, num_objects=1)
+    clip = scene.clip
+    frames = clip.frames.copy()
+    shapes = np.any(frames[20:30] != np.asarray(clip.background, np.uint8), axis=-1)
+    frames[20:30][shapes] = (230, 140, 20)  # the model turned it orange
+    by_colour = O.find_objects(frames, clip.objects, clip.radii, 64)
+    by_shape = O.find_objects(frames, clip.objects, clip.radii, 64, clip.background)
+    assert np.isnan(by_colour[20:30]).all()
+    assert np.abs(by_shape - clip.centers).max() < 0.5  # px (rasterised), every frame, the orange ones too
+    frames[40:45] = np.asarray(clip.background, np.uint8)
+    assert np.isnan(O.find_objects(frames, clip.objects, clip.radii, 64, clip.background)[40:45]).all()  # gone
+    two = O.wall_turn_scene(0, 3, num_objects=2).clip
+    with pytest.raises(ValueError, match="one-object"):
+        O.find_objects(two.frames, two.objects, two.radii, 64, two.background)
+
+
 def test_only_boundaries_where_every_object_is_found_through_the_lead_in_are_kept():
     clip = O.section_scene(1, 2).clip
     frames = clip.frames.copy()
@@ -220,6 +237,12 @@ def test_the_trainer_reads_on_policy_windows(tmp_path):
     T.train_transformer(_args(tmp_path, "--steps", "2", "--onpolicy", str(tmp_path / "own.pt")))
     log = [json.loads(line) for line in (tmp_path / "transformer_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_the_command_refuses_one_object_without_wall_turns(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        O.main(["--out", str(tmp_path / "own.pt"), "--one-object"])
+    assert "--one-object goes with --wall-turns" in capsys.readouterr().err
 
 
 def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
