@@ -19,6 +19,7 @@ equals what encoding a longer clip gives there (tests/demo/test_onpolicy.py).
 
     python -m framepack_rt.demo.onpolicy --model framepack_rt/demo/weights --out runs/op/onpolicy.pt --scenes 300
         [--only-found]     # only the boundaries where the model still has every object: continuation, not repair
+        [--wall-turns [--one-object]]  # a subject pressed into a wall, then turned back (the stream's turn)
     python -m framepack_rt.demo.train transformer ... --onpolicy runs/op/onpolicy.pt --onpolicy-fraction 0.5
 """
 
