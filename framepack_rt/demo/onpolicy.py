@@ -52,6 +52,8 @@ from framepack_rt.demo.world import (
     simulate,
 )
 
+RECIPE = ("model", "seed", "sections", "window", "size", "turn_rate", "change", "wall_turns", "one_object",
+          "only_found")  # what a recording's windows depend on: a continued recording must keep them
 LEAD_IN = 12  # frames before a section that its latents depend on (the VAE's temporal tile stride)
 TAIL = 4  # and after it: the last tile holding the section then has all its 17 frames
 TRACK_COLOUR_DISTANCE = 60.0  # a pixel belongs to an object within this RGB distance of its colour (as fidelity.py)
@@ -271,24 +273,28 @@ def scene_windows(pipe, scene: SectionScene, seed: int, num_history: int = 19, o
 
 class OnPolicyDataset(Dataset):
     """Windows written by this module's command: items shaped as data.WindowDataset's (fp32). ``scenes``: how
-    many scenes the files recorded (a stopped recording continues after them)."""
+    many scenes the files recorded (a stopped recording continues after them); ``recipe``: the command's
+    settings that made them (empty for files from before it was kept, or files recorded differently)."""
 
-    def __init__(self, windows: list[OnPolicyWindow], prompts: dict, scenes: int = 0) -> None:
-        self.windows, self.prompts, self.scenes = windows, prompts, scenes
+    def __init__(self, windows: list[OnPolicyWindow], prompts: dict, scenes: int = 0,
+                 recipe: dict | None = None) -> None:
+        self.windows, self.prompts, self.scenes, self.recipe = windows, prompts, scenes, recipe or {}
 
     @classmethod
     def load(cls, *paths: str | Path) -> OnPolicyDataset:
-        windows, prompts, scenes = [], {}, 0
+        windows, prompts, scenes, recipes = [], {}, 0, []
         for path in paths:
             data = torch.load(Path(path), weights_only=True)
             windows += [OnPolicyWindow(**w) for w in data["windows"]]
             prompts.update(data["prompts"])
             scenes += data["scenes"]
-        return cls(windows, prompts, scenes)
+            recipes.append(data.get("recipe", {}))
+        return cls(windows, prompts, scenes, recipes[0] if all(r == recipes[0] for r in recipes) else {})
 
     def save(self, path: str | Path, done_scenes: int) -> None:
         tmp = Path(path).with_suffix(".tmp")
-        torch.save({"windows": [vars(w) for w in self.windows], "prompts": self.prompts, "scenes": done_scenes}, tmp)
+        torch.save({"windows": [vars(w) for w in self.windows], "prompts": self.prompts, "scenes": done_scenes,
+                    "recipe": self.recipe}, tmp)
         tmp.replace(path)  # a run stopped mid-write keeps the last whole file
 
     def __len__(self) -> int:
@@ -325,11 +331,18 @@ def generate(args: argparse.Namespace) -> Path:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.model)
-    if out.is_file():  # continue a run that stopped
+    recipe = {key: getattr(args, key) for key in RECIPE}
+    if out.is_file():  # continue a run that stopped, as it was recorded
         data = OnPolicyDataset.load(out)
-    else:
-        data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()))
+        changed = [f"--{k.replace('_', '-')} {data.recipe[k]!r} (now {recipe[k]!r})" for k in RECIPE
+                   if k in data.recipe and data.recipe[k] != recipe[k]]
+        if changed:
+            raise ValueError(f"{out} was recorded with {', '.join(changed)}: continue it with the same settings, "
+                             "or record into a new --out")
+        data.recipe = recipe
+    pipe = load_pipeline(args.model)
+    if not out.is_file():
+        data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()), recipe=recipe)
     began = time.perf_counter()
     for i in range(data.scenes, args.scenes):
         seed = args.seed * 1_000_003 + i
@@ -370,6 +383,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.one_object and not args.wall_turns:
         p.error("--one-object goes with --wall-turns")
+    if not 0.0 <= args.change <= 1.0:
+        p.error(f"--change is a probability in [0, 1], got {args.change}")
     generate(args)
 
 

@@ -239,10 +239,12 @@ def test_the_trainer_reads_on_policy_windows(tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all(np.isfinite(r["loss"]) for r in log)
 
 
-def test_the_command_refuses_one_object_without_wall_turns(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        O.main(["--out", str(tmp_path / "own.pt"), "--one-object"])
-    assert "--one-object goes with --wall-turns" in capsys.readouterr().err
+def test_the_command_refuses_one_object_without_wall_turns_and_a_change_rate_outside_0_1(tmp_path, capsys):
+    for flags, said in ((["--one-object"], "--one-object goes with --wall-turns"),
+                        (["--change", "1.5"], "--change is a probability in [0, 1], got 1.5")):
+        with pytest.raises(SystemExit):
+            O.main(["--out", str(tmp_path / "own.pt"), *flags])
+        assert said in capsys.readouterr().err
 
 
 def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
@@ -256,3 +258,7 @@ def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
     both = O.OnPolicyDataset.load(out)
     assert len(both) == 2 and torch.equal(both.windows[0].target, first.windows[0].target)  # scene 0 kept, not redone
     assert not out.with_suffix(".tmp").exists()
+    assert both.recipe["seed"] == 9 and both.recipe["wall_turns"] is False
+    with pytest.raises(ValueError, match=r"--seed 9 \(now 10\).*--wall-turns False \(now True\)"):
+        O.main([*args[:-2], "--seed", "10", "--scenes", "3", "--wall-turns"])  # other scenes would be appended
+    assert len(O.OnPolicyDataset.load(out)) == 2
