@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from framepack_rt.demo.data import encode_prompts, encode_video, history_before
+from framepack_rt.demo.fidelity import BACKGROUND_DISTANCE
 from framepack_rt.demo.world import (
     ARTICLES,
     REVERSE,
@@ -155,7 +156,7 @@ def find_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarr
         if background is None:
             mask = np.linalg.norm(pixels - np.asarray(obj.rgb, np.float32), axis=-1) <= TRACK_COLOUR_DISTANCE
         else:
-            mask = np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1) > TRACK_COLOUR_DISTANCE
+            mask = np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1) > BACKGROUND_DISTANCE
         area = mask.sum(axis=(1, 2)) / scale**2
         drawn = object_area(obj.shape, radii[:, i])
         found = (area >= TRACK_AREA_BAND[0] * drawn) & (area <= TRACK_AREA_BAND[1] * drawn)
@@ -332,8 +333,8 @@ def generate(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe = {key: getattr(args, key) for key in RECIPE}
-    if out.is_file():  # continue a run that stopped, as it was recorded
-        data = OnPolicyDataset.load(out)
+    data = OnPolicyDataset.load(out) if out.is_file() else None  # continue a run that stopped, as it was recorded
+    if data is not None:
         changed = [f"--{k.replace('_', '-')} {data.recipe[k]!r} (now {recipe[k]!r})" for k in RECIPE
                    if k in data.recipe and data.recipe[k] != recipe[k]]
         if changed:
@@ -341,7 +342,7 @@ def generate(args: argparse.Namespace) -> Path:
                              "or record into a new --out")
         data.recipe = recipe
     pipe = load_pipeline(args.model)
-    if not out.is_file():
+    if data is None:
         data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()), recipe=recipe)
     began = time.perf_counter()
     for i in range(data.scenes, args.scenes):

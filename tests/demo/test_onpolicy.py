@@ -12,7 +12,7 @@ import torch
 from framepack_rt.demo import onpolicy as O
 from framepack_rt.demo import train as T
 from framepack_rt.demo.data import encode_video
-from framepack_rt.demo.world import MOTIONS, parse_prompt
+from framepack_rt.demo.world import MOTIONS, REVERSE, WorldConfig, _Limits, parse_prompt
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -106,8 +106,6 @@ def test_the_expert_carries_objects_on_from_where_the_model_left_them():
 
 
 def test_with_a_turn_rate_changes_turn_the_subject_back_and_without_one_nothing_changes():
-    from framepack_rt.demo.world import REVERSE, WorldConfig
-
     turns = 0
     for seed in range(30):
         plain, turning = O.section_scene(seed, 6), O.section_scene(seed, 6, cfg=WorldConfig(turn_rate=1.0))
@@ -120,8 +118,6 @@ def test_with_a_turn_rate_changes_turn_the_subject_back_and_without_one_nothing_
 
 @pytest.mark.parametrize("seed", range(8))
 def test_a_wall_turn_scene_stops_its_subject_at_a_wall_then_turns_it_back(seed):
-    from framepack_rt.demo.world import REVERSE, WorldConfig, _Limits
-
     scene = O.wall_turn_scene(seed, 6)
     lim, per = _Limits(WorldConfig()), scene.frames_per_section
     (_, subject, motion), (turn, again, back) = scene.plan
@@ -138,8 +134,6 @@ def test_a_wall_turn_scene_stops_its_subject_at_a_wall_then_turns_it_back(seed):
 
 @pytest.mark.parametrize("motion", ["moves right", "moves left"])
 def test_the_expert_brings_an_object_pushed_past_the_worlds_stop_back_at_the_worlds_speed(motion):
-    from framepack_rt.demo.world import WorldConfig, _Limits
-
     scene = next(s for s in (O.wall_turn_scene(seed, 3) for seed in range(60)) if s.plan[0][2] == "moves right"
                  and s.prompts[0] == s.prompts[1] != s.prompts[2] and len(s.clip.objects) == 1)
     section = 1 if motion == "moves right" else 2  # section 1 goes on pressing; section 2 turns back
