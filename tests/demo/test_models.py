@@ -94,7 +94,9 @@ def test_from_pretrained_demo_reads_the_weights_folder_with_demo_settings(saved,
     # The first section after a prompt change is guided harder; --cfg 1 turns real CFG off there too, and a
     # --cfg above that scale is not lowered after a change.
     assert pipe.default_guidance.cfg_after_change == demo.DEMO_CFG_AFTER_CHANGE > demo.DEMO_CFG
-    assert pipe.guidance(3.0).cfg_after_change == demo.DEMO_CFG_AFTER_CHANGE
+    between = (demo.DEMO_CFG + demo.DEMO_CFG_AFTER_CHANGE) / 2
+    assert pipe.guidance(between).cfg_after_change == demo.DEMO_CFG_AFTER_CHANGE
+    assert pipe.guidance(demo.DEMO_CFG_AFTER_CHANGE + 0.5).cfg_after_change is None
     assert pipe.guidance(1.0).cfg_after_change is None and not pipe.guidance(1.0).may_guide
     assert pipe.guidance(6.0).cfg_after_change is None
     assert demo.demo_guidance(1.0).cfg_after_change is None and demo.demo_guidance(5.0).cfg_after_change is None
