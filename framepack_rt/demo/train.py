@@ -37,18 +37,22 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
         --decoder-steps $n --save-every 100; done                 # (it ran as 1000 steps, then resumed to 2000)
     python -m framepack_rt.demo.train export --out runs/fdflow    # the shipped fast_decoder/
     # Then three DAgger rounds for the transformer (demo/onpolicy.py), with that decoder: record wall-turn scenes
-    # from the current weights with the world as the expert, then fine-tune on the caches plus every recording so
-    # far. Round 1 below; round 2: seeds 15-16, 200 scenes, --model runs/r1w, --init runs/r1/transformer,
-    # 2000 steps, lr 1e-4; round 3: seeds 17-18 from runs/r2w and runs/r2/transformer likewise.
-    for s in 13 14; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model framepack_rt/demo/weights \
-        --out runs/op/one$s.pt --seed $s --scenes 250 --wall-turns --one-object --only-found & done; wait
-    mkdir -p runs/r1 && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/r1/vae
-    python -m framepack_rt.demo.train transformer --out runs/r1 --init framepack_rt/demo/weights/transformer \
-        --cache runs/c1/latents.pt runs/c2/latents.pt --onpolicy runs/op/one13.pt runs/op/one14.pt \
-        --onpolicy-fraction 0.5 --steps 2500 --lr 2e-4 --warmup 100 --text-dropout 0.1 --save-every 500
-    cp -r framepack_rt/demo/weights runs/r1w && python -m framepack_rt.demo.train export --out runs/r1 --to runs/r1w
-    # ... rounds 2 and 3 as said; then the third round's transformer/ is the shipped one:
-    cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/
+    # from the current weights with the world as the expert, then fine-tune on the caches plus every recording so far.
+    # (The recordings sampled with DEMO_CFG_AFTER_CHANGE = 4, the setting then; it is 2.5 since.)
+    dagger_round() {  # K, weights to record from, transformer to start from, steps, lr, scenes, the two seeds
+      k=$1 model=$2 init=$3 steps=$4 lr=$5 scenes=$6; shift 6
+      for s in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $model --out runs/op/one$s.pt \
+          --seed $s --scenes $scenes --wall-turns --one-object --only-found & done; wait
+      mkdir -p runs/r$k && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/r$k/vae
+      python -m framepack_rt.demo.train transformer --out runs/r$k --init $init --cache runs/c1/latents.pt \
+          runs/c2/latents.pt --onpolicy runs/op/one*.pt --onpolicy-fraction 0.5 --steps $steps --lr $lr \
+          --warmup 100 --text-dropout 0.1 --save-every 500
+      cp -r framepack_rt/demo/weights runs/r${k}w && python -m framepack_rt.demo.train export --out runs/r$k --to runs/r${k}w
+    }
+    dagger_round 1 framepack_rt/demo/weights framepack_rt/demo/weights/transformer 2500 2e-4 250 13 14
+    dagger_round 2 runs/r1w runs/r1/transformer 2000 1e-4 200 15 16
+    dagger_round 3 runs/r2w runs/r2/transformer 2000 1e-4 200 17 18
+    cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/     # the shipped transformer/
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
