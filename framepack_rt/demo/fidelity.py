@@ -54,11 +54,15 @@ def label_blobs(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return renumbered, len(roots)
 
 
+def foreground(frames: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """Which pixels of (..., 3) ``frames`` belong to an object: farther than BACKGROUND_DISTANCE from ``background``."""
+    return np.linalg.norm(frames.astype(np.float32) - np.asarray(background, np.float32), axis=-1) > BACKGROUND_DISTANCE
+
+
 def blobs(frame: np.ndarray, background: tuple[int, int, int], min_area: float) -> list[dict]:
     """The blobs of one (H, W, 3) frame that differ from ``background``, largest first: area (px), mean colour,
     centroid (x, y) in pixels."""
-    distance = np.linalg.norm(frame.astype(np.float32) - np.asarray(background, np.float32), axis=-1)
-    labels, count = label_blobs(distance > BACKGROUND_DISTANCE)
+    labels, count = label_blobs(foreground(frame, background))
     out = []
     for k in range(1, count + 1):
         ys, xs = np.nonzero(labels == k)

@@ -35,7 +35,7 @@ import torch
 from torch.utils.data import Dataset
 
 from framepack_rt.demo.data import encode_prompts, encode_video, history_before
-from framepack_rt.demo.fidelity import BACKGROUND_DISTANCE
+from framepack_rt.demo.fidelity import foreground
 from framepack_rt.demo.world import (
     ARTICLES,
     REVERSE,
@@ -156,7 +156,7 @@ def find_objects(frames: np.ndarray, objects: list[WorldObject], radii: np.ndarr
         if background is None:
             mask = np.linalg.norm(pixels - np.asarray(obj.rgb, np.float32), axis=-1) <= TRACK_COLOUR_DISTANCE
         else:
-            mask = np.linalg.norm(pixels - np.asarray(background, np.float32), axis=-1) > BACKGROUND_DISTANCE
+            mask = foreground(frames, background)
         area = mask.sum(axis=(1, 2)) / scale**2
         drawn = object_area(obj.shape, radii[:, i])
         found = (area >= TRACK_AREA_BAND[0] * drawn) & (area <= TRACK_AREA_BAND[1] * drawn)
