@@ -52,7 +52,26 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     dagger_round 1 framepack_rt/demo/weights framepack_rt/demo/weights/transformer 2500 2e-4 250 13 14
     dagger_round 2 runs/r1w runs/r1/transformer 2000 1e-4 200 15 16
     dagger_round 3 runs/r2w runs/r2/transformer 2000 1e-4 200 17 18
-    cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/     # the shipped transformer/
+    cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/     # shipped at stop 38
+    # Stop 39: two fresh caches of 1000 clips, the second with prompt changes that turn the subject back, and a
+    # fourth DAgger round on them, recorded from the stop-38 weights (README: a fifth was tried, not shipped).
+    for s in 1 7; do mkdir -p runs/d$s && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/d$s/vae; done
+    OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/d1 --seed 1 --clips 1000 --clip-latents 24 &
+    OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/d7 --seed 7 --clips 1000 --clip-latents 24 \
+        --turn-rate 0.5; wait
+    rm runs/op/*.pt   # the rounds' windows above were made from older weights: this stop starts afresh
+    dagger_round() {  # as above, on the new caches, with --onpolicy-fraction F as the last argument
+      k=$1 model=$2 init=$3 steps=$4 lr=$5 scenes=$6 fraction=$7; shift 7
+      for s in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $model --out runs/op/one$s.pt \
+          --seed $s --scenes $scenes --wall-turns --one-object --only-found & done; wait
+      mkdir -p runs/r$k && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/r$k/vae
+      python -m framepack_rt.demo.train transformer --out runs/r$k --init $init --cache runs/d1/latents.pt \
+          runs/d7/latents.pt --onpolicy runs/op/one*.pt --onpolicy-fraction $fraction --steps $steps --lr $lr \
+          --warmup 100 --text-dropout 0.1 --save-every 500
+      cp -r framepack_rt/demo/weights runs/r${k}w && python -m framepack_rt.demo.train export --out runs/r$k --to runs/r${k}w
+    }
+    dagger_round 4 runs/r3w runs/r3w/transformer 3000 2e-4 200 0.4 21 22
+    cp runs/r4w/transformer/* framepack_rt/demo/weights/transformer/     # the shipped transformer/
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
