@@ -37,7 +37,10 @@ setup(
         "einops>=0.7",
         "numpy>=1.24",
         "safetensors>=0.4",
-        "transformers>=5.0",  # SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders
+        # >=5.0: SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders. <5.25: 5.25 requires
+        # Hugging Face's `kernels` and imports it at start-up, and `python -m` run from this repository's root
+        # finds our top-level kernels/ first (ImportError: CUDAProperties); measured 2026-12-03.
+        "transformers>=5.0,<5.25",
         "diffusers>=0.34",  # AutoencoderKLHunyuanVideo: the VAE
         "accelerate>=1.0",  # diffusers and transformers load without it only after a warning on every run
         "tokenizers>=0.19",
