@@ -39,19 +39,19 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     # Then three DAgger rounds for the transformer (demo/onpolicy.py), with that decoder: record wall-turn scenes
     # from the current weights with the world as the expert, then fine-tune on the caches plus every recording so far.
     # (The recordings sampled with DEMO_CFG_AFTER_CHANGE = 4, the setting then; it is 2.5 since.)
-    dagger_round() {  # K, weights to record from, transformer to start from, steps, lr, scenes, the two seeds
-      k=$1 model=$2 init=$3 steps=$4 lr=$5 scenes=$6; shift 6
+    dagger_round() {  # K, weights to record from, transformer to start from, steps, lr, scenes, on-policy
+      k=$1 model=$2 init=$3 steps=$4 lr=$5 scenes=$6 fraction=$7 a=$8 b=$9; shift 9  # fraction, two caches, seeds
       for s in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $model --out runs/op/one$s.pt \
           --seed $s --scenes $scenes --wall-turns --one-object --only-found & done; wait
       mkdir -p runs/r$k && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/r$k/vae
-      python -m framepack_rt.demo.train transformer --out runs/r$k --init $init --cache runs/c1/latents.pt \
-          runs/c2/latents.pt --onpolicy runs/op/one*.pt --onpolicy-fraction 0.5 --steps $steps --lr $lr \
+      python -m framepack_rt.demo.train transformer --out runs/r$k --init $init --cache runs/$a/latents.pt \
+          runs/$b/latents.pt --onpolicy runs/op/one*.pt --onpolicy-fraction $fraction --steps $steps --lr $lr \
           --warmup 100 --text-dropout 0.1 --save-every 500
       cp -r framepack_rt/demo/weights runs/r${k}w && python -m framepack_rt.demo.train export --out runs/r$k --to runs/r${k}w
     }
-    dagger_round 1 framepack_rt/demo/weights framepack_rt/demo/weights/transformer 2500 2e-4 250 13 14
-    dagger_round 2 runs/r1w runs/r1/transformer 2000 1e-4 200 15 16
-    dagger_round 3 runs/r2w runs/r2/transformer 2000 1e-4 200 17 18
+    dagger_round 1 framepack_rt/demo/weights framepack_rt/demo/weights/transformer 2500 2e-4 250 0.5 c1 c2 13 14
+    dagger_round 2 runs/r1w runs/r1/transformer 2000 1e-4 200 0.5 c1 c2 15 16
+    dagger_round 3 runs/r2w runs/r2/transformer 2000 1e-4 200 0.5 c1 c2 17 18
     cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/     # shipped at stop 38
     # Stop 39: two fresh caches of 1000 clips, the second with prompt changes that turn the subject back, and a
     # fourth DAgger round on them, recorded from the stop-38 weights (README: a fifth was tried, not shipped).
@@ -60,23 +60,15 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/d7 --seed 7 --clips 1000 --clip-latents 24 \
         --turn-rate 0.5; wait
     rm runs/op/*.pt   # the rounds' windows above were made from older weights: this stop starts afresh
-    dagger_round() {  # as above, on the new caches, with --onpolicy-fraction F as the last argument
-      k=$1 model=$2 init=$3 steps=$4 lr=$5 scenes=$6 fraction=$7; shift 7
-      for s in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $model --out runs/op/one$s.pt \
-          --seed $s --scenes $scenes --wall-turns --one-object --only-found & done; wait
-      mkdir -p runs/r$k && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/r$k/vae
-      python -m framepack_rt.demo.train transformer --out runs/r$k --init $init --cache runs/d1/latents.pt \
-          runs/d7/latents.pt --onpolicy runs/op/one*.pt --onpolicy-fraction $fraction --steps $steps --lr $lr \
-          --warmup 100 --text-dropout 0.1 --save-every 500
-      cp -r framepack_rt/demo/weights runs/r${k}w && python -m framepack_rt.demo.train export --out runs/r$k --to runs/r${k}w
-    }
-    dagger_round 4 runs/r3w runs/r3w/transformer 3000 2e-4 200 0.4 21 22
+    dagger_round 4 runs/r3w runs/r3w/transformer 3000 2e-4 200 0.4 d1 d7 21 22
     cp runs/r4w/transformer/* framepack_rt/demo/weights/transformer/     # the shipped transformer/
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
 So were fine-tunes on caches of longer clips (``encode --clip-latents 60``) and of clips whose prompt changes
 often turn the subject back (``--turn-rate 0.5``, world.WorldConfig.turn_rate): README has those too.
+So was error recycling (``--error-recycling P``, demo/recycling.py): README's fifth-round fine-tune with the
+model's own banked one-step errors added to a fraction P of the histories, which changed nothing measurable.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
@@ -149,6 +141,7 @@ from framepack_rt.demo.models import (
     build_demo_models,
     build_vae,
 )
+from framepack_rt.demo.recycling import ErrorBank
 from framepack_rt.demo.world import WorldConfig, all_prompts, frames_for_latents, make_clip
 from framepack_rt.engine.sampling import flow_seq_len, flow_shift
 from framepack_rt.engine.schedules import f1_layout, vanilla_layout
@@ -338,12 +331,15 @@ def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Genera
 
 def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: torch.Generator,
                        shift: float, motion_weight: float = 0.0, history_noise: float = 0.0,
-                       text_dropout: float = 0.0) -> torch.Tensor:
+                       text_dropout: float = 0.0, bank: ErrorBank | None = None,
+                       recycle: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true velocity for one batch of windows, at random sigmas; with
     ``motion_weight`` > 0 the positions that change are weighted up (:func:`motion_weights`); with
     ``history_noise`` > 0 the context history is corrupted a little (:func:`noisy_history`); with
     ``text_dropout`` > 0 that fraction of samples sees zero text and pooled embeddings, the engine's default
-    negative prompt, so that real classifier-free guidance has a trained unconditional branch."""
+    negative prompt, so that real classifier-free guidance has a trained unconditional branch; with a ``bank``
+    the step's one-step errors are banked and ``recycle`` of the samples read a history with banked errors
+    added (demo/recycling.py)."""
     device = next(model.parameters()).device
     x0 = batch["target"].to(device)
     b = x0.shape[0]
@@ -353,7 +349,10 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     s = sigma.view(b, 1, 1, 1, 1)
     x = (1 - s) * x0 + s * noise
     start, history = batch["start"].to(device), batch["history"].to(device)
-    context = pack_context(layout, start, noisy_history(history, history_noise, generator))
+    read = noisy_history(history, history_noise, generator)
+    if bank is not None:
+        read = bank.corrupt(read, recycle, generator)
+    context = pack_context(layout, start, read)
     keep = torch.ones(b, device=device)  # 0: this sample sees no text (drawn only when on: same noise otherwise)
     if text_dropout:
         keep = (torch.rand(b, generator=generator) >= text_dropout).float().to(device)
@@ -364,6 +363,8 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
         pooled_projections=batch["pooled"].to(device) * keep.view(b, 1), image_embeds=batch["image_embeds"].to(device),
         **context.as_kwargs(),
     )
+    if bank is not None:  # x_sigma - sigma v: the step's one-step guess of the clean window
+        bank.put((x - s * v.detach()).float() - x0.float(), sigma)
     err = (v.float() - (noise - x0)).pow(2)
     if not motion_weight:
         return err.mean()
@@ -453,6 +454,10 @@ def train_transformer(args: argparse.Namespace) -> Path:
     """Stage 2. Writes OUT/transformer (diffusers layout; the EMA weights when --ema) and OUT/transformer_ckpt."""
     from framepack_rt.kernels.dispatch import use_kernels
 
+    if not 0.0 <= args.error_recycling <= 1.0:
+        raise ValueError(f"--error-recycling {args.error_recycling}: give the fraction of samples, 0 to 1")
+    if not 0.0 < args.error_max_sigma <= 1.0:
+        raise ValueError(f"--error-max-sigma {args.error_max_sigma}: give a sigma in (0, 1]")
     info = D.setup(args.device, force=args.fsdp)
     out = Path(args.out)
     try:
@@ -483,6 +488,7 @@ def train_transformer(args: argparse.Namespace) -> Path:
             D.save_checkpoint(out / "transformer_ckpt", model, opt, {"step": step, **({"ema": ema} if ema else {})},
                               info)
 
+        bank = ErrorBank(window=args.window, max_sigma=args.error_max_sigma) if args.error_recycling else None
         h, w = cache.clips[0].latents.shape[-2:]
         shift = flow_shift(flow_seq_len(args.window, h, w))
         log, began = out / "transformer_log.jsonl", time.perf_counter()
@@ -504,7 +510,8 @@ def train_transformer(args: argparse.Namespace) -> Path:
                 seed = int(np.random.SeedSequence([args.seed, step, data_rank]).generate_state(1)[0])  # own noise
                 with use_kernels(False), autocast:  # the Triton kernels are inference-only: torch ops for training
                     part = flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(seed), shift,
-                                              args.motion_weight, args.history_noise, args.text_dropout) / len(micro)
+                                              args.motion_weight, args.history_noise, args.text_dropout,
+                                              bank, args.error_recycling) / len(micro)
                 part.backward()
                 loss = loss + part.detach()  # read on the host only when logged
             norm = D.clip_grad_norm(model, args.clip)
@@ -642,6 +649,11 @@ def parser() -> argparse.ArgumentParser:
                         help="windows files of demo/onpolicy.py: the model's own histories, the world's targets")
         sp.add_argument("--onpolicy-fraction", dest="onpolicy_fraction", type=float, default=0.5,
                         help="about this fraction of the windows drawn are on-policy ones")
+        sp.add_argument("--error-recycling", dest="error_recycling", type=float, default=0.0, metavar="P",
+                        help="fraction of samples whose history carries the model's own banked one-step errors "
+                             "(demo/recycling.py; 0: off)")
+        sp.add_argument("--error-max-sigma", dest="error_max_sigma", type=float, default=0.5, metavar="S",
+                        help="bank the errors of training steps at sigma <= S only")
         sp.add_argument("--ema", type=float, default=None, help="EMA decay, 0: off (default 0.999; off with --fsdp)")
         sp.add_argument("--init", help="diffusers transformer folder to fine-tune (e.g. the 13B F1)")
         sp.add_argument("--deepen", type=_block_counts, default=None, metavar="D,S",
