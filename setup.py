@@ -37,10 +37,10 @@ setup(
         "einops>=0.7",
         "numpy>=1.24",
         "safetensors>=0.4",
-        # >=5.0: SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders. <5.25: 5.25 requires
-        # Hugging Face's `kernels` and imports it at start-up, and `python -m` run from this repository's root
-        # finds our top-level kernels/ first (ImportError: CUDAProperties); measured 2026-12-03.
-        "transformers>=5.0,<5.25",
+        # >=5.0: SiglipImageProcessorPil, from_pretrained(dtype=), tokenizers-backend folders. 5.25 requires
+        # Hugging Face's `kernels` and imports it at start-up; run from this repository's root, Python finds our
+        # kernels/ folder under that name first, and kernels/__init__.py hands the name over (tested with 5.25).
+        "transformers>=5.0",
         "diffusers>=0.34",  # AutoencoderKLHunyuanVideo: the VAE
         "accelerate>=1.0",  # diffusers and transformers load without it only after a warning on every run
         "tokenizers>=0.19",

@@ -13,19 +13,44 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 
 
 def test_no_top_level_kernels_or_stream_package():
-    """transformers probes for a package named `kernels`; ours must not answer to that name."""
+    """transformers imports a package named `kernels` (Hugging Face's, required from transformers 5.25); ours must
+    not answer to that name. Where Hugging Face's is installed, that one is what the name finds."""
     result = run_python(
         """
-        import importlib.util
-        import framepack_rt.kernels, framepack_rt.stream
-        assert importlib.util.find_spec("kernels") is None, importlib.util.find_spec("kernels")
-        assert importlib.util.find_spec("stream") is None, importlib.util.find_spec("stream")
-        import transformers.utils.import_utils as iu
-        assert not iu.is_kernels_available() if hasattr(iu, "is_kernels_available") else True
+        import importlib.util, os
+        import framepack_rt, framepack_rt.kernels, framepack_rt.stream
+        ours = os.path.dirname(os.path.dirname(os.path.abspath(framepack_rt.kernels.__file__)))
+        for name in ("kernels", "stream"):
+            spec = importlib.util.find_spec(name)
+            assert spec is None or not os.path.abspath(spec.origin).startswith(ours + os.sep), spec
+        import transformers
         print("ok")
         """
     )
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_kernels_folder_hands_its_top_level_name_to_the_installed_package(tmp_path):
+    """From the repository root (`python -m ...` there) the folder kernels/ is found as top-level `kernels`: it
+    answers as absent, or as the installed package of that name, never as our kernels."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    absent = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": ""})
+    if absent.returncode == 0:  # Hugging Face's kernels is installed here: the name is its
+        found = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], capture_output=True,
+                               text=True, cwd=root)
+        assert found.returncode == 0 and not found.stdout.strip().startswith(os.path.join(root, "kernels")), found
+    else:
+        assert "ModuleNotFoundError" in absent.stderr and "framepack_rt.kernels" in absent.stderr, absent.stderr
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("MARK = 'the installed kernels'\n")
+    code = "import kernels, sys; print(kernels.MARK, sys.modules['kernels'] is kernels)"
+    handed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                            env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert handed.returncode == 0 and handed.stdout.strip() == "the installed kernels True", handed.stderr
 
 
 def test_nothing_touches_cuda_at_import():
