@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,8 +34,6 @@ def test_no_top_level_kernels_or_stream_package():
 def test_kernels_folder_hands_its_top_level_name_to_the_installed_package(tmp_path):
     """From the repository root (`python -m ...` there) the folder kernels/ is found as top-level `kernels`: it
     answers as absent, or as the installed package of that name, never as our kernels."""
-    import os
-
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     absent = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=root,
                             env={**os.environ, "PYTHONPATH": ""})
