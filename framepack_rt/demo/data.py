@@ -114,6 +114,12 @@ def history_before(latents: torch.Tensor, s: int, k: int) -> torch.Tensor:
     return hist
 
 
+def latent_slots(history: torch.Tensor) -> torch.Tensor:
+    """(B, 1, K, 1, 1) bool for a (B, C, K, h, w) history: the slots holding a latent, not the all-zero ones
+    before a clip's start (which the stream holds as exact zeros, so corruptions of the history leave them)."""
+    return history.abs().amax(dim=(1, 3, 4), keepdim=True) > 0
+
+
 def pack_context(layout: SectionLayout, start: torch.Tensor, history: torch.Tensor) -> ContextInputs:
     """Forward-order model context from start (B, C, 1, h, w) and history (B, C, K, h, w), oldest first.
 

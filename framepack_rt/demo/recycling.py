@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from framepack_rt.demo.data import latent_slots
+
 
 class ErrorBank:
     """A ring of ``capacity`` error windows (C, window, h, w), filled from training steps whose sigma is at
@@ -45,9 +47,9 @@ class ErrorBank:
         """errors (B, C, window, h, w), sigma (B,): bank the samples with sigma <= max_sigma (in place)."""
         if errors.ndim != 5 or errors.shape[2] != self.window:
             raise ValueError(f"expected errors (B, C, {self.window}, h, w), got {tuple(errors.shape)}")
-        keep = errors[sigma.to(errors.device) <= self.max_sigma].detach().float().cpu()
-        if self.errors is None:
-            self.errors = torch.zeros((self.capacity, *errors.shape[1:]))
+        keep = errors[sigma.to(errors.device) <= self.max_sigma].detach().float()
+        if self.errors is None:  # on the training device: no copy to the host and back every step
+            self.errors = torch.zeros((self.capacity, *errors.shape[1:]), device=errors.device)
         elif keep.shape[1:] != self.errors.shape[1:]:
             raise ValueError(f"errors of shape {tuple(keep.shape[1:])} do not fit a bank of "
                              f"{tuple(self.errors.shape[1:])}")
@@ -70,11 +72,11 @@ class ErrorBank:
         picks = torch.randint(0, max(len(self), 1), (b, pieces), generator=generator)
         if len(self) < self.min_fill or not probability or not chosen.any():
             return history
-        errors = self.errors[picks.flatten()].view(b, pieces, *self.errors.shape[1:])  # (B, P, C, w, h, w)
+        errors = self.errors[picks.flatten().to(self.errors.device)]
+        errors = errors.view(b, pieces, *self.errors.shape[1:])  # (B, P, C, w, h, w)
         errors = errors.permute(0, 2, 1, 3, 4, 5).flatten(2, 3)[:, :, -k:]  # (B, C, P w -> K, h, w)
         if errors.shape[-2:] != history.shape[-2:] or errors.shape[1] != history.shape[1]:
             raise ValueError(f"banked errors {tuple(self.errors.shape[1:])} do not fit history "
                              f"{tuple(history.shape[1:])}")
-        real = history.abs().amax(dim=(1, 3, 4), keepdim=True) > 0  # (B, 1, K, 1, 1): slots holding a latent
-        weight = (chosen.float() * scale).view(b, 1, 1, 1, 1)
-        return history + (weight * errors * real).to(history.device, history.dtype)
+        weight = (chosen.float() * scale).view(b, 1, 1, 1, 1).to(history.device)
+        return history + (weight * errors.to(history.device) * latent_slots(history)).to(history.dtype)

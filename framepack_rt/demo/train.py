@@ -132,7 +132,15 @@ import torch
 
 from framepack_rt.demo import WEIGHTS_DIR
 from framepack_rt.demo import dist as D
-from framepack_rt.demo.data import LatentCache, WindowDataset, collate, encode_clip, encode_prompts, pack_context
+from framepack_rt.demo.data import (
+    LatentCache,
+    WindowDataset,
+    collate,
+    encode_clip,
+    encode_prompts,
+    latent_slots,
+    pack_context,
+)
 from framepack_rt.demo.models import (
     DEMO_SIZE,
     ENCODER_SEED,
@@ -324,7 +332,7 @@ def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Genera
         return history
     b = history.shape[0]
     std = torch.rand(b, generator=generator).mul_(max_std).view(b, 1, 1, 1, 1)
-    real = history.abs().amax(dim=(1, 3, 4), keepdim=True) > 0  # (B, 1, K, 1, 1): slots holding a latent
+    real = latent_slots(history)
     noise = torch.randn(history.shape, generator=generator)
     return history + (std * noise * real).to(history.device)
 
