@@ -1,24 +1,31 @@
 """Triton kernels, installed as ``framepack_rt.kernels`` (see setup.py for why not top-level ``kernels``)."""
 
-if __name__ == "kernels":
-    # Python started in the repository root (``python -m framepack_rt...`` there) finds this folder as a top-level
-    # ``kernels``: the name of Hugging Face's kernels package, which transformers imports. That name is not ours,
-    # so hand it to the installed package when there is one, and otherwise answer as a package that is absent.
-    import importlib.machinery
-    import importlib.util
-    import os
-    import sys
+import importlib.machinery
+import importlib.util
+import os
+import sys
 
-    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _spec = importlib.machinery.PathFinder.find_spec(
-        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError("No module named 'kernels' (this checkout's kernels/ folder is framepack_rt.kernels, "
-                                  "not Hugging Face's kernels package)", name="kernels")
-    _module = importlib.util.module_from_spec(_spec)
+
+def _installed_namesake() -> importlib.machinery.ModuleSpec | None:
+    """Where this folder was imported as a top-level ``kernels`` (Python started in the repository root, so
+    ``python -m framepack_rt...`` there): the spec of an installed package of that name (Hugging Face's kernels,
+    which transformers imports from 5.25), found on sys.path without the repository root; else None."""
+    if __name__ != "kernels":
+        return None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.machinery.PathFinder.find_spec(
+        "kernels", [p for p in sys.path if os.path.abspath(p or os.curdir) != root])
+    return spec if spec is not None and spec.loader is not None else None
+
+
+_namesake = _installed_namesake()
+if _namesake is not None:  # that name is the installed package's: hand it over
+    _module = importlib.util.module_from_spec(_namesake)
     sys.modules["kernels"] = _module  # the import system returns what sys.modules holds under the name
-    _spec.loader.exec_module(_module)
+    _namesake.loader.exec_module(_module)
 else:
+    # Our package (also under the top-level name when nothing else has it: a package without a version, which
+    # transformers up to 5.24 probes and reads as Hugging Face's kernels not installed).
     # The switch only: importing the package never imports triton (the kernel modules are loaded on first use).
     from framepack_rt.kernels.dispatch import kernels_forced, use_kernels
 
