@@ -321,22 +321,6 @@ def motion_weights(target: torch.Tensor, start: torch.Tensor, history: torch.Ten
     return 1.0 + strength * moving
 
 
-def object_weights(target: torch.Tensor, strength: float, scale: float = 0.5) -> torch.Tensor:
-    """Per-position loss weights (B, 1, w, h, w): 1 + strength where the window shows an object, moving or not.
-
-    The world's backgrounds are plain, so a latent frame's background is its per-channel median over positions;
-    an object is where the latent is farther than that (RMS over channels, ``scale`` counting as fully object,
-    widened by one latent pixel as :func:`motion_weights` does). Why: :func:`motion_weights` leaves an object at
-    rest (a ball held against a wall) at the background's weight, and there the demo's red ball turns blue, the
-    colour nearest it in the VAE's latents.
-    """
-    background = target.flatten(3).median(dim=3).values[..., None, None]
-    distance = (target - background).pow(2).mean(dim=1, keepdim=True).sqrt()
-    objects = torch.nn.functional.max_pool3d((distance / scale).clamp(max=1.0), (1, 3, 3), stride=1,
-                                             padding=(0, 1, 1))
-    return 1.0 + strength * objects
-
-
 def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Generator) -> torch.Tensor:
     """history (B, C, K, h, w) plus Gaussian noise of a per-sample std drawn uniformly in [0, max_std].
 
@@ -356,15 +340,14 @@ def noisy_history(history: torch.Tensor, max_std: float, generator: torch.Genera
 def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: torch.Generator,
                        shift: float, motion_weight: float = 0.0, history_noise: float = 0.0,
                        text_dropout: float = 0.0, bank: ErrorBank | None = None,
-                       recycle: float = 0.0, object_weight: float = 0.0) -> torch.Tensor:
+                       recycle: float = 0.0) -> torch.Tensor:
     """MSE between the predicted and the true velocity for one batch of windows, at random sigmas; with
     ``motion_weight`` > 0 the positions that change are weighted up (:func:`motion_weights`); with
     ``history_noise`` > 0 the context history is corrupted a little (:func:`noisy_history`); with
     ``text_dropout`` > 0 that fraction of samples sees zero text and pooled embeddings, the engine's default
     negative prompt, so that real classifier-free guidance has a trained unconditional branch; with a ``bank``
     the step's one-step errors are banked and ``recycle`` of the samples read a history with banked errors
-    added (demo/recycling.py); with ``object_weight`` > 0 the positions that show an object are weighted up too
-    (:func:`object_weights`, added to the motion weights)."""
+    added (demo/recycling.py)."""
     device = next(model.parameters()).device
     x0 = batch["target"].to(device)
     b = x0.shape[0]
@@ -391,11 +374,9 @@ def flow_matching_loss(model: torch.nn.Module, batch: dict, layout, generator: t
     if bank is not None:  # x_sigma - sigma v: the step's one-step guess of the clean window
         bank.put((x - s * v.detach()).float() - x0.float(), sigma)
     err = (v.float() - (noise - x0)).pow(2)
-    if not motion_weight and not object_weight:
+    if not motion_weight:
         return err.mean()
     weight = motion_weights(x0, start, history, motion_weight)  # what moves is judged on the clean history
-    if object_weight:
-        weight = weight + object_weights(x0.float(), object_weight) - 1.0
     return (weight * err).mean() / weight.mean()
 
 
@@ -538,7 +519,7 @@ def train_transformer(args: argparse.Namespace) -> Path:
                 with use_kernels(False), autocast:  # the Triton kernels are inference-only: torch ops for training
                     part = flow_matching_loss(model, batch, layout, torch.Generator().manual_seed(seed), shift,
                                               args.motion_weight, args.history_noise, args.text_dropout,
-                                              bank, args.error_recycling, args.object_weight) / len(micro)
+                                              bank, args.error_recycling) / len(micro)
                 part.backward()
                 loss = loss + part.detach()  # read on the host only when logged
             norm = D.clip_grad_norm(model, args.clip)
@@ -667,8 +648,6 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--window", type=int, default=9)
         sp.add_argument("--motion-weight", dest="motion_weight", type=float, default=4.0,
                         help="extra loss weight where the video changes (0: plain MSE)")
-        sp.add_argument("--object-weight", dest="object_weight", type=float, default=0.0,
-                        help="extra loss weight where the window shows an object, moving or not (0: off)")
         sp.add_argument("--history-noise", dest="history_noise", type=float, default=0.15,
                         help="max std of the noise added to context history latents (0: clean history)")
         sp.add_argument("--text-dropout", dest="text_dropout", type=float, default=0.0,

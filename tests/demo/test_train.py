@@ -167,39 +167,6 @@ def test_motion_weighted_loss_equals_plain_mse_when_nothing_moves():
     assert weighted.item() == pytest.approx(plain.item(), rel=1e-6)
 
 
-def test_object_weights_mark_objects_at_rest_against_a_plain_background():
-    target = torch.full((2, 16, 3, 6, 6), 0.4)  # a plain background (its own latent value) everywhere
-    target[:, :8] = -0.2
-    target[0, :, :, 4, 1] += 1.5  # clip 0: an object resting at (4, 1) in all three frames
-    w = T.object_weights(target, strength=3.0)
-    assert w.shape == (2, 1, 3, 6, 6)
-    assert torch.all(w[1] == 1.0)  # a plain frame has no object, whatever its background colour
-    assert torch.all(w[0, 0, :, 3:6, 0:3] == 4.0)  # the object and its 3x3 neighbourhood
-    assert torch.all(w[0, 0].sum(dim=(1, 2)) == 36 + 3 * 9)  # nothing else is weighted
-    start, history = target[:, :, :1], target[:, :, -1:].expand(-1, -1, 19, -1, -1)
-    assert torch.all(T.motion_weights(target, start, history, strength=4.0) == 1.0)  # at rest: no motion weight
-
-
-def test_object_weighted_loss_equals_plain_mse_on_plain_frames_and_differs_with_an_object():
-    cache = synthetic_cache()
-    ds = WindowDataset(cache)
-    batch = collate([ds[i] for i in range(2)], cache.prompts)
-    for x in ("target", "start", "history"):
-        batch[x] = torch.zeros_like(batch[x])
-    model = tiny_model()
-
-    def loss(**kw):
-        with torch.no_grad():
-            return T.flow_matching_loss(model, batch, f1_layout(9), torch.Generator().manual_seed(0), shift=1.6,
-                                        **kw).item()
-
-    plain = loss()
-    assert loss(object_weight=4.0) == pytest.approx(plain, rel=1e-6)
-    batch["target"][:, :, :, 1, 1] = 2.0
-    batch["history"][:, :, -1, 1, 1] = 2.0  # the object rests: the motion weights see nothing
-    assert loss(motion_weight=4.0, object_weight=4.0) != pytest.approx(loss(motion_weight=4.0), rel=1e-3)
-
-
 def test_history_noise_leaves_empty_slots_exact_and_stays_within_its_std():
     history = torch.zeros(64, 16, 19, 4, 4)
     history[:, :, 16:] = 1.0  # three real latents at the newest end, zeros before the clip start
