@@ -289,7 +289,7 @@ def encode_world(args: argparse.Namespace) -> Path:
     models.vae = AutoencoderKLHunyuanVideo.from_pretrained(out / "vae")
     use_tap_convs(models.vae.encoder)  # CPU Conv3d is slow_conv3d: conv2d taps are several times faster
     parts = InMemoryParts(models)
-    cfg = WorldConfig(size=args.size, turn_rate=args.turn_rate)
+    cfg = WorldConfig(size=args.size, turn_rate=args.turn_rate, margin=args.world_margin)
     cache = LatentCache(prompts=encode_prompts(parts, all_prompts()))
     began = time.perf_counter()
     for i in range(args.clips):
@@ -631,6 +631,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--clip-latents", dest="clip_latents", type=int, default=60, help="latents per clip (8 s)")
         sp.add_argument("--turn-rate", dest="turn_rate", type=float, default=0.0, metavar="P",
                         help="chance that a prompt change turns its subject back (world.WorldConfig.turn_rate)")
+        sp.add_argument("--world-margin", dest="world_margin", type=float, default=WorldConfig.margin, metavar="M",
+                        help="objects stop this fraction of the side from the edge (world.WorldConfig.margin); "
+                             "below 0 they stop partly outside the frame")
 
     def transformer_args(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--cache", nargs="*", help="latent cache files or globs (default OUT/latents.pt)")

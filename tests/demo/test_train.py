@@ -295,6 +295,23 @@ def test_encode_stage_caches_the_worlds_clips_with_their_prompts(tmp_path):
     assert [c.prompts for c in cache.clips] != [[w.prompt_at_latent(j) for j in range(40)] for w in random]
 
 
+def test_encode_stage_passes_its_world_margin_to_the_world(tmp_path, monkeypatch):
+    """--world-margin reaches world.WorldConfig.margin (below 0 objects stop partly outside the frame); its
+    default is the world's own margin, so caches made without it are unchanged."""
+    from framepack_rt.demo.world import WorldConfig
+
+    assert T.parser().parse_args(["encode", "--out", str(tmp_path)]).world_margin == WorldConfig().margin
+    torch.manual_seed(0)
+    T.build_vae().save_pretrained(tmp_path / "vae")
+    seen = []
+    real = T.make_clip
+    monkeypatch.setattr(T, "make_clip", lambda seed, frames, cfg: seen.append(cfg) or real(seed, frames, cfg))
+    args = T.parser().parse_args(["encode", "--out", str(tmp_path), "--size", "32", "--clips", "1",
+                                  "--clip-latents", "8", "--world-margin", "-0.05"])
+    T.encode_world(args)
+    assert [c.margin for c in seen] == [-0.05] and seen[0].size == 32
+
+
 FSDP_TIMEOUT = 300  # seconds per torchrun of 2 ranks (about 20 s on an idle 2-core machine)
 
 

@@ -75,6 +75,15 @@ def test_moving_stops_at_the_edge_and_stays_inside():
     assert x[-1] + radii[-1, 0] <= cfg.size - 1
 
 
+def test_a_negative_margin_stops_objects_partly_outside_the_frame():
+    cfg = WorldConfig(margin=-0.05)  # train encode --world-margin: clips of objects pressed past the edge
+    objects = [WorldObject("ball", "red")]
+    centers, radii, _ = simulate(objects, np.array([[50.0, 20.0, 6.0]]), [(0, 0, "moves right")], 120, cfg)
+    x = centers[:, 0, 0]
+    assert x[-1] == x[-30] and x[-1] == pytest.approx(cfg.size - 1 - 6.0 + 0.05 * cfg.size)
+    assert x[-1] + radii[-1, 0] > cfg.size - 1
+
+
 def test_bounce_grow_shrink_still():
     cfg = WorldConfig()
     obj = [WorldObject("ball", "red")]
