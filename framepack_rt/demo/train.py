@@ -69,6 +69,9 @@ So were fine-tunes on caches of longer clips (``encode --clip-latents 60``) and 
 often turn the subject back (``--turn-rate 0.5``, world.WorldConfig.turn_rate): README has those too.
 So was error recycling (``--error-recycling P``, demo/recycling.py): README's fifth-round fine-tune with the
 model's own banked one-step errors added to a fraction P of the histories, which changed nothing measurable.
+So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
+red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
+reverted): README has both.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
