@@ -112,6 +112,9 @@ class WorldConfig:
         if not 0.0 <= self.turn_rate <= 1.0:  # (also refuses NaN)
             raise ValueError(f"turn_rate is a probability in [0, 1], got {self.turn_rate}: pass --turn-rate "
                              "between 0 and 1")
+        if not -self.min_radius < self.margin < 0.25:  # below: the smallest ball could stop centred off the frame
+            raise ValueError(f"margin is a fraction of the side in ({-self.min_radius}, 0.25), got {self.margin}: "
+                             "pass --world-margin within it (below 0 objects stop partly outside the frame)")
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,9 @@ def test_a_negative_margin_stops_objects_partly_outside_the_frame():
     x = centers[:, 0, 0]
     assert x[-1] == x[-30] and x[-1] == pytest.approx(cfg.size - 1 - 6.0 + 0.05 * cfg.size)
     assert x[-1] + radii[-1, 0] > cfg.size - 1
+    for margin in (-0.07, 0.25, float("nan")):  # the smallest ball's centre off the frame; no room; not a number
+        with pytest.raises(ValueError, match="--world-margin"):
+            WorldConfig(margin=margin)
 
 
 def test_bounce_grow_shrink_still():
