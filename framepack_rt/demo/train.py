@@ -317,8 +317,7 @@ def motion_weights(target: torch.Tensor, start: torch.Tensor, history: torch.Ten
     spent on copying a static background, and an under-fitted model smears the one thing the prompt is about.
     """
     prev = history[:, :, -1:]
-    before_clip = prev.flatten(1).abs().amax(dim=1) == 0
-    prev = torch.where(before_clip.view(-1, 1, 1, 1, 1), start, prev)
+    prev = torch.where(latent_slots(prev), prev, start)  # an empty slot: the window starts the clip
     change = (target - prev).pow(2).mean(dim=1, keepdim=True).sqrt()
     moving = torch.nn.functional.max_pool3d((change / scale).clamp(max=1.0), (1, 3, 3), stride=1, padding=(0, 1, 1))
     return 1.0 + strength * moving
