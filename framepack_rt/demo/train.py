@@ -153,7 +153,9 @@ from framepack_rt.demo.models import (
     build_vae,
 )
 from framepack_rt.demo.recycling import ErrorBank
-from framepack_rt.demo.world import WorldConfig, all_prompts, frames_for_latents, make_clip
+from framepack_rt.demo.train_decoder import clip_pixels
+from framepack_rt.demo.world import (LATENT_FRAMES, WorldConfig, all_prompts, frames_for_latents, latent_of_frame,
+                                     make_clip)
 from framepack_rt.engine.sampling import flow_seq_len, flow_shift
 from framepack_rt.engine.schedules import f1_layout, vanilla_layout
 
@@ -223,12 +225,11 @@ class StageSteps:
 
 # ------------------------------------------------------------------------------------------------ stage 1: VAE
 def vae_batch(rng: np.random.Generator, batch: int, frames: int, cfg: WorldConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random world clips -> pixels (B, 3, T, H, W) in [-1, 1] and a foreground mask (B, 1, T, H, W)."""
-    clips = [make_clip(int(rng.integers(2**31)), frames, cfg) for _ in range(batch)]
-    pixels = torch.from_numpy(np.stack([c.frames for c in clips])).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
-    bg = torch.tensor([c.background for c in clips], dtype=torch.float32).view(batch, 3, 1, 1, 1) / 127.5 - 1
-    fg = ((pixels - bg).abs().amax(dim=1, keepdim=True) > 0.02).float()
-    return pixels, fg
+    """Random world clips of ``frames`` (4 N - 3) frames -> pixels (B, 3, T, H, W) in [-1, 1] and a foreground
+    mask (B, 1, T, H, W): train_decoder.clip_pixels on seeds drawn from ``rng``."""
+    if frames < 1 or (frames + 3) % LATENT_FRAMES:
+        raise ValueError(f"a VAE training clip has 4 N - 3 frames (1, 5, 9, ...), got {frames}: pass --frames so")
+    return clip_pixels([int(rng.integers(2**31)) for _ in range(batch)], latent_of_frame(frames - 1) + 1, cfg)
 
 
 def vae_loss(vae: torch.nn.Module, pixels: torch.Tensor, fg: torch.Tensor, kl_weight: float,

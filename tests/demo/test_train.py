@@ -265,6 +265,23 @@ def test_batches_split_windows_across_ranks():
     assert step == 2 and torch.equal(batch["target"], seen[0][2])
 
 
+def test_vae_batch_is_clip_pixels_of_seeds_from_the_rng():
+    """The VAE's batches are the decoder stage's clips (one renderer, one mask) on seeds drawn in order from the
+    step's generator: a resumed run redraws the same batch; a frame count the causal VAE cannot hold is refused."""
+    from framepack_rt.demo.train_decoder import clip_pixels
+    from framepack_rt.demo.world import WorldConfig
+
+    cfg = WorldConfig(size=32)
+    pixels, fg = T.vae_batch(np.random.default_rng([3, 7]), 3, 9, cfg)
+    seeds = [int(s) for s in np.random.default_rng([3, 7]).integers(2**31, size=3)]
+    want, want_fg = clip_pixels(seeds, 3, cfg)
+    assert pixels.shape == (3, 3, 9, 32, 32) and torch.equal(pixels, want) and torch.equal(fg, want_fg)
+    assert 0 < fg.mean() < 0.5  # the shapes, not the background
+    assert torch.equal(T.vae_batch(np.random.default_rng([3, 7]), 3, 9, cfg)[0], pixels)
+    with pytest.raises(ValueError, match="4 N - 3 frames.*got 8.*--frames"):
+        T.vae_batch(np.random.default_rng(0), 1, 8, cfg)
+
+
 def test_vae_stage_trains_and_sets_the_scaling_factor(tmp_path):
     from diffusers import AutoencoderKLHunyuanVideo
 
