@@ -39,7 +39,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from framepack_rt.demo.world import COLOURS, LATENT_FRAMES, Clip, parse_prompt, render, simulate, start_image
+from framepack_rt.demo import DEMO_SIZE
+from framepack_rt.demo.world import (COLOURS, LATENT_FRAMES, Clip, WorldConfig, parse_prompt, render, simulate,
+                                     start_image)
 from framepack_rt.engine.sampling import SOLVERS
 from framepack_rt.engine.schedules import DEFAULT_WINDOW
 from framepack_rt.pipeline import devices
@@ -209,10 +211,23 @@ def end_quality(frames: np.ndarray, area: np.ndarray, clip, last: int = 12) -> d
             "palette_error_end": float(palette_error(frames[-last:], scene_palette(clip)).mean())}
 
 
+def scene_world(pipe) -> WorldConfig:
+    """The world the evaluation draws its starts in: square frames the size of the pipeline's one bucket, so a
+    model is scored at the size it generates at (a pipeline without buckets, a test's fake: the default world)."""
+    buckets = getattr(pipe, "buckets", None)
+    if not buckets:
+        return WorldConfig()
+    (h, w), *rest = buckets
+    if rest or h != w:
+        raise ValueError(f"the evaluation draws square scenes of one size, the pipeline has buckets {buckets}: "
+                         "load it with load_pipeline(size=N) (evaluate --size N)")
+    return WorldConfig(size=h)
+
+
 def eval_direction(pipe, runs: int = 50, sections: int = 2, steps: int | None = None) -> Result:
-    prompt, details, passed = "a red ball moves right", [], 0
+    prompt, details, passed, world = "a red ball moves right", [], 0, scene_world(pipe)
     for seed in range(runs):
-        image, clip = start_image(seed, prompt, x=0.25)
+        image, clip = start_image(seed, prompt, world, x=0.25)
         frames = stream_f1(pipe, image, [prompt] * sections, seed, steps)
         centroids, area = track(frames)
         ok = moved(centroids, "right", frames.shape[2])
@@ -229,9 +244,9 @@ def eval_prompt_change(pipe, runs: int = 50, before: int = 2, after: int = 2, st
 
     right, left = "a red ball moves right", "a red ball moves left"
     change = video_frames_for_latents(1 + before * window) - 1  # the last frame before the new prompt's section
-    details, passed = [], 0
+    details, passed, world = [], 0, scene_world(pipe)
     for seed in range(runs):
-        image, clip = start_image(seed, right, x=0.3)
+        image, clip = start_image(seed, right, world, x=0.3)
         frames = stream_f1(pipe, image, [right] * before + [left] * after, seed, steps)
         centroids, area = track(frames)
         ok, lag = reversed_after(centroids, change, after * 4 * window, frames.shape[2])
@@ -247,8 +262,9 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
     cycle = ["a red ball moves right", "a red ball moves left"]
     prompts = [cycle[(k // change_every) % 2] for k in range(sections)]
     curves: dict[str, list] = {"f1": [], "vanilla": []}
+    world = scene_world(pipe)
     for seed in range(runs):
-        image, clip = start_image(seed, prompts[0], x=0.3)
+        image, clip = start_image(seed, prompts[0], world, x=0.3)
         palette = scene_palette(clip)
         for name, run in (("f1", stream_f1), ("vanilla", stream_vanilla)):
             frames = run(pipe, image, prompts, seed, steps)[: int(seconds * 30)]
@@ -270,30 +286,31 @@ FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points ab
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
-def fidelity_scene(run: int) -> tuple[int, np.ndarray, Clip]:
-    """Fidelity run ``run``'s seed, start image and one-frame Clip: a lone red ball at a random place."""
+def fidelity_scene(run: int, world: WorldConfig = WorldConfig()) -> tuple[int, np.ndarray, Clip]:
+    """Fidelity run ``run``'s seed, start image and one-frame Clip: a lone red ball at a random place (the
+    same place, as a fraction of the side, at every ``world.size``)."""
     seed = FIDELITY_SEEDS + run
     x = float(np.random.default_rng(seed).uniform(0.2, 0.8))
-    image, clip = start_image(seed, RIGHT, num_objects=1, x=x)
+    image, clip = start_image(seed, RIGHT, world, num_objects=1, x=x)
     return seed, image, clip
 
 
 def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
     """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
-    report = _fidelity_runs(runs, before + after, DEFAULT_WINDOW, lambda image, clip, seed: stream_f1(
-        pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
+    report = _fidelity_runs(runs, before + after, DEFAULT_WINDOW, scene_world(pipe), lambda image, clip, seed:
+                            stream_f1(pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 
 
-def _fidelity_runs(runs: int, sections: int, window: int,
+def _fidelity_runs(runs: int, sections: int, window: int, world: WorldConfig,
                    make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
     """The fidelity measures of ``make_frames(image, clip, seed)`` (``sections`` sections of ``window``
-    latents) over the first ``runs`` fidelity scenes, with the intact rate of each section."""
+    latents) over the first ``runs`` fidelity scenes drawn in ``world``, with the intact rate of each section."""
     from framepack_rt.demo.fidelity import fidelity, per_section, summarize
 
     reports, intact = [], []
     for run in range(runs):
-        seed, image, clip = fidelity_scene(run)
+        seed, image, clip = fidelity_scene(run, world)
         report = fidelity(make_frames(image, clip, seed), clip)
         intact.append(report.pop("intact_per_frame"))
         reports.append({"seed": seed, **report})
@@ -348,7 +365,7 @@ def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, afte
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, len(prompts), window, lambda image, clip, seed: round_trip(
+    return _fidelity_runs(runs, len(prompts), window, scene_world(pipe), lambda image, clip, seed: round_trip(
         pipe, world_turn(clip, prompts, window), window))
 
 
@@ -357,7 +374,7 @@ def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
     prompts = [RIGHT] * before + [LEFT] * after
-    return _fidelity_runs(runs, len(prompts), window, lambda image, clip, seed: stream_f1_forced(
+    return _fidelity_runs(runs, len(prompts), window, scene_world(pipe), lambda image, clip, seed: stream_f1_forced(
         pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window))
 
 
@@ -409,19 +426,20 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
     return "\n".join(lines)
 
 
-def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto", solver: str | None = None):
+def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto", solver: str | None = None,
+                  size: int | None = None):
     """"demo" (the shipped weights folder) or a weights folder in the published layout, sampling with the
     demo's defaults; ``cfg`` overrides its real-CFG scale (1.0: off); ``decoder``: as serve's --decoder;
-    ``solver``: one of engine/sampling.py's SOLVERS (default: the demo's, DEMO_SOLVER)."""
-    from framepack_rt.demo import DEMO_SOLVER, DEMO_STEPS, demo_guidance
+    ``solver``: one of engine/sampling.py's SOLVERS (default: the demo's, DEMO_SOLVER); ``size``: the side of
+    the square frames it generates at (default: the demo's bucket; the models are convolutional and their
+    attention positional, so weights trained at one size run at another, though not well untrained)."""
+    from framepack_rt.demo import DEMO_SOLVER, DEMO_STEPS, demo_guidance, weights_dir
     from framepack_rt.engine.sampling import SOLVERS
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
-    if model == "demo":
-        pipe = FramePackPipeline.from_pretrained("demo", decoder=decoder)
-    else:
-        pipe = FramePackPipeline.from_pretrained(model, buckets="demo", decoder=decoder)  # a folder: a run's weights
-        pipe.default_steps = DEMO_STEPS
+    folder = weights_dir() if model == "demo" else model
+    pipe = FramePackPipeline.from_pretrained(folder, buckets=((size, size),) if size else "demo", decoder=decoder)
+    pipe.default_steps = DEMO_STEPS
     pipe.default_guidance = demo_guidance(cfg)
     if (solver or DEMO_SOLVER) not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
@@ -440,10 +458,13 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=FIDELITY_RUNS,
                    help="turns (seeds 10,000 on); 0: skip")
+    p.add_argument("--size", type=int, default=None, help="side of the square frames the model generates at and "
+                   f"the scenes are drawn at (default: the demo's, {DEMO_SIZE}); a multiple of 16")
     devices.add_decoder_argument(p)  # --decoder auto|vae|fast
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder, args.solver)
+    pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder, args.solver,
+                                                                   args.size)
     began = time.perf_counter()
     results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
@@ -451,7 +472,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     if fidelity and hasattr(pipe, "parts"):  # a model with a VAE: whose losses they are
         fidelity["forced"] = eval_fidelity_forced(pipe, args.fidelity_runs, steps=args.steps)
         fidelity["ceiling"] = eval_fidelity_ceiling(pipe, args.fidelity_runs)
-    report = {"model": args.model, "decoder": args.decoder, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
+    report = {"model": args.model, "size": scene_world(pipe).size, "decoder": args.decoder, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
               "solver": getattr(pipe, "default_solver", None),
               "wall_s": time.perf_counter() - began,
               **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift, "fidelity": fidelity}

@@ -341,7 +341,7 @@ def generate(args: argparse.Namespace) -> Path:
             raise ValueError(f"{out} was recorded with {', '.join(changed)}: continue it with the same settings, "
                              "or record into a new --out")
         data.recipe = recipe
-    pipe = load_pipeline(args.model)
+    pipe = load_pipeline(args.model, size=args.size)  # generate at the size the scenes are drawn at
     if data is None:
         data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()), recipe=recipe)
     began = time.perf_counter()
@@ -369,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=9)
     p.add_argument("--seed", type=int, default=3, help="scene seed family (training clips use 1 and 2, the "
                    "evaluation 0-49 and its fidelity scenes their own)")
-    p.add_argument("--size", type=int, default=DEMO_SIZE)
+    p.add_argument("--size", type=int, default=DEMO_SIZE, help="side of the scenes and of the frames the model "
+                   f"generates (default: the demo's, {DEMO_SIZE})")
     p.add_argument("--turn-rate", dest="turn_rate", type=float, default=0.0,
                    help="the chance that a prompt change turns the subject back (as encode's --turn-rate)")
     p.add_argument("--change", type=float, default=0.5, help="the chance that the prompt changes at a boundary")

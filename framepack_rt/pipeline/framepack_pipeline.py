@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from framepack_rt.engine.generator import Conditioning, SamplerConfig, SectionGenerator, StepEvent
-from framepack_rt.pipeline.media import (BUCKET_SETS, ImageInput, PromptChange, fit_to_bucket, load_image,
+from framepack_rt.pipeline.media import (ImageInput, PromptChange, bucket_set, fit_to_bucket, load_image,
                                          nearest_bucket, prompt_at)
 from framepack_rt.engine.sampling import SOLVERS, GuidanceConfig
 from framepack_rt.engine.schedules import (
@@ -72,7 +72,7 @@ def make_decoder(vae: VideoVAE, decoder: str, direction: str,
 class FramePackPipeline:
     """The encoders, the transformer and the VAE, loaded from local folders or built in ("tiny")."""
 
-    def __init__(self, parts, *, buckets: str = "640", default_steps: int = 25,
+    def __init__(self, parts, *, buckets: str | Sequence[tuple[int, int]] = "640", default_steps: int = 25,
                  default_guidance: GuidanceConfig = GuidanceConfig(), default_solver: str = "unipc_bh1",
                  example: tuple[np.ndarray, str] | None = None, placement: Placement | None = None,
                  decoder: str = "auto", fast_scale: int | None = None) -> None:
@@ -89,7 +89,7 @@ class FramePackPipeline:
         self.parts = parts
         self.default_decoder = decoder
         self.placement = placement
-        self.buckets = BUCKET_SETS[buckets]
+        self.buckets = bucket_set(buckets)
         self.default_steps = default_steps
         self.default_guidance = default_guidance
         if default_solver not in SOLVERS:
@@ -109,7 +109,7 @@ class FramePackPipeline:
         dtype: torch.dtype | str | None = "auto",
         low_vram: bool = False,
         memory_budget_gb: float | None = None,
-        buckets: str = "640",
+        buckets: str | Sequence[tuple[int, int]] = "640",
         check_memory: bool = True,
         quantize: str | None = None,
         compile: bool = False,
@@ -129,7 +129,7 @@ class FramePackPipeline:
         within ``memory_budget_gb`` (default 6). ``check_memory``: estimate what the folders need first and raise
         :class:`~framepack_rt.pipeline.memory.InsufficientMemory` (needed, free, the setting that fits) instead
         of running out while loading. ``buckets``: the resolution set for folders ("640", the release's; "tiny"
-        for small test models). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
+        for small test models; or (height, width) pairs, multiples of 16 px). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
         ``compile``: torch.compile each transformer block (compiled at the first step). ``decoder``: "auto"
         (the folder's fast_decoder/ when it has one: fast_decoder.py), "vae" or "fast"; streams may override it."""
         from framepack_rt.pipeline.devices import check_memory_flags, fp32_only, resolve_placement
@@ -159,7 +159,7 @@ class FramePackPipeline:
         budget = int((memory_budget_gb or DEFAULT_BUDGET_GB) * GiB) if low_vram else None
         # Planned at the largest bucket the pipeline will run; in low-VRAM mode the plan also splits the budget
         # (the blocks get what the activations, VAE and workspace leave) and places the encoders.
-        largest = max(BUCKET_SETS[settings["buckets"]], key=lambda hw: hw[0] * hw[1])
+        largest = max(bucket_set(settings["buckets"]), key=lambda hw: hw[0] * hw[1])
         estimate = estimate_folders(asdict(paths), placement, low_vram=low_vram, budget_bytes=budget,
                                     quantize=quantize, frame=largest)
         if check_memory:

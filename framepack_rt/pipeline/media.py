@@ -22,6 +22,23 @@ BUCKETS_640 = (
 BUCKETS_TINY = ((48, 96), (64, 80), (64, 64), (80, 64), (96, 48))
 BUCKETS_DEMO = ((64, 64),)  # the demo model was trained on square 64x64 frames only
 BUCKET_SETS = {"640": BUCKETS_640, "tiny": BUCKETS_TINY, "demo": BUCKETS_DEMO}
+BUCKET_MULTIPLE = 16  # px: the VAE's 8x times the transformer's 2x2 patches
+
+
+def bucket_set(buckets: str | Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """A resolution set by name (a key of BUCKET_SETS) or given as (height, width) pairs in pixels, each a
+    positive multiple of 16 (whole 2x2 patches of 8x latents). Raises ValueError naming what to pass."""
+    if isinstance(buckets, str):
+        if buckets not in BUCKET_SETS:
+            raise ValueError(f"unknown bucket set {buckets!r}: choose one of {', '.join(BUCKET_SETS)}, "
+                             "or give (height, width) pairs")
+        return BUCKET_SETS[buckets]
+    pairs = tuple(tuple(int(v) for v in hw) for hw in buckets)
+    bad = [hw for hw in pairs if len(hw) != 2 or min(hw) <= 0 or any(v % BUCKET_MULTIPLE for v in hw)]
+    if not pairs or bad:
+        raise ValueError(f"buckets are (height, width) pairs of positive multiples of {BUCKET_MULTIPLE} px, "
+                         f"got {bad or 'none'}: round each side to a multiple of {BUCKET_MULTIPLE}")
+    return pairs  # type: ignore[return-value]
 
 
 def nearest_bucket(height: int, width: int, buckets: Iterable[tuple[int, int]] = BUCKETS_640) -> tuple[int, int]:

@@ -183,3 +183,25 @@ def test_load_pipeline_samples_with_the_demo_solver_unless_told():
     assert E.load_pipeline("demo", solver="unipc_bh1").default_solver == "unipc_bh1"
     with pytest.raises(ValueError, match="unknown solver 'rk4'"):
         E.load_pipeline("demo", solver="rk4")
+
+
+def test_a_size_sets_the_bucket_the_model_generates_at_and_the_scenes_drawn_for_it():
+    """evaluate --size N (and onpolicy --size): frames generated and scenes drawn at N, the start object at the
+    same place as a fraction of the side; the default is the demo's bucket."""
+    from framepack_rt.demo import DEMO_SIZE
+    from framepack_rt.demo.world import WorldConfig
+
+    default, large = E.load_pipeline("demo"), E.load_pipeline("demo", size=96)
+    assert default.buckets == ((DEMO_SIZE, DEMO_SIZE),) and E.scene_world(default).size == DEMO_SIZE
+    assert large.buckets == ((96, 96),) and E.scene_world(large) == WorldConfig(size=96)
+    assert large.default_steps == default.default_steps and large.example is not None
+    (_, small_image, small), (_, image, clip) = E.fidelity_scene(3), E.fidelity_scene(3, E.scene_world(large))
+    assert small_image.shape == (64, 64, 3) and image.shape == (96, 96, 3)
+    assert np.allclose(clip.centers[0] / 96, small.centers[0] / 64, atol=0.5 / 64)
+    frames = E.stream_f1(large, image, [E.RIGHT], seed=0, steps=1)
+    assert frames.shape[1:3] == large.frame_size(image) == (96 * large._fast_scale,) * 2
+    large.buckets = ((96, 96), (64, 64))
+    with pytest.raises(ValueError, match=r"square scenes of one size.*evaluate --size N"):
+        E.scene_world(large)
+    assert E.scene_world(FakePipe()) == WorldConfig()  # a pipeline without buckets: the world's default
+

@@ -252,3 +252,13 @@ def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
     with pytest.raises(ValueError, match=r"--seed 9 \(now 10\).*--wall-turns False \(now True\)"):
         O.main([*args[:-2], "--seed", "10", "--scenes", "3", "--wall-turns"])  # other scenes would be appended
     assert len(O.OnPolicyDataset.load(out)) == 2
+
+
+def test_the_command_generates_at_the_size_it_draws_its_scenes_at(tmp_path):
+    """--size 32: the model runs at 32 px (4x4 latents) like the world and the expert, not fitted to the demo's
+    bucket (before, the pipeline kept its own size and the windows mixed two)."""
+    out = tmp_path / "small.pt"
+    O.main(["--model", "demo", "--out", str(out), "--sections", "2", "--scenes", "1", "--seed", "9", "--size", "32"])
+    window = O.OnPolicyDataset.load(out).windows[0]
+    assert window.target.shape[-2:] == (4, 4) and window.history.shape[-2:] == (4, 4)
+

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from framepack_rt.pipeline.media import (
-    BUCKETS_640, BUCKETS_TINY, Mp4Writer, fit_to_bucket, load_image, nearest_bucket, parse_prompt_schedule, prompt_at,
+    BUCKETS_640, BUCKETS_TINY, Mp4Writer, bucket_set, fit_to_bucket, load_image, nearest_bucket, parse_prompt_schedule, prompt_at,
 )
 
 
@@ -24,6 +24,16 @@ def test_nearest_bucket_640(size, bucket):
 def test_tiny_buckets_are_patchable():
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in BUCKETS_TINY)
     assert nearest_bucket(100, 100, BUCKETS_TINY) == (64, 64)
+
+
+def test_a_bucket_set_is_named_or_given_as_patchable_pairs():
+    assert bucket_set("tiny") == BUCKETS_TINY and bucket_set("640") == BUCKETS_640
+    assert bucket_set([(96, 96)]) == ((96, 96),) and bucket_set(((32, 48), [64, 16])) == ((32, 48), (64, 16))
+    with pytest.raises(ValueError, match="unknown bucket set 'huge': choose one of 640, tiny, demo"):
+        bucket_set("huge")
+    for bad in ([(96, 100)], [(0, 16)], [(16,)], []):
+        with pytest.raises(ValueError, match="multiples of 16 px"):
+            bucket_set(bad)
 
 
 def test_fit_to_bucket_resizes_and_center_crops():
