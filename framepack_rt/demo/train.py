@@ -72,6 +72,8 @@ model's own banked one-step errors added to a fraction P of the histories, which
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
 reverted): README has both.
+So was the shipped transformer fine-tuned at 96 px (``encode --size 96``: the same VAE gives 12x12 latents), with
+one on-policy round at that size (``onpolicy --size 96``): README has the commands and the figures.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
