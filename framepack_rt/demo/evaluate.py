@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     if fidelity and hasattr(pipe, "parts"):  # a model with a VAE: whose losses they are
         fidelity["forced"] = eval_fidelity_forced(pipe, args.fidelity_runs, steps=args.steps)
         fidelity["ceiling"] = eval_fidelity_ceiling(pipe, args.fidelity_runs)
-    report = {"model": args.model, "size": scene_world(pipe).size, "decoder": args.decoder, "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
+    report = {"model": args.model, "size": scene_world(pipe).size, "decoder": args.decoder,
+              "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
               "solver": getattr(pipe, "default_solver", None),
               "wall_s": time.perf_counter() - began,
               **{r.name: {**asdict(r), "rate": r.rate} for r in results}, "drift": drift, "fidelity": fidelity}

@@ -162,6 +162,7 @@ def test_main_reports_rates_and_the_guidance_it_sampled_with(tmp_path, capsys):
     assert saved["cfg"] == 2.0 and saved["steps"] == 8 and saved["drift"] is None
     assert saved["direction"]["passed"] == 3 and saved["prompt_change"]["rate"] == 1.0 == report["prompt_change"]["rate"]
     assert saved["solver"] == "euler_stochastic"
+    assert saved["size"] == 64  # a fake without buckets is scored in the world's default scenes
     assert "euler_stochastic, cfg 2" in capsys.readouterr().out
 
 
