@@ -107,11 +107,11 @@ def test_the_evaluation_finds_the_section_that_fails(turn, monkeypatch):
     broken = frames.copy()
     part = broken[1 + 2 * section : 1 + 3 * section]
     part[np.linalg.norm(part.astype(float) - clip.background, axis=-1) > 60] = (230, 200, 40)
-    monkeypatch.setattr(E, "fidelity_scene", lambda run: (0, None, clip))
-    report = E._fidelity_runs(2, 4, 9, lambda image, scene, seed: broken)
+    monkeypatch.setattr(E, "fidelity_scene", lambda run, world: (0, None, clip))
+    report = E._fidelity_runs(2, 4, 9, clip.config, lambda image, scene, seed: broken)
     assert report["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
     assert report["intact"] == pytest.approx(1 - section / len(frames))
-    held_back = E._fidelity_runs(1, 4, 9, lambda image, scene, seed: broken[:-12])
+    held_back = E._fidelity_runs(1, 4, 9, clip.config, lambda image, scene, seed: broken[:-12])
     assert held_back["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
 
 
