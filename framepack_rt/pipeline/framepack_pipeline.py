@@ -129,7 +129,8 @@ class FramePackPipeline:
         within ``memory_budget_gb`` (default 6). ``check_memory``: estimate what the folders need first and raise
         :class:`~framepack_rt.pipeline.memory.InsufficientMemory` (needed, free, the setting that fits) instead
         of running out while loading. ``buckets``: the resolution set for folders ("640", the release's; "tiny"
-        for small test models; or (height, width) pairs, multiples of 16 px). ``quantize="fp8"``: the transformer blocks' weights in fp8 (model/quantize.py).
+        for small test models; or (height, width) pairs, multiples of 16 px). ``quantize="fp8"``: the transformer
+        blocks' weights in fp8 (model/quantize.py).
         ``compile``: torch.compile each transformer block (compiled at the first step). ``decoder``: "auto"
         (the folder's fast_decoder/ when it has one: fast_decoder.py), "vae" or "fast"; streams may override it."""
         from framepack_rt.pipeline.devices import check_memory_flags, fp32_only, resolve_placement

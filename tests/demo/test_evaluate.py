@@ -205,4 +205,3 @@ def test_a_size_sets_the_bucket_the_model_generates_at_and_the_scenes_drawn_for_
     with pytest.raises(ValueError, match=r"square scenes of one size.*evaluate --size N"):
         E.scene_world(large)
     assert E.scene_world(FakePipe()) == WorldConfig()  # a pipeline without buckets: the world's default
-
