@@ -3,6 +3,9 @@
     python -m framepack_rt.demo.evaluate                         # the shipped demo weights, all three criteria
     python -m framepack_rt.demo.evaluate --model runs/demo/weights --runs 10 --drift-seconds 20 --json eval.json
     python -m framepack_rt.demo.evaluate --cfg 1 --drift-seconds 0    # without classifier-free guidance
+    python -m framepack_rt.demo.evaluate --runs 0 --drift-seconds 0 --no-diagnostics --fidelity-runs 32 \
+        --fidelity-seed 10256 --json b.json      # fidelity alone, on a block of turns no choice has used yet
+                                                 # (then demo/compare.py pairs two such reports turn by turn)
 
 Criteria (issue 9), each measured on generated frames by tracking colours (no model internals are read):
 
@@ -286,31 +289,36 @@ FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points ab
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
-def fidelity_scene(run: int, world: WorldConfig = WorldConfig()) -> tuple[int, np.ndarray, Clip]:
-    """Fidelity run ``run``'s seed, start image and one-frame Clip: a lone red ball at a random place (the
-    same place, as a fraction of the side, at every ``world.size``)."""
-    seed = FIDELITY_SEEDS + run
+def fidelity_scene(run: int, world: WorldConfig = WorldConfig(), first_seed: int = FIDELITY_SEEDS
+                   ) -> tuple[int, np.ndarray, Clip]:
+    """Fidelity run ``run``'s seed (``first_seed + run``), start image and one-frame Clip: a lone red ball at a
+    random place (the same place, as a fraction of the side, at every ``world.size``)."""
+    seed = first_seed + run
     x = float(np.random.default_rng(seed).uniform(0.2, 0.8))
     image, clip = start_image(seed, RIGHT, world, num_objects=1, x=x)
     return seed, image, clip
 
 
-def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None) -> dict:
-    """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left)."""
+def eval_fidelity(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None,
+                  first_seed: int = FIDELITY_SEEDS) -> dict:
+    """demo/fidelity.py's measures over ``runs`` turns (right for ``before`` sections, then left) from seeds
+    ``first_seed`` on (a later block gives turns no earlier choice has seen)."""
     report = _fidelity_runs(runs, before + after, DEFAULT_WINDOW, scene_world(pipe), lambda image, clip, seed:
-                            stream_f1(pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps))
+                            stream_f1(pipe, image, [RIGHT] * before + [LEFT] * after, seed, steps), first_seed)
     return {**report, "targets": {"intact": 0.9, "largest_jump": 0.08}}
 
 
 def _fidelity_runs(runs: int, sections: int, window: int, world: WorldConfig,
-                   make_frames: Callable[[np.ndarray, Clip, int], np.ndarray]) -> dict:
+                   make_frames: Callable[[np.ndarray, Clip, int], np.ndarray], first_seed: int = FIDELITY_SEEDS
+                   ) -> dict:
     """The fidelity measures of ``make_frames(image, clip, seed)`` (``sections`` sections of ``window``
-    latents) over the first ``runs`` fidelity scenes drawn in ``world``, with the intact rate of each section."""
+    latents) over ``runs`` fidelity scenes from ``first_seed`` on, drawn in ``world``, with the intact rate of
+    each section."""
     from framepack_rt.demo.fidelity import fidelity, per_section, summarize
 
     reports, intact = [], []
     for run in range(runs):
-        seed, image, clip = fidelity_scene(run, world)
+        seed, image, clip = fidelity_scene(run, world, first_seed)
         report = fidelity(make_frames(image, clip, seed), clip)
         intact.append(report.pop("intact_per_frame"))
         reports.append({"seed": seed, **report})
@@ -361,21 +369,22 @@ def stream_f1_forced(pipe, image: np.ndarray, prompts: list[str], seed: int, ste
     return frames[: len(truth)]
 
 
-def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, window: int = 9) -> dict:
+def eval_fidelity_ceiling(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, window: int = 9,
+                          first_seed: int = FIDELITY_SEEDS) -> dict:
     """:func:`eval_fidelity`'s turns as the world makes them, through the VAE and the decoder only: the score a
     perfect transformer would get with this VAE and decoder, which separates their share of the losses."""
     prompts = [RIGHT] * before + [LEFT] * after
     return _fidelity_runs(runs, len(prompts), window, scene_world(pipe), lambda image, clip, seed: round_trip(
-        pipe, world_turn(clip, prompts, window), window))
+        pipe, world_turn(clip, prompts, window), window), first_seed)
 
 
 def eval_fidelity_forced(pipe, runs: int = FIDELITY_RUNS, before: int = 3, after: int = 3, steps: int | None = None,
-                         window: int = 9) -> dict:
+                         window: int = 9, first_seed: int = FIDELITY_SEEDS) -> dict:
     """:func:`eval_fidelity`'s turns sampled with teacher forcing (:func:`stream_f1_forced`): the transformer's
     losses within a section, apart from those that pile up over sections."""
     prompts = [RIGHT] * before + [LEFT] * after
     return _fidelity_runs(runs, len(prompts), window, scene_world(pipe), lambda image, clip, seed: stream_f1_forced(
-        pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window))
+        pipe, image, prompts, seed, steps, world_turn(clip, prompts, window), window), first_seed)
 
 
 def _turns_over(report: dict, limit: float = 0.08) -> str:
@@ -392,7 +401,7 @@ def _per_section_line(report: dict) -> str:
 
 def table(results: list[Result], drift: dict | None, fidelity: dict | None = None) -> str:
     lines = [f"{'criterion':<16}{'passed':>10}{'rate':>8}{'target':>8}  ok    end of run (median): red area / start, "
-             "palette error"]
+             "palette error"] if results else []
     for r in results:
         quality = ""
         if r.details and "red_area_end" in r.details[0]:
@@ -409,8 +418,9 @@ def table(results: list[Result], drift: dict | None, fidelity: dict | None = Non
                          f"{d['red_area_last5s']:5.2f}")
     if fidelity:
         f = fidelity
-        lines.append(f"fidelity ({f['runs']} turns, {f['frames']} frames): intact {f['intact']:.0%} (one object "
-                     f"{f['one_object']:.0%}, colour {f['colour_ok']:.0%}, area {f['area_ok']:.0%}; target 90%), "
+        seeds = [d["seed"] for d in f["details"]]
+        lines.append(f"fidelity ({f['runs']} turns, seeds {min(seeds):,}-{max(seeds):,}, {f['frames']} frames): "
+                     f"intact {f['intact']:.0%} (one object {f['one_object']:.0%}, colour {f['colour_ok']:.0%}, area {f['area_ok']:.0%}; target 90%), "
                      f"largest jump {f['largest_jump']:.3f} of the width (target <= 0.08)")
         lines.append(f"  intact per section: {_per_section_line(f)}")
         lines.append(f"  largest jump across gaps (a reappearance after frames without the ball, less the world's top "
@@ -450,14 +460,19 @@ def load_pipeline(model: str, cfg: float | None = None, decoder: str = "auto", s
 def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m framepack_rt.demo.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo")
-    p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--runs", type=int, default=50, help="runs of direction and of prompt change; 0: skip both")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--cfg", type=float, default=None, help="real-CFG scale (default: the demo's, DEMO_CFG; 1: off)")
     p.add_argument("--solver", choices=SOLVERS, default=None, help="sampler solver (default: the demo's, DEMO_SOLVER)")
     p.add_argument("--drift-seconds", dest="drift_seconds", type=float, default=60.0, help="0: skip")
     p.add_argument("--drift-runs", dest="drift_runs", type=int, default=2)
     p.add_argument("--fidelity-runs", dest="fidelity_runs", type=int, default=FIDELITY_RUNS,
-                   help="turns (seeds 10,000 on); 0: skip")
+                   help="turns (seeds --fidelity-seed on); 0: skip")
+    p.add_argument("--fidelity-seed", dest="fidelity_seed", type=int, default=FIDELITY_SEEDS,
+                   help=f"first seed of the fidelity turns (default {FIDELITY_SEEDS:,}): a block no earlier choice "
+                   "used gives a held-out comparison (README lists the blocks used)")
+    p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip the fidelity turns' teacher-forced and world-drawn runs (fidelity.forced, .ceiling)")
     p.add_argument("--size", type=int, default=None, help="side of the square frames the model generates at and "
                    f"the scenes are drawn at (default: the demo's, {DEMO_SIZE}); a multiple of 16")
     devices.add_decoder_argument(p)  # --decoder auto|vae|fast
@@ -466,12 +481,14 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
     pipe = pipe_factory() if pipe_factory else load_pipeline(args.model, args.cfg, args.decoder, args.solver,
                                                                    args.size)
     began = time.perf_counter()
-    results = [eval_direction(pipe, args.runs, steps=args.steps), eval_prompt_change(pipe, args.runs, steps=args.steps)]
+    results = [eval_direction(pipe, args.runs, steps=args.steps),
+               eval_prompt_change(pipe, args.runs, steps=args.steps)] if args.runs > 0 else []
     drift = eval_drift(pipe, args.drift_seconds, args.drift_runs, steps=args.steps) if args.drift_seconds else None
-    fidelity = eval_fidelity(pipe, args.fidelity_runs, steps=args.steps) if args.fidelity_runs else None
-    if fidelity and hasattr(pipe, "parts"):  # a model with a VAE: whose losses they are
-        fidelity["forced"] = eval_fidelity_forced(pipe, args.fidelity_runs, steps=args.steps)
-        fidelity["ceiling"] = eval_fidelity_ceiling(pipe, args.fidelity_runs)
+    turns, first = args.fidelity_runs, args.fidelity_seed
+    fidelity = eval_fidelity(pipe, turns, steps=args.steps, first_seed=first) if turns else None
+    if fidelity and args.diagnostics and hasattr(pipe, "parts"):  # a model with a VAE: whose losses they are
+        fidelity["forced"] = eval_fidelity_forced(pipe, turns, steps=args.steps, first_seed=first)
+        fidelity["ceiling"] = eval_fidelity_ceiling(pipe, turns, first_seed=first)
     report = {"model": args.model, "size": scene_world(pipe).size, "decoder": args.decoder,
               "steps": args.steps or pipe.default_steps, "cfg": pipe.default_guidance.cfg,
               "solver": getattr(pipe, "default_solver", None),

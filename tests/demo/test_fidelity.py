@@ -107,7 +107,7 @@ def test_the_evaluation_finds_the_section_that_fails(turn, monkeypatch):
     broken = frames.copy()
     part = broken[1 + 2 * section : 1 + 3 * section]
     part[np.linalg.norm(part.astype(float) - clip.background, axis=-1) > 60] = (230, 200, 40)
-    monkeypatch.setattr(E, "fidelity_scene", lambda run, world: (0, None, clip))
+    monkeypatch.setattr(E, "fidelity_scene", lambda run, world, first_seed: (first_seed + run, None, clip))
     report = E._fidelity_runs(2, 4, 9, clip.config, lambda image, scene, seed: broken)
     assert report["intact_per_section"] == pytest.approx([1.0, 1.0, 0.0, 1.0])
     assert report["intact"] == pytest.approx(1 - section / len(frames))
@@ -122,7 +122,7 @@ def test_the_evaluation_reports_fidelity(tmp_path, capsys):
     assert [d["seed"] for d in f["details"]] == [E.FIDELITY_SEEDS, E.FIDELITY_SEEDS + 1]
     assert f["intact_per_section"] == [1.0] * 6
     out = capsys.readouterr().out
-    assert f"fidelity (2 turns, {f['frames']} frames): intact 100%" in out
+    assert f"fidelity (2 turns, seeds 10,000-10,001, {f['frames']} frames): intact 100%" in out
     assert "intact per section: 100 100 100 100 100 100" in out
     assert f["largest_jump_across_gaps"] == pytest.approx(f["largest_jump"])
     assert "largest jump across gaps (a reappearance after frames without the ball" in out
@@ -183,7 +183,8 @@ def test_the_table_counts_a_turn_with_nothing_to_measure_as_over():
     """A turn with fewer than two intact frames has no jump across gaps (NaN): the worst turn, not a good one."""
     report = {"runs": 2, "frames": 10, "intact": 0.5, "one_object": 1.0, "colour_ok": 0.5, "area_ok": 1.0,
               "largest_jump": 0.05, "largest_jump_across_gaps": 0.05, "intact_per_section": [0.5],
-              "details": [{"largest_jump_across_gaps": 0.05}, {"largest_jump_across_gaps": float("nan")}]}
+              "details": [{"seed": 7, "largest_jump_across_gaps": 0.05},
+                          {"seed": 8, "largest_jump_across_gaps": float("nan")}]}
     text = E.table([], None, {**report, "forced": report})
     assert "less the world's top speed over them) 0.050; turns over 0.08: 1/2" in text
     assert "largest jump 0.050 (across gaps 0.050, turns over 0.08: 1/2)" in text
