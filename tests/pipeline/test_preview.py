@@ -107,7 +107,7 @@ def test_release_vae_keeps_the_published_factors():
 
         def __init__(self) -> None:
             super().__init__()
-            self.decoder = torch.nn.Conv3d(1, 1, 1)
+            self.encoder, self.decoder = torch.nn.Conv3d(1, 1, 1), torch.nn.Conv3d(1, 1, 1)
 
         def encode(self, *_):
             raise AssertionError("the release's VAE must not be fitted")
