@@ -21,8 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
+from framepack_rt.demo.fidelity import JUMP_LIMIT, turns_over
+
 RATES = ("intact", "one_object", "colour_ok", "area_ok")
-JUMP_LIMIT = 0.08  # issue 19's target for the largest jump, as a fraction of the width
 
 
 def fidelity_of(report: dict, name: str = "report") -> dict:
@@ -50,11 +51,6 @@ def paired(a: dict, b: dict, key: str = "intact") -> dict:
             "b_better": int((diff > 0).sum()), "b_worse": int((diff < 0).sum())}
 
 
-def turns_over(fidelity: dict, limit: float = JUMP_LIMIT) -> int:
-    """Turns whose largest jump across gaps exceeds ``limit`` or cannot be measured (fewer than two intact frames)."""
-    return sum(not d["largest_jump_across_gaps"] <= limit for d in fidelity["details"])
-
-
 def median_jump(fidelity: dict) -> float:
     """The median over turns of each turn's largest jump across gaps (turns without one left out)."""
     jumps = [j for j in (d["largest_jump_across_gaps"] for d in fidelity["details"]) if not math.isnan(j)]
@@ -67,7 +63,7 @@ def compare(a: dict, b: dict) -> dict:
             "seeds": [min(d["seed"] for d in a["details"]), max(d["seed"] for d in a["details"])],
             "rates": {key: {"a": a[key], "b": b[key], "paired": paired(a, b, key)} for key in RATES},
             "intact_per_section": {"a": a["intact_per_section"], "b": b["intact_per_section"]},
-            "turns_over": {"a": turns_over(a), "b": turns_over(b)},
+            "turns_over": {"a": turns_over(a["details"]), "b": turns_over(b["details"])},
             "median_jump": {"a": median_jump(a), "b": median_jump(b)}}
 
 

@@ -28,6 +28,7 @@ BACKGROUND_DISTANCE = 60.0  # the world's backgrounds are dark and its colours b
 SPECK_FRACTION = 0.1
 COLOUR_DISTANCE = 60.0
 AREA_BAND = (0.5, 2.0)
+JUMP_LIMIT = 0.08  # issue 19's target for the largest jump, as a fraction of the width
 
 
 def label_blobs(mask: np.ndarray) -> tuple[np.ndarray, int]:
@@ -124,6 +125,12 @@ def per_section(intact_runs: list[np.ndarray], sections: int, frames_per_section
         raise ValueError(f"no run reaches section {int(np.argmin(seen > 0))}: its frames are missing (did the "
                          "stream stop early?)")
     return (kept / seen).tolist()
+
+
+def turns_over(details: list[dict], limit: float = JUMP_LIMIT) -> int:
+    """Turns (per-turn reports) whose largest jump across gaps exceeds ``limit`` or that have no two intact
+    frames to measure it between (NaN: the worst turns, not the best)."""
+    return sum(not d["largest_jump_across_gaps"] <= limit for d in details)
 
 
 def summarize(reports: list[dict]) -> dict:

@@ -40,7 +40,7 @@ def test_reports_of_other_turns_are_refused_with_what_to_do():
 def test_jumps_count_unmeasurable_turns_as_over():
     report = _report([0.9, 0.2, 0.9])
     report["details"][0]["largest_jump_across_gaps"] = float("nan")  # fewer than two intact frames
-    assert C.turns_over(report) == 2 and C.median_jump(report) == pytest.approx(0.1)
+    assert C.turns_over(report["details"]) == 2 and C.median_jump(report) == pytest.approx(0.1)
 
 
 class BlankLastSections(FakePipe):
