@@ -74,6 +74,8 @@ red ball that turns blue where the model presses it into the wall, and an object
 reverted): README has both.
 So was the shipped transformer fine-tuned at 96 px (``encode --size 96``: the same VAE gives 12x12 latents), with
 one on-policy round at that size (``onpolicy --size 96``): README has the commands and the figures.
+A 96 px model needs a fast decoder trained at that size (``train decoder --size 96 --decoder-init ...``): the
+64 px one draws a red ball orange on grey backgrounds from 12x12 latents. README has that run and its figures.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
