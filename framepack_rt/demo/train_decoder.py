@@ -120,8 +120,8 @@ def train_decoder(args: argparse.Namespace) -> Path:
     del vae
     torch.manual_seed(args.seed)
     widths = tuple(int(w) for w in args.decoder_widths.split(","))
-    decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths,
-                               motion_flow=args.decoder_flow).train()
+    decoder = FastVideoDecoder(latent_channels=cache.shape[1], block_out_channels=widths, motion_flow=args.decoder_flow,
+                               trained_latent_size=args.size // vae_ratio).train()
     scale = args.decoder_scale
     if decoder.spatial_compression_ratio != vae_ratio * scale:
         raise ValueError(f"--decoder-widths {args.decoder_widths} upsamples {decoder.spatial_compression_ratio}x, but "

@@ -16,6 +16,7 @@ as ``fast_decoder/`` beside ``vae/``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -41,7 +42,9 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
     """Scaled latents (B, C, T, h, w) -> pixels (B, 3, 4T - 3, 8h, 8w) in about [-1, 1], one latent at a time.
 
     ``block_out_channels[i]`` is the width at 2^i times the latent resolution; the last entry is the
-    full-resolution width (ReLU convolutions, no normalisation: cheap on a CPU).
+    full-resolution width (ReLU convolutions, no normalisation: cheap on a CPU). ``trained_latent_size``: the side
+    of the square latents it was trained on (None: not recorded). Convolutional as it is, it does not carry over
+    to other sizes unchanged: the demo's, trained on 8x8 latents, draws a red ball orange on grey from 12x12 ones.
     """
 
     config_name = "config.json"
@@ -49,7 +52,7 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, latent_channels: int = 16, out_channels: int = 3,
                  block_out_channels: tuple[int, ...] = (64, 32, 16, 16), temporal_compression_ratio: int = 4,
-                 motion_flow: bool = False) -> None:
+                 motion_flow: bool = False, trained_latent_size: int | None = None) -> None:
         super().__init__()
         widths = list(block_out_channels)
         if len(widths) < 2:
@@ -211,6 +214,20 @@ def folder_scale(fast_decoder: str | Path, vae: str | Path) -> int:
         ratio = FastVideoDecoder.from_config(FastVideoDecoder.load_config(fast_decoder)).spatial_compression_ratio
     vae_ratio = json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8)
     return max(1, ratio // int(vae_ratio))
+
+
+def untrained_sizes(fast_decoder: str | Path, vae: str | Path,
+                    buckets: Iterable[tuple[int, int]]) -> tuple[int, list[tuple[int, int]]]:
+    """(the latent side a ``fast_decoder/`` folder was trained on, the ``buckets`` (frame height, width) whose
+    latents are not that size), read from the configs without loading weights; (0, []) when the folder does not
+    record its size."""
+    import json
+
+    trained = FastVideoDecoder.load_config(fast_decoder).get("trained_latent_size")
+    if not trained:
+        return 0, []
+    ratio = int(json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8))
+    return int(trained), [(h, w) for h, w in buckets if (h // ratio, w // ratio) != (trained, trained)]
 
 
 def load_fast_decoder(path: str | Path, *, device: torch.device | str = "cpu",

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -33,13 +34,14 @@ from framepack_rt.engine.teacache import TeaCacheConfig
 from framepack_rt.pipeline import builtin
 from framepack_rt.pipeline.decode_ahead import overlap_by_default
 from framepack_rt.pipeline.devices import DECODER_CHOICES
-from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, folder_scale
+from framepack_rt.pipeline.fast_decoder import CausalStreamingDecoder, folder_scale, untrained_sizes
 from framepack_rt.pipeline.vae import StreamingDecoder, VideoVAE, latent_preview
 from framepack_rt.pipeline.video_stream import Section, StepProgress, VideoStream  # noqa: F401  (public here too)
 
 if TYPE_CHECKING:
     from framepack_rt.pipeline.devices import Placement
 
+LOGGER = logging.getLogger(__name__)
 MODES = ("f1", "inverted")
 FPS = 30
 
@@ -59,6 +61,19 @@ def resolve_decoder(has_fast: bool, decoder: str) -> str:
     if decoder == "fast" and not has_fast:
         raise ValueError(NO_FAST_DECODER)
     return "fast" if decoder == "fast" or (decoder == "auto" and has_fast) else "vae"
+
+
+def warn_untrained_sizes(fast_decoder: Path, vae: Path, buckets: Sequence[tuple[int, int]]) -> None:
+    """Logs a warning, once at load, when the fast decoder records the latent size it was trained on and some of
+    ``buckets`` make latents of another size, where its pictures are worse than its training showed."""
+    trained, other = untrained_sizes(fast_decoder, vae, buckets)
+    if other:
+        sizes = ", ".join(f"{w}x{h}" for h, w in other)
+        LOGGER.warning("%s was trained on %dx%d latents, but this pipeline generates %s frames, whose latents are "
+                       "another size: expect worse colours there (the demo's decoder draws a red ball orange on grey "
+                       "from 12x12 latents). Train a decoder at that size (python -m framepack_rt.demo.train decoder "
+                       "--size N --decoder-init %s ...) or decode with decoder 'vae'.",
+                       fast_decoder, trained, trained, sizes, fast_decoder)
 
 
 def make_decoder(vae: VideoVAE, decoder: str, direction: str,
@@ -171,6 +186,8 @@ class FramePackPipeline:
                             budget_bytes=estimate.streamer_budget_bytes, options=options,
                             encoders_on_cpu=estimate.encoders_on_cpu)
         fast_scale = 0 if paths.fast_decoder is None else folder_scale(paths.fast_decoder, paths.vae)
+        if paths.fast_decoder is not None and decoder != "vae":
+            warn_untrained_sizes(paths.fast_decoder, paths.vae, bucket_set(settings["buckets"]))
         return cls(parts, placement=placement, fast_scale=fast_scale, **settings)
 
     # -- LoRA (model/lora.py) ----------------------------------------------------------------------------

@@ -402,6 +402,7 @@ def test_decoder_stage_learns_resumes_and_keeps_its_cache(tmp_path):
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     decoder = load_fast_decoder(tmp_path / "fast_decoder")
     assert decoder.spatial_compression_ratio == 8 and list(decoder.config.block_out_channels) == [16, 8, 8, 8]
+    assert decoder.config.trained_latent_size == 4  # 32 px clips through the 8x VAE: what the pipeline checks at load
     # export adds just this part to a model set (fp16, as the set ships)
     T.export(T.parser().parse_args(["export", "--out", str(tmp_path), "--to", str(tmp_path / "set")]))
     shipped = load_fast_decoder(tmp_path / "set" / "fast_decoder")

@@ -289,3 +289,41 @@ def test_a_flow_decoder_keeps_the_frame_layout_causality_and_streaming():
     backward = CausalStreamingDecoder(decoder, direction="backward", total_latents=9)
     chunks = [backward.push(z[:, 5:]), backward.push(z[:, 1:5]), backward.push(z[:, :1]), backward.finish()]
     assert (assemble(chunks).int() - to_uint8(whole)[0].int()).abs().max() <= 1
+
+
+def test_a_fast_decoder_used_at_latents_of_another_size_is_named_at_load(tmp_path, caplog):
+    """A fast decoder that records the latent size it was trained on (train_decoder does) warns once at load when
+    the pipeline's buckets make latents of another size, naming what to do; not at its own size, not when it
+    records nothing, not with decoder 'vae'."""
+    write_tiny_models(tmp_path)
+    torch.manual_seed(0)
+    FastVideoDecoder(block_out_channels=(16, 8, 8, 8), trained_latent_size=8).save_pretrained(tmp_path / "fast_decoder")
+    logger = "framepack_rt.pipeline.framepack_pipeline"
+
+    def warnings_at(buckets, **kwargs) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger=logger):
+            FramePackPipeline.from_pretrained(tmp_path, buckets=buckets, device="cpu", **kwargs)
+        return [r.getMessage() for r in caplog.records if r.name == logger]
+
+    assert warnings_at(((64, 64),)) == []
+    (message,) = warnings_at(((64, 64), (96, 96), (64, 80)))
+    assert "trained on 8x8 latents" in message and "96x96, 80x64 frames" in message
+    assert "train decoder --size N" in message and "decoder 'vae'" in message
+    assert warnings_at(((96, 96),), decoder="vae") == []
+    FastVideoDecoder(block_out_channels=(16, 8, 8, 8)).save_pretrained(tmp_path / "fast_decoder")  # size not recorded
+    assert warnings_at(((96, 96),)) == []
+
+
+def test_the_shipped_fast_decoder_records_its_size_and_warns_only_off_it(caplog):
+    from framepack_rt.pipeline.builtin import demo_weights_dir
+
+    folder = demo_weights_dir()
+    logger = "framepack_rt.pipeline.framepack_pipeline"
+    assert FastVideoDecoder.load_config(folder / "fast_decoder")["trained_latent_size"] == 8  # 64 px frames
+    with caplog.at_level("WARNING", logger=logger):
+        FramePackPipeline.from_pretrained("demo", device="cpu")
+        assert not [r for r in caplog.records if r.name == logger]
+        FramePackPipeline.from_pretrained(folder, buckets=((96, 96),), device="cpu")
+    (message,) = [r.getMessage() for r in caplog.records if r.name == logger]
+    assert "trained on 8x8 latents, but this pipeline generates 96x96 frames" in message
