@@ -203,17 +203,21 @@ class CausalStreamingDecoder:
         return to_uint8(self.model(z, previous))[0]
 
 
+def vae_folder_ratio(vae: str | Path) -> int:
+    """The spatial compression of a ``vae/`` folder, read from its config.json."""
+    import json
+
+    return int(json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8))
+
+
 def folder_scale(fast_decoder: str | Path, vae: str | Path) -> int:
     """The upsampling of a ``fast_decoder/`` folder over the ``vae/`` folder it decodes for (1: the VAE's frame
     size), read from their config.json files without loading weights (VideoVAE checks the pair at load)."""
-    import json
-
     # Built from its config alone on the meta device (no memory, no draw from torch's global generator, which
     # seeded runs must not touch): its own defaults and spatial_compression_ratio, not a copy of them here.
     with torch.device("meta"):
         ratio = FastVideoDecoder.from_config(FastVideoDecoder.load_config(fast_decoder)).spatial_compression_ratio
-    vae_ratio = json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8)
-    return max(1, ratio // int(vae_ratio))
+    return max(1, ratio // vae_folder_ratio(vae))
 
 
 def untrained_sizes(fast_decoder: str | Path, vae: str | Path,
@@ -221,12 +225,10 @@ def untrained_sizes(fast_decoder: str | Path, vae: str | Path,
     """(the latent side a ``fast_decoder/`` folder was trained on, the ``buckets`` (frame height, width) whose
     latents are not that size), read from the configs without loading weights; (0, []) when the folder does not
     record its size."""
-    import json
-
     trained = FastVideoDecoder.load_config(fast_decoder).get("trained_latent_size")
     if not trained:
         return 0, []
-    ratio = int(json.loads((Path(vae) / "config.json").read_text()).get("spatial_compression_ratio", 8))
+    ratio = vae_folder_ratio(vae)
     return int(trained), [(h, w) for h, w in buckets if (h // ratio, w // ratio) != (trained, trained)]
 
 
