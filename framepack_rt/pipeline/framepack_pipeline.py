@@ -175,7 +175,8 @@ class FramePackPipeline:
         budget = int((memory_budget_gb or DEFAULT_BUDGET_GB) * GiB) if low_vram else None
         # Planned at the largest bucket the pipeline will run; in low-VRAM mode the plan also splits the budget
         # (the blocks get what the activations, VAE and workspace leave) and places the encoders.
-        largest = max(bucket_set(settings["buckets"]), key=lambda hw: hw[0] * hw[1])
+        buckets = bucket_set(settings["buckets"])
+        largest = max(buckets, key=lambda hw: hw[0] * hw[1])
         estimate = estimate_folders(asdict(paths), placement, low_vram=low_vram, budget_bytes=budget,
                                     quantize=quantize, frame=largest)
         if check_memory:
@@ -187,7 +188,7 @@ class FramePackPipeline:
                             encoders_on_cpu=estimate.encoders_on_cpu)
         fast_scale = 0 if paths.fast_decoder is None else folder_scale(paths.fast_decoder, paths.vae)
         if paths.fast_decoder is not None and decoder != "vae":
-            warn_untrained_sizes(paths.fast_decoder, paths.vae, bucket_set(settings["buckets"]))
+            warn_untrained_sizes(paths.fast_decoder, paths.vae, buckets)
         return cls(parts, placement=placement, fast_scale=fast_scale, **settings)
 
     # -- LoRA (model/lora.py) ----------------------------------------------------------------------------
