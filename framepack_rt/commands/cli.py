@@ -66,8 +66,8 @@ def _positive_float(text: str) -> float:
 
 
 def info_latent_size(model: str) -> tuple[int, int]:
-    """The latent size info times a forward at without --latent-size: the built-in sets' own (the demo's 64x64
-    frames: 8x8), else 12x12 (a folder's real 640 bucket would take minutes on a CPU)."""
+    """The latent size info times a forward at without --latent-size: the built-in sets' own (the demo's 96x96
+    frames: 12x12), else 12x12 (a folder's real 640 bucket would take minutes on a CPU)."""
     from framepack_rt.commands import transformer_step as steps
     from framepack_rt.pipeline.builtin import BUILTIN_MODELS
 

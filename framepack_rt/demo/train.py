@@ -61,7 +61,42 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
         --turn-rate 0.5; wait
     rm runs/op/*.pt   # the rounds' windows above were made from older weights: this stop starts afresh
     dagger_round 4 runs/r3w runs/r3w/transformer 3000 2e-4 200 0.4 d1 d7 21 22
-    cp runs/r4w/transformer/* framepack_rt/demo/weights/transformer/     # the shipped transformer/
+    cp runs/r4w/transformer/* framepack_rt/demo/weights/transformer/     # shipped at stop 39, until 96 px
+    # Stops 42-47: the same VAE at 96 px (12x12 latents). W64 is the 64 px set above (framepack_rt/demo/weights
+    # at commit 5cee3c0); each hN is a fine-tune from h(N-1) and hNw its set (W64 with hN's transformer).
+    W64=runs/ship64w; for s in 1 7; do mkdir -p runs/e$s && ln -sfn "$PWD/$W64/vae" runs/e$s/vae; done
+    OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/e1 --seed 1 --clips 1000 --clip-latents 24 \
+        --size 96 & OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/e7 --seed 7 --clips 1000 \
+        --clip-latents 24 --size 96 --turn-rate 0.5; wait
+    hround() {  # name, transformer to start from, steps, lr, on-policy fraction, recordings...
+      n=$1 init=$2 steps=$3 lr=$4 fraction=$5; shift 5; mkdir -p runs/$n && ln -sfn "$PWD/$W64/vae" runs/$n/vae
+      op=(); [ $# -gt 0 ] && op=(--onpolicy "$@" --onpolicy-fraction $fraction)
+      python -m framepack_rt.demo.train transformer --out runs/$n --init $init --cache runs/e1/latents.pt \
+          runs/e7/latents.pt "${op[@]}" --steps $steps --lr $lr --warmup 100 --text-dropout 0.1 --save-every 250
+      cp -r $W64 runs/${n}w && python -m framepack_rt.demo.train export --out runs/$n --to runs/${n}w
+    }
+    record() {  # set to record from, then seed:scenes pairs (two one-thread processes)
+      m=$1; shift; mkdir -p runs/op96
+      for a in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $m --size 96 --seed ${a%:*} \
+          --out runs/op96/one${a%:*}.pt --scenes ${a#*:} --wall-turns --one-object --only-found & done; wait
+    }
+    hround h1 $W64/transformer 3000 2e-4 0
+    record runs/h1w 31:120 32:120; hround h2 runs/h1/transformer 1500 1e-4 0.4 runs/op96/one3[1-2].pt
+    record runs/h2w 33:90 34:100;  hround h3 runs/h2/transformer 1500 1e-4 0.4 runs/op96/one3[1-4].pt
+    record runs/h3w 35:150 36:150; hround h4 runs/h3/transformer 2000 1e-4 0.4 runs/op96/one3[1-6].pt
+    record runs/h4w 37:150 38:150; hround h5 runs/h4/transformer 2000 1e-4 0.4 runs/op96/one3[1-8].pt
+    hround h6 runs/h5/transformer 4000 2e-4 0.2 runs/op96/one3[1-8].pt                 # more world steps
+    mkdir -p runs/fd96 && ln -sfn "$PWD/$W64/vae" runs/fd96/vae   # the fast decoder fine-tuned at 96 px:
+    OMP_NUM_THREADS=1 python -m framepack_rt.demo.train decoder --out runs/fd96 --size 96 --decoder-scale 2 \
+        --decoder-widths 64,32,16,16,16 --decoder-init $W64/fast_decoder --decoder-flow --decoder-lr 5e-4 \
+        --decoder-steps 400 --save-every 100
+    fd96() { rm -r runs/$1/fast_decoder && cp -r runs/fd96/fast_decoder runs/$1/; }  # fp32, as trained
+    fd96 h6w; record runs/h6w 39:120 40:120     # from here on the sets record through the 96 px decoder
+    hround h7 runs/h6/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one40.pt
+    fd96 h7w; record runs/h7w 41:120 42:120
+    hround h8 runs/h7/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-2].pt
+    python -m framepack_rt.demo.train export --out runs/h8 && python -m framepack_rt.demo.train export --out runs/fd96
+    # ^ the shipped transformer/ and fast_decoder/ (stop 47), and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; README has the command and the figures.
@@ -72,10 +107,9 @@ model's own banked one-step errors added to a fraction P of the histories, which
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
 reverted): README has both.
-So was the shipped transformer fine-tuned at 96 px (``encode --size 96``: the same VAE gives 12x12 latents), with
-one on-policy round at that size (``onpolicy --size 96``): README has the commands and the figures.
-A 96 px model needs a fast decoder trained at that size (``train decoder --size 96 --decoder-init ...``): the
-64 px one draws a red ball orange on grey backgrounds from 12x12 latents. README has that run and its figures.
+The 96 px runs above are shipped since stop 47 (README has each round's figures). The 64 px fast decoder draws
+a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px transformer's latents fd96
+is worse than the decoder it started from.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px

@@ -25,7 +25,7 @@ BUILTIN_MODELS = {"demo": "the trained demo model (3.7 M parameters, shipped)",
                   "tiny": "random weights built in code: coloured noise, fast, for tests"}
 TRANSFORMER_PRESETS = {"framepack-13b": "the release's 13B transformer, random weights, no encoders or VAE"}
 DEMO_WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "demo" / "weights"
-DEMO_SIZE = 64  # frame side in pixels: 8 x 8 latents; the "demo" bucket of media.py
+DEMO_SIZE = 96  # frame side in pixels: 12 x 12 latents; the "demo" bucket of media.py
 DEMO_STEPS = 8  # default sampling steps of the demo model
 DEMO_CFG = 2.0  # real classifier-free guidance scale (1.0: off), against zero text: trained with 10% text dropout
 DEMO_CFG_MIN_SIGMA = 0.6  # guide only the steps with sigma >= this (5 of the 8): they set the motion

@@ -44,7 +44,7 @@ class FastVideoDecoder(ModelMixin, ConfigMixin):
     ``block_out_channels[i]`` is the width at 2^i times the latent resolution; the last entry is the
     full-resolution width (ReLU convolutions, no normalisation: cheap on a CPU). ``trained_latent_size``: the side
     of the square latents it was trained on (None: not recorded). Convolutional as it is, it does not carry over
-    to other sizes unchanged: the demo's, trained on 8x8 latents, draws a red ball orange on grey from 12x12 ones.
+    to other sizes unchanged: the demo's, trained on 8x8 latents, drew a red ball orange on grey from 12x12 ones.
     """
 
     config_name = "config.json"

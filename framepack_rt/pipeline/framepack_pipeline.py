@@ -70,8 +70,8 @@ def warn_untrained_sizes(fast_decoder: Path, vae: Path, buckets: Sequence[tuple[
     if other:
         sizes = ", ".join(f"{w}x{h}" for h, w in other)
         LOGGER.warning("%s was trained on %dx%d latents, but this pipeline generates %s frames, whose latents are "
-                       "another size: expect worse colours there (the demo's decoder draws a red ball orange on grey "
-                       "from 12x12 latents). Train a decoder at that size (python -m framepack_rt.demo.train decoder "
+                       "another size: expect worse colours there (the demo's decoder trained on 8x8 latents drew a red "
+                       "ball orange on grey from 12x12 ones). Train a decoder at that size (python -m framepack_rt.demo.train decoder "
                        "--size N --decoder-init %s ...) or decode with decoder 'vae'.",
                        fast_decoder, trained, trained, sizes, fast_decoder)
 
@@ -131,8 +131,8 @@ class FramePackPipeline:
         decoder: str = "auto",
         **part_paths: str | Path,
     ) -> "FramePackPipeline":
-        """``"demo"`` (the trained demo model shipped in the package: 64x64 latents drawn as 128x128 frames by its
-        fast decoder, moves shapes as prompts say),
+        """``"demo"`` (the trained demo model shipped in the package: 12x12 latents of its 96x96 bucket, drawn
+        as 192x192 frames by its fast decoder, moves shapes as prompts say),
         ``"tiny"`` (built in, random weights: fast, for tests), or a root folder with the published subfolders,
         and/or one path per part (text_encoder=, tokenizer=, text_encoder_2=, tokenizer_2=, vae=,
         image_encoder=, feature_extractor=, transformer=). Never downloads.

@@ -20,7 +20,7 @@ BUCKETS_640 = (
 )  # fmt: skip
 # The built-in tiny model's set: multiples of 16 px (even latent sizes for 2x2 patches), CPU-fast.
 BUCKETS_TINY = ((48, 96), (64, 80), (64, 64), (80, 64), (96, 48))
-BUCKETS_DEMO = ((64, 64),)  # the demo model was trained on square 64x64 frames only
+BUCKETS_DEMO = ((96, 96),)  # the demo model was trained on square 96x96 frames only
 BUCKET_SETS = {"640": BUCKETS_640, "tiny": BUCKETS_TINY, "demo": BUCKETS_DEMO}
 BUCKET_MULTIPLE = 16  # px: the VAE's 8x times the transformer's 2x2 patches
 

@@ -66,7 +66,7 @@ def test_not_enough_memory_is_one_line_before_loading(tmp_path, start_image, mon
     assert main(["generate", "--model", "demo", "--device", "cpu", "--image", str(start_image), "--prompt", "a ball",
                  "--seconds", "1", "--out", str(tmp_path / "o.mp4")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "needs 48.8 MiB on cpu" in err and "20.0 MiB free" in err
+    assert len(err.splitlines()) == 1 and "needs 80.6 MiB on cpu" in err and "20.0 MiB free" in err
     assert not (tmp_path / "o.mp4").exists()
 
 

@@ -70,7 +70,7 @@ def test_a_failing_section_is_reported_and_the_others_run(monkeypatch):
 
 def test_shapes_follow_the_model():
     demo, release = steps.shapes_for("demo"), steps.shapes_for("framepack-13b")
-    assert (demo.latent_height, demo.latent_width, demo.steps) == (8, 8, 8)
+    assert (demo.latent_height, demo.latent_width, demo.steps) == (12, 12, 8)
     assert release.steps == 25 and release.image_tokens == 729
     config = steps.model_config("framepack-13b")
     # 9 latents of 38 x 40 tokens after 2x2 patches (608 x 640 bucket), the 1x/2x/4x context, text and image.

@@ -6,8 +6,8 @@ varied on purpose. The frames are compared after decoding the MP4s, exactly. A d
 
 The thread count is not varied: the CPU's BLAS splits small matrix products across threads, so 1 and 2
 threads round differently (the demo's latents differ by up to 3e-6 after a section, from the text embedder's
-first Linear on). The 128 px fast decoder turns that into 1-level pixel differences in a few frames, and the MP4
-encoder into up to 13/255 (measured 2026-12-02). README says so.
+first Linear on). The demo's fast decoder (then at 128 px) turned that into 1-level pixel differences in a few
+frames, and the MP4 encoder into up to 13/255 (measured 2026-12-02). README says so.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def test_the_cli_reproduces_its_seed(tmp_path, start_image, mp4_frames):
         first, second, other = pool.map(
             lambda run: generate(start_image, tmp_path / run[0], run[1], mp4_frames, hash_seed=run[2], threads=run[3]),
             runs)
-    assert first.shape == second.shape == (37, 128, 128, 3)  # the demo's fast decoder draws 128 px from 64 px latents
+    assert first.shape == second.shape == (37, 192, 192, 3)  # the demo's fast decoder draws 192 px from 96 px's latents
     assert np.array_equal(first, second), f"max difference {np.abs(first.astype(int) - second).max()}/255"
     assert np.abs(first.astype(int) - other).max() > 30  # another seed is another video
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from framepack_rt.demo import DEMO_SIZE
 from framepack_rt.demo import onpolicy as O
 from framepack_rt.demo import train as T
 from framepack_rt.demo.data import encode_video
@@ -177,23 +178,23 @@ def test_windows_hold_the_models_own_history_and_the_experts_target(demo_pipe):
     from framepack_rt.demo.evaluate import engine_run
     from framepack_rt.engine.schedules import f1_schedule
 
-    scene = O.section_scene(11, 3)
+    scene = O.section_scene(11, 3, cfg=WorldConfig(size=DEMO_SIZE))  # scenes at the size the model generates
     with torch.no_grad():
         windows = O.scene_windows(demo_pipe, scene, seed=5)
         frames, latents = engine_run(demo_pipe, scene.clip.frames[0], scene.prompts, 5, None, f1_schedule(9),
                                      finish=True)
     assert len(windows) == 2 and [w.prompt for w in windows] == scene.prompts[1:]
     second = windows[1]
-    assert second.history.shape == (16, 19, 8, 8) and second.target.shape == (16, 9, 8, 8)
+    assert second.history.shape == (16, 19, 12, 12) and second.target.shape == (16, 9, 12, 12)
     assert torch.equal(second.history, latents[:, :19].half())  # the start latent + 2 sections: its own
     assert not windows[0].history[:, :9].any() and torch.equal(windows[0].history[:, 9:], latents[:, :10].half())
     assert torch.equal(second.start, latents[:, :1].half())
-    tracked = O.track_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, 64)
+    tracked = O.track_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, DEMO_SIZE)
     vae = demo_pipe.parts.vae()
     target = encode_video(vae.live, O.expert_section(scene, 2, tracked), vae.scaling_factor)[-10:-1]
     assert torch.equal(second.target, target.transpose(0, 1).half())
     # only_found keeps exactly the boundaries where the model still had every object
-    found = O.find_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, 64)
+    found = O.find_objects(frames[: len(scene.clip.frames)], scene.clip.objects, scene.clip.radii, DEMO_SIZE)
     want = [w for k, w in enumerate(windows, 1) if O.found_through_lead_in(found, scene.frames_per_section * k)]
     with torch.no_grad():
         kept = O.scene_windows(demo_pipe, scene, seed=5, only_found=True)

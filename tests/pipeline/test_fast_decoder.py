@@ -320,10 +320,10 @@ def test_the_shipped_fast_decoder_records_its_size_and_warns_only_off_it(caplog)
 
     folder = demo_weights_dir()
     logger = "framepack_rt.pipeline.framepack_pipeline"
-    assert FastVideoDecoder.load_config(folder / "fast_decoder")["trained_latent_size"] == 8  # 64 px frames
+    assert FastVideoDecoder.load_config(folder / "fast_decoder")["trained_latent_size"] == 12  # 96 px frames
     with caplog.at_level("WARNING", logger=logger):
         FramePackPipeline.from_pretrained("demo", device="cpu")
         assert not [r for r in caplog.records if r.name == logger]
-        FramePackPipeline.from_pretrained(folder, buckets=((96, 96),), device="cpu")
+        FramePackPipeline.from_pretrained(folder, buckets=((64, 64),), device="cpu")
     (message,) = [r.getMessage() for r in caplog.records if r.name == logger]
-    assert "trained on 8x8 latents, but this pipeline generates 96x96 frames" in message
+    assert "trained on 12x12 latents, but this pipeline generates 64x64 frames" in message

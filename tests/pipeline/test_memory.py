@@ -183,7 +183,7 @@ def test_from_pretrained_stops_before_loading(monkeypatch):
     from framepack_rt.pipeline.framepack_pipeline import FramePackPipeline
 
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 16 * 2**20)  # 16 MiB left on this "machine"
-    with pytest.raises(InsufficientMemory, match=r"needs \d+\.\d MiB on cpu .* at 64x64, window 9, 16\.0 MiB free"):
+    with pytest.raises(InsufficientMemory, match=r"needs \d+\.\d MiB on cpu .* at 96x96, window 9, 16\.0 MiB free"):
         FramePackPipeline.from_pretrained("demo", device="cpu")
     FramePackPipeline.from_pretrained("demo", device="cpu", check_memory=False)  # the check was all that stopped it
 

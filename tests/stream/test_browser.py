@@ -122,9 +122,9 @@ def test_the_demo_ball_follows_a_typed_prompt(demo_server_url, new_page, artifac
     page.wait_for_function("() => document.querySelectorAll('#sections li').length > 0", timeout=30_000)
     right = sample_red_x(page, 3.0)  # the first sections (the ball moves 0.3 widths a second)
     assert len(right) > 20 and max(right) - right[0] >= 0.1, right
-    # 64 px latents, drawn as 128 px frames by the demo's fast decoder: the page says both
-    assert "64 × 64 · shown at 128 × 128" in page.text_content("#settings-in-use")
-    assert page.evaluate("document.querySelector('video').videoWidth") == 128
+    # The 96 px bucket's latents, drawn as 192 px frames by the demo's fast decoder: the page says both
+    assert "96 × 96 · shown at 192 × 192" in page.text_content("#settings-in-use")
+    assert page.evaluate("document.querySelector('video').videoWidth") == 192
 
     page.fill("#prompt", "a red ball moves left")
     page.press("#prompt", "Enter")

@@ -51,15 +51,16 @@ def test_demo_start_preview_is_upscaled_and_shows_the_frames(demo_section_and_pr
     assert previews and previews[-1]["step"] == previews[-1]["steps"]
     last = previews[-1]
     rgb = decode_data_url(last["image"])
-    assert rgb.shape == (128, 128, 3) and (last["width"], last["height"]) == (128, 128)
-    # Not near-black: as bright as the video it previews (the release's factors gave a mean near 5 / 255).
     frame = section.frames[-1].astype(np.float32)  # the newest latent's last frame: what the preview shows
+    n = frame.shape[0] // 16  # latent side: the fast decoder draws frames at twice the VAE's side (8 px a latent)
+    side = n * -(-128 // n)  # scaled up by the integer factor that reaches 128 px (12x12 latents: 11x, 132 px)
+    assert rgb.shape == (side, side, 3) and (last["width"], last["height"]) == (side, side)
+    # Not near-black: as bright as the video it previews (the release's factors gave a mean near 5 / 255).
     assert rgb.mean() > 0.6 * frame.mean() and rgb.mean() > 20
-    # And the same picture, at latent resolution: 8x8 blocks of the frame (128 px: the fast decoder draws frames
-    # twice the VAE's side) against the preview scaled down.
-    k = frame.shape[0] // 8
-    blocks = frame.reshape(8, k, 8, k, 3).mean(axis=(1, 3))
-    preview = np.asarray(Image.fromarray(rgb).resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+    # And the same picture, at latent resolution: n x n blocks of the frame against the preview scaled down.
+    k = frame.shape[0] // n
+    blocks = frame.reshape(n, k, n, k, 3).mean(axis=(1, 3))
+    preview = np.asarray(Image.fromarray(rgb).resize((n, n), Image.Resampling.BOX), dtype=np.float32)
     assert np.abs(preview - blocks).mean() < 25, np.abs(preview - blocks).mean()
 
 
