@@ -95,7 +95,9 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     hround h7 runs/h6/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one40.pt
     fd96 h7w; record runs/h7w 41:120 42:120
     hround h8 runs/h7/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-2].pt
-    python -m framepack_rt.demo.train export --out runs/h8 && python -m framepack_rt.demo.train export --out runs/fd96
+    fd96 h8w; record runs/h8w 43:120 44:120
+    hround h9 runs/h8/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-4].pt
+    python -m framepack_rt.demo.train export --out runs/h9 && python -m framepack_rt.demo.train export --out runs/fd96
     # ^ the shipped transformer/ and fast_decoder/ (stop 47), and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
