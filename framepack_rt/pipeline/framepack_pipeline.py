@@ -71,8 +71,8 @@ def warn_untrained_sizes(fast_decoder: Path, vae: Path, buckets: Sequence[tuple[
         sizes = ", ".join(f"{w}x{h}" for h, w in other)
         LOGGER.warning("%s was trained on %dx%d latents, but this pipeline generates %s frames, whose latents are "
                        "another size: expect worse colours there (the demo's decoder trained on 8x8 latents drew a red "
-                       "ball orange on grey from 12x12 ones). Train a decoder at that size (python -m framepack_rt.demo.train decoder "
-                       "--size N --decoder-init %s ...) or decode with decoder 'vae'.",
+                       "ball orange on grey from 12x12 ones). Train a decoder at that size (python -m "
+                       "framepack_rt.demo.train decoder --size N --decoder-init %s ...) or decode with decoder 'vae'.",
                        fast_decoder, trained, trained, sizes, fast_decoder)
 
 
