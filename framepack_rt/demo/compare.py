@@ -8,7 +8,7 @@
 
 Turns differ far more from each other than two models differ on one turn, so the difference is taken per turn
 (paired: B - A on each seed) and its standard error is that of the mean of those differences. This is how
-README's "paired against ... (SE)" columns are computed. Both reports must hold the same seeds; the sizes may
+TRAINING.md's "paired against ... (SE)" columns are computed. Both reports must hold the same seeds; the sizes may
 differ (a fidelity scene puts the ball at the same fraction of the side at every size).
 """
 

@@ -285,7 +285,7 @@ def eval_drift(pipe, seconds: float = 60.0, runs: int = 2, steps: int | None = N
 
 
 FIDELITY_SEEDS = 10_000  # first seed of the fidelity runs: start images the other criteria never use
-FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points above 16 turns', README)
+FIDELITY_RUNS = 16  # turns: 4 proved too few (their intact rate was 8 points above 16 turns', TRAINING.md)
 RIGHT, LEFT = "a red ball moves right", "a red ball moves left"
 
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
                    help="turns (seeds --fidelity-seed on); 0: skip")
     p.add_argument("--fidelity-seed", dest="fidelity_seed", type=int, default=FIDELITY_SEEDS,
                    help=f"first seed of the fidelity turns (default {FIDELITY_SEEDS:,}): a block no earlier choice "
-                   "used gives a held-out comparison (README lists the blocks used)")
+                   "used gives a held-out comparison (TRAINING.md lists the blocks used)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the fidelity turns' teacher-forced and world-drawn runs (fidelity.forced, .ceiling)")
     p.add_argument("--size", type=int, default=None, help="side of the square frames the model generates at and "

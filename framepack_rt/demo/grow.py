@@ -1,6 +1,6 @@
 """Grow a trained transformer deeper without changing what it computes, then train on from there.
 
-The demo transformer's quality within a section stopped rising with more steps at its size (README, issue 19),
+The demo transformer's quality within a section stopped rising with more steps at its size (TRAINING.md, issue 19),
 and training a bigger one from scratch costs the hours the first one took. Inserting new blocks whose residual
 gates are zero (the adaLN-Zero initialisation of DiT) keeps the trained function exactly: each new block adds
 ``gate * f(x) = 0`` at first, and its gates get gradients from the first step, so training continues from the

@@ -54,7 +54,7 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     dagger_round 3 runs/r2w runs/r2/transformer 2000 1e-4 200 0.5 c1 c2 17 18
     cp runs/r3w/transformer/* framepack_rt/demo/weights/transformer/     # shipped at stop 38
     # Stop 39: two fresh caches of 1000 clips, the second with prompt changes that turn the subject back, and a
-    # fourth DAgger round on them, recorded from the stop-38 weights (README: a fifth was tried, not shipped).
+    # fourth DAgger round on them, recorded from the stop-38 weights (TRAINING.md: a fifth was tried, not shipped).
     for s in 1 7; do mkdir -p runs/d$s && ln -sfn "$PWD/framepack_rt/demo/weights/vae" runs/d$s/vae; done
     OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/d1 --seed 1 --clips 1000 --clip-latents 24 &
     OMP_NUM_THREADS=1 python -m framepack_rt.demo.train encode --out runs/d7 --seed 7 --clips 1000 --clip-latents 24 \
@@ -101,15 +101,15 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     # ^ the shipped transformer/ and fast_decoder/ (stop 47), and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
-function at first) was trained and measured, not shipped; README has the command and the figures.
+function at first) was trained and measured, not shipped; TRAINING.md has the command and the figures.
 So were fine-tunes on caches of longer clips (``encode --clip-latents 60``) and of clips whose prompt changes
-often turn the subject back (``--turn-rate 0.5``, world.WorldConfig.turn_rate): README has those too.
-So was error recycling (``--error-recycling P``, demo/recycling.py): README's fifth-round fine-tune with the
+often turn the subject back (``--turn-rate 0.5``, world.WorldConfig.turn_rate): TRAINING.md has those too.
+So was error recycling (``--error-recycling P``, demo/recycling.py): TRAINING.md's fifth-round fine-tune with the
 model's own banked one-step errors added to a fraction P of the histories, which changed nothing measurable.
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
-reverted): README has both.
-The 96 px runs above are shipped since stop 47 (README has each round's figures). The 64 px fast decoder draws
+reverted): TRAINING.md has both.
+The 96 px runs above are shipped since stop 47 (TRAINING.md has each round's figures). The 64 px fast decoder draws
 a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px transformer's latents fd96
 is worse than the decoder it started from.
 
@@ -132,7 +132,7 @@ The second transformer run (--text-dropout 0.1: a tenth of the samples see zero 
 negative prompt) gives the model an unconditional branch, so the demo can sample with real classifier-free
 guidance (demo.DEMO_CFG). Guiding the first run's weights against zero text, which they never saw, raised the
 pass rates but turned the red ball yellow; with the trained branch, and guidance on the noisy steps only
-(demo.DEMO_CFG_MIN_SIGMA), the added colour error is about half as large (README has both).
+(demo.DEMO_CFG_MIN_SIGMA), the added colour error is about half as large (TRAINING.md has both).
 
 Stage 2 samples one section per example from the cached clips: the target is a window of w latents, the
 context is the start latent and the 19 latents before the window packed as the F1 stream packs them

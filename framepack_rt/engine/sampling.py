@@ -9,7 +9,7 @@ last step returns the x0 prediction made at the last nonzero sigma. "euler_stoch
 draws noise of its own (diffusers' FlowMatchEulerDiscreteScheduler with stochastic_sampling=True): each step
 puts the x0 prediction back on the path at the next sigma with fresh noise instead of following the ODE, so an
 error of one step's velocity is not carried into the next. The demo model, small and imperfect, keeps its
-objects' colours far better that way (README, issue 19).
+objects' colours far better that way (demo/TRAINING.md, issue 19).
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ DEMO_SIZE = 96  # frame side in pixels: 12 x 12 latents; the "demo" bucket of me
 DEMO_STEPS = 8  # default sampling steps of the demo model
 DEMO_CFG = 2.0  # real classifier-free guidance scale (1.0: off), against zero text: trained with 10% text dropout
 DEMO_CFG_MIN_SIGMA = 0.6  # guide only the steps with sigma >= this (5 of the 8): they set the motion
-DEMO_CFG_AFTER_CHANGE = 2.5  # the first section with a new prompt must undo the history's motion (4 overshot: README)
+# The first section with a new prompt must undo the history's motion; 4 overshot (demo/TRAINING.md).
+DEMO_CFG_AFTER_CHANGE = 2.5
 # Fresh noise at every step, not the ODE path: measured on the transformer shipped then, one intact ball in 57% of
-# frames over 16 turns against 38% with UniPC, at the same cost (README, issue 19).
+# frames over 16 turns against 38% with UniPC, at the same cost (demo/TRAINING.md, issue 19).
 DEMO_SOLVER = "euler_stochastic"
 EXAMPLE_DIR = "example"  # <model folder>/example/start.png + prompt.txt
 
