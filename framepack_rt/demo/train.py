@@ -97,8 +97,12 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     hround h8 runs/h7/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-2].pt
     fd96 h8w; record runs/h8w 43:120 44:120
     hround h9 runs/h8/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-4].pt
-    python -m framepack_rt.demo.train export --out runs/h9 && python -m framepack_rt.demo.train export --out runs/fd96
-    # ^ the shipped transformer/ and fast_decoder/ (stop 47), and example/ at 96 px
+    fd96 h9w; record runs/h9w 45:120 46:120
+    hround h10 runs/h9/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-6].pt
+    fd96 h10w; record runs/h10w 47:120 48:120
+    hround h11 runs/h10/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-8].pt
+    python -m framepack_rt.demo.train export --out runs/h11 && python -m framepack_rt.demo.train export --out runs/fd96
+    # ^ the shipped transformer/ (stop 48), fast_decoder/ (stop 47) and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; TRAINING.md has the command and the figures.
@@ -109,9 +113,9 @@ model's own banked one-step errors added to a fraction P of the histories, which
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
 reverted): TRAINING.md has both.
-The 96 px runs above are shipped since stop 47 (TRAINING.md has each round's figures). The 64 px fast decoder draws
-a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px transformer's latents fd96
-is worse than the decoder it started from.
+The 96 px runs above are shipped since stop 47, h11 since stop 48 (TRAINING.md has each round's figures). The
+64 px fast decoder draws a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px
+transformer's latents fd96 is worse than the decoder it started from.
 
 The 128 px run started from the 64 px decoder as exported (fp16, framepack_rt/demo/weights/fast_decoder at
 commit d8802fc); runs/fd64/fast_decoder holds the same weights in fp32. The flow run started from the 128 px
