@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None, pipe_factory: Callable | None = None) ->
                    help="turns (seeds --fidelity-seed on); 0: skip")
     p.add_argument("--fidelity-seed", dest="fidelity_seed", type=int, default=FIDELITY_SEEDS,
                    help=f"first seed of the fidelity turns (default {FIDELITY_SEEDS:,}): a block no earlier choice "
-                   "used gives a held-out comparison (TRAINING.md lists the blocks used)")
+                   "used gives a held-out comparison (framepack_rt/demo/TRAINING.md lists the blocks used)")
     p.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip the fidelity turns' teacher-forced and world-drawn runs (fidelity.forced, .ceiling)")
     p.add_argument("--size", type=int, default=None, help="side of the square frames the model generates at and "
