@@ -20,6 +20,7 @@ equals what encoding a longer clip gives there (tests/demo/test_onpolicy.py).
     python -m framepack_rt.demo.onpolicy --model framepack_rt/demo/weights --out runs/op/onpolicy.pt --scenes 300
         [--only-found]     # only the boundaries where the model still has every object: continuation, not repair
         [--wall-turns [--one-object]]  # a subject pressed into a wall, then turned back (the stream's turn)
+        [--backgrounds dark,green]  # only these backgrounds: more windows where the model is weakest
     python -m framepack_rt.demo.train transformer ... --onpolicy runs/op/onpolicy.pt --onpolicy-fraction 0.5
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,8 @@ from framepack_rt.demo.data import encode_prompts, encode_video, history_before
 from framepack_rt.demo.fidelity import foreground
 from framepack_rt.demo.world import (
     ARTICLES,
+    BACKGROUND_NAMES,
+    BACKGROUNDS,
     REVERSE,
     Clip,
     WorldConfig,
@@ -54,7 +58,7 @@ from framepack_rt.demo.world import (
 )
 
 RECIPE = ("model", "seed", "sections", "window", "size", "turn_rate", "change", "wall_turns", "one_object",
-          "only_found")  # what a recording's windows depend on: a continued recording must keep them
+          "only_found", "backgrounds")  # what a recording's windows depend on: a continued recording must keep them
 LEAD_IN = 12  # frames before a section that its latents depend on (the VAE's temporal tile stride)
 TAIL = 4  # and after it: the last tile holding the section then has all its 17 frames
 TRACK_COLOUR_DISTANCE = 60.0  # a pixel belongs to an object within this RGB distance of its colour (as fidelity.py)
@@ -77,14 +81,14 @@ class SectionScene:
 
 
 def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig(),
-                  change: float = 0.5) -> SectionScene:
+                  change: float = 0.5, backgrounds: Sequence[tuple[int, int, int]] = BACKGROUNDS) -> SectionScene:
     """A random scene (1-3 objects, as the training clips) run for ``sections`` sections; at each boundary the
     prompt changes with probability ``change``: with ``cfg.turn_rate`` the subject turns back (world._turn),
     where that has room, else to a motion that has room to show (world._pick_motion)."""
     if sections < 2:
         raise ValueError(f"an on-policy scene needs 2 or more sections (the first has no own history), got {sections}")
     rng = np.random.default_rng(seed)
-    objects, background, states = make_scene(rng, cfg)
+    objects, background, states = make_scene(rng, cfg, backgrounds=backgrounds)
     lim, per = _Limits(cfg), 4 * window
     plan: list[tuple[int, int, str]] = []
     prompts: list[str] = []
@@ -104,14 +108,15 @@ def section_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = 
 
 
 def wall_turn_scene(seed: int, sections: int, window: int = 9, cfg: WorldConfig = WorldConfig(),
-                    num_objects: int | None = None) -> SectionScene:
+                    num_objects: int | None = None, backgrounds: Sequence[tuple[int, int, int]] = BACKGROUNDS
+                    ) -> SectionScene:
     """A random scene whose subject moves toward a wall until the world stops it there, stays pressed for 0-1
     more sections, then turns back for the sections left: the stream's hardest moment (the evaluation's turn,
     with 1-3 objects of any colour and shape (or ``num_objects``), in any of the four directions)."""
     if sections < 2:
         raise ValueError(f"a wall-turn scene needs 2 or more sections (one each way), got {sections}")
     rng = np.random.default_rng(seed)
-    objects, background, states = make_scene(rng, cfg, num_objects)
+    objects, background, states = make_scene(rng, cfg, num_objects, backgrounds)
     lim, per = _Limits(cfg), 4 * window
     subject = int(rng.integers(len(objects)))
     rooms = {m: lim.room(*states[subject], m) for m in ("moves right", "moves left", "moves up", "moves down")}
@@ -344,12 +349,13 @@ def generate(args: argparse.Namespace) -> Path:
     pipe = load_pipeline(args.model, size=args.size)  # generate at the size the scenes are drawn at
     if data is None:
         data = OnPolicyDataset([], encode_prompts(pipe.parts, all_prompts()), recipe=recipe)
+    backgrounds = [BACKGROUND_NAMES[name] for name in args.backgrounds.split(",")]
     began = time.perf_counter()
     for i in range(data.scenes, args.scenes):
         seed = args.seed * 1_000_003 + i
         cfg = WorldConfig(size=args.size, turn_rate=args.turn_rate)
-        scene = (wall_turn_scene(seed, args.sections, args.window, cfg, 1 if args.one_object else None)
-                 if args.wall_turns else section_scene(seed, args.sections, args.window, cfg, args.change))
+        scene = (wall_turn_scene(seed, args.sections, args.window, cfg, 1 if args.one_object else None, backgrounds)
+                 if args.wall_turns else section_scene(seed, args.sections, args.window, cfg, args.change, backgrounds))
         with torch.no_grad():
             data.windows += scene_windows(pipe, scene, seed, only_found=args.only_found, any_colour=args.one_object)
         if (i + 1) % args.save_every == 0 or i + 1 == args.scenes:
@@ -381,8 +387,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--only-found", dest="only_found", action="store_true",
                    help="windows only where the model still has every object through the lead-in (continuation, "
                    "not repair)")
+    p.add_argument("--backgrounds", default=",".join(BACKGROUND_NAMES),
+                   help="comma-separated backgrounds the scenes are drawn on, each as likely, a name given twice "
+                   f"twice as likely (default: all of {', '.join(BACKGROUND_NAMES)})")
     p.add_argument("--save-every", dest="save_every", type=int, default=10)
     args = p.parse_args(argv)
+    unknown = [name for name in args.backgrounds.split(",") if name not in BACKGROUND_NAMES]
+    if unknown:
+        p.error(f"unknown background {', '.join(map(repr, unknown))}: choose from {', '.join(BACKGROUND_NAMES)}")
     if args.one_object and not args.wall_turns:
         p.error("--one-object goes with --wall-turns")
     if not 0.0 <= args.change <= 1.0:

@@ -24,6 +24,7 @@ frame has exactly one prompt; ``Clip.prompt_at_latent`` gives it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,7 +35,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "green": (40, 180, 70),
     "yellow": (235, 200, 40),
 }
-BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((25, 25, 30), (110, 110, 115), (225, 225, 215), (30, 60, 50))
+BACKGROUND_NAMES: dict[str, tuple[int, int, int]] = {
+    "dark": (25, 25, 30),
+    "grey": (110, 110, 115),
+    "light": (225, 225, 215),
+    "green": (30, 60, 50),
+}
+BACKGROUNDS: tuple[tuple[int, int, int], ...] = tuple(BACKGROUND_NAMES.values())
 SHAPES = ("ball", "square")
 MOTIONS = ("moves right", "moves left", "moves up", "moves down", "bounces", "grows", "shrinks", "stays still")
 ARTICLES = ("a", "the")
@@ -302,15 +309,19 @@ def _place(rng: np.random.Generator, n: int, lim: _Limits) -> np.ndarray:
     return states
 
 
-def make_scene(rng: np.random.Generator, cfg: WorldConfig, num_objects: int | None = None
+def make_scene(rng: np.random.Generator, cfg: WorldConfig, num_objects: int | None = None,
+               backgrounds: Sequence[tuple[int, int, int]] = BACKGROUNDS
                ) -> tuple[list[WorldObject], tuple[int, int, int], np.ndarray]:
-    """Random objects (distinct colours), background and initial (n, 3) states (x, y, r in px)."""
+    """Random objects (distinct colours), background (one of ``backgrounds``) and initial (n, 3) states (x, y, r
+    in px)."""
     n = int(rng.integers(1, 4)) if num_objects is None else num_objects
     if not 1 <= n <= len(COLOURS):
         raise ValueError(f"a scene holds 1 to {len(COLOURS)} objects, got {n}")
     colours = rng.permutation(list(COLOURS))[:n]
     objects = [WorldObject(str(rng.choice(SHAPES)), str(c)) for c in colours]
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    if not backgrounds:
+        raise ValueError("make_scene needs at least one background to choose from")
+    background = tuple(backgrounds[int(rng.integers(len(backgrounds)))])
     return objects, background, _place(rng, n, _Limits(cfg))
 
 

@@ -13,7 +13,7 @@ from framepack_rt.demo import DEMO_SIZE
 from framepack_rt.demo import onpolicy as O
 from framepack_rt.demo import train as T
 from framepack_rt.demo.data import encode_video
-from framepack_rt.demo.world import MOTIONS, REVERSE, WorldConfig, _Limits, parse_prompt
+from framepack_rt.demo.world import BACKGROUND_NAMES, BACKGROUNDS, MOTIONS, REVERSE, WorldConfig, _Limits, parse_prompt
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
@@ -115,6 +115,20 @@ def test_with_a_turn_rate_changes_turn_the_subject_back_and_without_one_nothing_
             if motion == REVERSE.get(was) and subject == was_subject:
                 turns += 1
     assert turns >= 20  # at rate 1 most changes after a reversible motion turn back (where it has room)
+
+
+def test_scenes_are_drawn_on_the_chosen_backgrounds_and_by_default_on_all_of_them():
+    dark, green = BACKGROUND_NAMES["dark"], BACKGROUND_NAMES["green"]
+    free, chosen = set(), set()
+    for seed in range(12):
+        scene = O.wall_turn_scene(seed, 4, 9, WorldConfig(), 1, [dark, green])
+        assert (scene.clip.frames[0, 0, 0] == scene.clip.background).all()  # a corner shows the background
+        free.add(O.wall_turn_scene(seed, 4, num_objects=1).clip.background)
+        chosen.add(scene.clip.background)
+        assert O.section_scene(seed, 3, backgrounds=[dark]).clip.background == dark
+    assert free == set(BACKGROUNDS) and chosen == {dark, green}
+    with pytest.raises(ValueError, match="at least one background"):
+        O.wall_turn_scene(0, 3, backgrounds=[])
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -232,7 +246,8 @@ def test_the_trainer_reads_on_policy_windows(tmp_path):
 
 def test_the_command_refuses_one_object_without_wall_turns_and_a_change_rate_outside_0_1(tmp_path, capsys):
     for flags, said in ((["--one-object"], "--one-object goes with --wall-turns"),
-                        (["--change", "1.5"], "--change is a probability in [0, 1], got 1.5")):
+                        (["--change", "1.5"], "--change is a probability in [0, 1], got 1.5"),
+                        (["--backgrounds", "dark,blue"], "unknown background 'blue': choose from dark, grey, light")):
         with pytest.raises(SystemExit):
             O.main(["--out", str(tmp_path / "own.pt"), *flags])
         assert said in capsys.readouterr().err
@@ -250,8 +265,11 @@ def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
     assert len(both) == 2 and torch.equal(both.windows[0].target, first.windows[0].target)  # scene 0 kept, not redone
     assert not out.with_suffix(".tmp").exists()
     assert both.recipe["seed"] == 9 and both.recipe["wall_turns"] is False
+    assert both.recipe["backgrounds"] == "dark,grey,light,green"
     with pytest.raises(ValueError, match=r"--seed 9 \(now 10\).*--wall-turns False \(now True\)"):
         O.main([*args[:-2], "--seed", "10", "--scenes", "3", "--wall-turns"])  # other scenes would be appended
+    with pytest.raises(ValueError, match=r"--backgrounds 'dark,grey,light,green' \(now 'dark'\)"):
+        O.main([*args, "--scenes", "3", "--backgrounds", "dark"])
     assert len(O.OnPolicyDataset.load(out)) == 2
 
 
