@@ -101,8 +101,10 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     hround h10 runs/h9/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-6].pt
     fd96 h10w; record runs/h10w 47:120 48:120
     hround h11 runs/h10/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-8].pt
-    python -m framepack_rt.demo.train export --out runs/h11 && python -m framepack_rt.demo.train export --out runs/fd96
-    # ^ the shipped transformer/ (stop 48), fast_decoder/ (stop 47) and example/ at 96 px
+    fd96 h11w; record runs/h11w 49:120 50:120
+    hround h12 runs/h11/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-9].pt runs/op96/one50.pt
+    python -m framepack_rt.demo.train export --out runs/h12 && python -m framepack_rt.demo.train export --out runs/fd96
+    # ^ the shipped transformer/ (stop 49), fast_decoder/ (stop 47) and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
 function at first) was trained and measured, not shipped; TRAINING.md has the command and the figures.
@@ -113,7 +115,7 @@ model's own banked one-step errors added to a fraction P of the histories, which
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
 reverted): TRAINING.md has both.
-The 96 px runs above are shipped since stop 47, h11 since stop 48 (TRAINING.md has each round's figures). The
+The 96 px runs above are shipped since stop 47, h12 since stop 49 (TRAINING.md has each round's figures). The
 64 px fast decoder draws a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px
 transformer's latents fd96 is worse than the decoder it started from.
 
