@@ -75,10 +75,11 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
           runs/e7/latents.pt "${op[@]}" --steps $steps --lr $lr --warmup 100 --text-dropout 0.1 --save-every 250
       cp -r $W64 runs/${n}w && python -m framepack_rt.demo.train export --out runs/$n --to runs/${n}w
     }
-    record() {  # set to record from, then seed:scenes pairs (two one-thread processes)
+    record() {  # set to record from, then seed:scenes pairs (two one-thread processes); BG=dark,green: only those
       m=$1; shift; mkdir -p runs/op96
       for a in "$@"; do OMP_NUM_THREADS=1 python -m framepack_rt.demo.onpolicy --model $m --size 96 --seed ${a%:*} \
-          --out runs/op96/one${a%:*}.pt --scenes ${a#*:} --wall-turns --one-object --only-found & done; wait
+          --out runs/op96/one${a%:*}.pt --scenes ${a#*:} --wall-turns --one-object --only-found \
+          ${BG:+--backgrounds $BG} & done; wait
     }
     hround h1 $W64/transformer 3000 2e-4 0
     record runs/h1w 31:120 32:120; hround h2 runs/h1/transformer 1500 1e-4 0.4 runs/op96/one3[1-2].pt
@@ -103,7 +104,9 @@ The shipped weights were made on the 2-core CPU with exactly these (README gives
     hround h11 runs/h10/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-8].pt
     fd96 h11w; record runs/h11w 49:120 50:120
     hround h12 runs/h11/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-9].pt runs/op96/one50.pt
-    python -m framepack_rt.demo.train export --out runs/h12 && python -m framepack_rt.demo.train export --out runs/fd96
+    fd96 h12w; BG=dark,green record runs/h12w 51:120 52:120   # the two weakest backgrounds only
+    hround h13 runs/h12/transformer 2000 1e-4 0.4 runs/op96/one3[1-9].pt runs/op96/one4[0-9].pt runs/op96/one5[0-2].pt
+    python -m framepack_rt.demo.train export --out runs/h13 && python -m framepack_rt.demo.train export --out runs/fd96
     # ^ the shipped transformer/ (stop 49), fast_decoder/ (stop 47) and example/ at 96 px
 
 A transformer grown to twice the depth from the shipped one (``--init ... --deepen 6,6``: demo/grow.py, the same
@@ -115,7 +118,7 @@ model's own banked one-step errors added to a fraction P of the histories, which
 So were caches whose walls stop objects partly outside the frame (``encode --world-margin -0.05``), against the
 red ball that turns blue where the model presses it into the wall, and an object-weighted loss (commit 9527f67,
 reverted): TRAINING.md has both.
-The 96 px runs above are shipped since stop 47, h12 since stop 49 (TRAINING.md has each round's figures). The
+The 96 px runs above are shipped since stop 47, h13 since stop 49 (TRAINING.md has each round's figures). The
 64 px fast decoder draws a red ball orange on grey backgrounds from 12x12 latents, hence fd96; on the 64 px
 transformer's latents fd96 is worse than the decoder it started from.
 
