@@ -177,7 +177,9 @@ def test_teacher_forcing_samples_each_section_from_the_worlds_history():
     free = E.stream_f1(pipe, image, prompts, 3, None)
     assert forced.shape == free.shape == (len(truth), 192, 192, 3)
     diff = np.abs(forced.astype(int) - free.astype(int)).mean(axis=(1, 2, 3))
-    assert diff[:37].max() < 0.5 and diff[37:].mean() > 1.0  # measured: 0 and 3.6 levels
+    # Same seeds, so equal histories draw equal frames (0 levels); a model whose own history is nearer the world's
+    # parts less: measured 3.6 levels with an earlier transformer, 0.88 with h13's.
+    assert diff[:37].max() < 0.5 and diff[37:].mean() > 0.3
     report = E.eval_fidelity_forced(pipe, runs=1, before=1, after=1)
     assert report["frames"] == len(truth) - 36 and 0.0 <= report["intact"] <= 1.0
 
