@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="windows only where the model still has every object through the lead-in (continuation, "
                    "not repair)")
     p.add_argument("--backgrounds", default=",".join(BACKGROUND_NAMES),
-                   help="comma-separated backgrounds the scenes are drawn on, each as likely, a name given twice "
-                   f"twice as likely (default: all of {', '.join(BACKGROUND_NAMES)})")
+                   help="comma-separated backgrounds to draw the scenes on, chosen evenly (a name given twice counts "
+                   f"twice; default: all of {', '.join(BACKGROUND_NAMES)})")
     p.add_argument("--save-every", dest="save_every", type=int, default=10)
     args = p.parse_args(argv)
     unknown = [name for name in args.backgrounds.split(",") if name not in BACKGROUND_NAMES]
