@@ -59,6 +59,7 @@ from framepack_rt.demo.world import (
 
 RECIPE = ("model", "seed", "sections", "window", "size", "turn_rate", "change", "wall_turns", "one_object",
           "only_found", "backgrounds")  # what a recording's windows depend on: a continued recording must keep them
+RECIPE_SINCE = {"backgrounds": ",".join(BACKGROUND_NAMES)}  # what recordings made before a key existed used
 LEAD_IN = 12  # frames before a section that its latents depend on (the VAE's temporal tile stride)
 TAIL = 4  # and after it: the last tile holding the section then has all its 17 frames
 TRACK_COLOUR_DISTANCE = 60.0  # a pixel belongs to an object within this RGB distance of its colour (as fidelity.py)
@@ -340,8 +341,9 @@ def generate(args: argparse.Namespace) -> Path:
     recipe = {key: getattr(args, key) for key in RECIPE}
     data = OnPolicyDataset.load(out) if out.is_file() else None  # continue a run that stopped, as it was recorded
     if data is not None:
-        changed = [f"--{k.replace('_', '-')} {data.recipe[k]!r} (now {recipe[k]!r})" for k in RECIPE
-                   if k in data.recipe and data.recipe[k] != recipe[k]]
+        was = {**RECIPE_SINCE, **data.recipe}
+        changed = [f"--{k.replace('_', '-')} {was[k]!r} (now {recipe[k]!r})" for k in RECIPE
+                   if k in was and was[k] != recipe[k]]
         if changed:
             raise ValueError(f"{out} was recorded with {', '.join(changed)}: continue it with the same settings, "
                              "or record into a new --out")

@@ -270,6 +270,11 @@ def test_the_command_records_windows_and_continues_where_it_stopped(tmp_path):
         O.main([*args[:-2], "--seed", "10", "--scenes", "3", "--wall-turns"])  # other scenes would be appended
     with pytest.raises(ValueError, match=r"--backgrounds 'dark,grey,light,green' \(now 'dark'\)"):
         O.main([*args, "--scenes", "3", "--backgrounds", "dark"])
+    saved = torch.load(out, weights_only=True)
+    del saved["recipe"]["backgrounds"]  # as recorded before --backgrounds existed: on all of them
+    torch.save(saved, out)
+    with pytest.raises(ValueError, match=r"--backgrounds 'dark,grey,light,green' \(now 'dark'\)"):
+        O.main([*args, "--scenes", "3", "--backgrounds", "dark"])
     assert len(O.OnPolicyDataset.load(out)) == 2
 
 
